@@ -104,3 +104,22 @@ def speeches(play: str) -> tuple[Speech, ...]:
             lines.append(line)
     flush()
     return tuple(out)
+
+
+def cue_for(play_speeches: tuple[Speech, ...], position: int) -> str:
+    """The context x of the speech at `position`: the speech just before it in the same
+    scene, as 'SPEAKER: text', or the scene heading when the speech opens its scene."""
+    speech = play_speeches[position]
+    if position > 0:
+        previous = play_speeches[position - 1]
+        if (previous.act, previous.scene) == (speech.act, speech.scene):
+            return f"{previous.speaker}: {previous.text}"
+    return speech.scene_heading
+
+
+def speeches_by_speaker(play: str) -> dict[str, list[Speech]]:
+    """The speeches of each speaker of a play, in play order."""
+    grouped: dict[str, list[Speech]] = {}
+    for speech in speeches(play):
+        grouped.setdefault(speech.speaker, []).append(speech)
+    return grouped

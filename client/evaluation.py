@@ -1,0 +1,109 @@
+"""Evaluation of a personalized model on a user's held-out samples: greedy generation scored
+with ROUGE-1 / ROUGE-L / BLEU, per-token NLL of the targets, and history sensitivity."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from shared.batching import left_pad
+from shared.data import UserStore
+from shared.metrics import bleu, rouge
+from shared.modeling import model_device
+from shared.prompts import PromptConfig, render_prompt
+from shared.scoring import ScoringExample, history_nll
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings (recorded with every evaluation)."""
+
+    max_new_tokens: int | None = field(default=None, metadata={"help": "default: the response budget"})
+    do_sample: bool = field(default=False, metadata={"help": "False = deterministic greedy decoding"})
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    batch_size: int = 16
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    settings: GenerationSettings,
+    prompt_config: PromptConfig,
+) -> list[str]:
+    """Continue each prompt text; returns the generated texts (special tokens removed)."""
+    device = model_device(model)
+    outputs: list[str] = []
+    model.eval()
+    for start in range(0, len(prompts), settings.batch_size):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + settings.batch_size]]
+        side = left_pad(ids, tokenizer.pad_token_id).to(device)
+        generated = model.generate(
+            input_ids=side.input_ids,
+            attention_mask=side.attention_mask,
+            max_new_tokens=settings.max_new_tokens or prompt_config.response_tokens,
+            do_sample=settings.do_sample,
+            num_beams=settings.num_beams,
+            repetition_penalty=settings.repetition_penalty,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, side.input_ids.shape[1] :]
+        outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return outputs
+
+
+def donor_history(store: UserStore) -> list[str]:
+    """Another user's history as a donor for history sensitivity: the history its latest
+    sample sees, most recent first."""
+    latest = store.samples()[-1]
+    return [item.text for item in store.history_for(latest)]
+
+
+def evaluate_user(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    store: UserStore,
+    uses_history: bool,
+    prompt_config: PromptConfig,
+    other_history: list[str] | None,
+    generation: GenerationSettings | None = None,
+) -> dict:
+    """Metrics of `model` on the store's test samples. `uses_history` picks the prompt the
+    method was trained with; `other_history` (another user's) enables history sensitivity."""
+    generation = generation or GenerationSettings()
+    samples = store.samples("test")
+    if not samples:
+        raise ValueError(f"user store {store.path} has no test samples to evaluate on")
+    histories = [[h.text for h in store.history_for(s)] for s in samples]
+    prompts = [
+        render_prompt(tokenizer, s.x, h if uses_history else None, prompt_config)
+        for s, h in zip(samples, histories, strict=True)
+    ]
+    predictions = generate(model, tokenizer, prompts, generation, prompt_config)
+    references = [s.y for s in samples]
+    scored = history_nll(
+        model,
+        tokenizer,
+        [ScoringExample(s.x, s.y, h, other_history or []) for s, h in zip(samples, histories, strict=True)],
+        prompt_config,
+    )
+    row = {
+        "user_id": store.user_id,
+        "test_samples": len(samples),
+        **rouge(predictions, references),
+        "bleu": bleu(predictions, references),
+        "nll": scored["nll_own_history"] if uses_history else scored["nll_none_history"],
+        "nll_own_history": scored["nll_own_history"],
+        "nll_no_history": scored["nll_none_history"],
+        "history_sensitivity": scored["history_sensitivity"] if other_history else float("nan"),
+        "generation": asdict(generation),
+        "examples": [
+            {"sample_id": s.id, "reference": s.y, "prediction": p} for s, p in zip(samples, predictions, strict=True)
+        ],
+    }
+    return row

@@ -1,0 +1,99 @@
+"""Make the expert's token weights inspectable: for every target of a user store, each token
+with its character offsets in the target text, its DCE and its weight, as JSON lines, plus
+an HTML view that highlights the preference-driven words. Where the store knows which
+words are preference-driven (synthetic users), the summary scores DCE as a detector."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch
+
+from client.personalize import Device, Expert
+from client.token_weights import WeightScheme
+from shared.data import UserStore
+from shared.paths import atomic_write_jsonl, atomic_write_text
+
+
+def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme) -> list[dict]:
+    """One row per target (train and test samples): its tokens with offsets, DCE and weight."""
+    probs = device.expert_probs(store, expert, split=None)
+    rows = []
+    for sample in store.samples():
+        p = probs[sample.id]
+        weights = scheme.weights(torch.tensor(p.prob_with), torch.tensor(p.prob_without)).tolist()
+        offsets = device.tokenizer(sample.y, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        tokens = []
+        for i, token_id in enumerate(p.token_ids):
+            start, end = offsets[i] if i < len(offsets) else (len(sample.y), len(sample.y))
+            tokens.append({
+                "token": device.tokenizer.decode([token_id]),
+                "start": start,
+                "end": end,
+                "dce": p.prob_with[i] - p.prob_without[i],
+                "weight": weights[i],
+                "preference": any(s < end and start < e for s, e in sample.preference_spans),
+            })
+        rows.append({"sample_id": sample.id, "split": sample.split, "target": sample.y, "tokens": tokens})
+    return rows
+
+
+def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
+    """How DCE separates tokens; with ground truth, precision/recall of the high-weight tokens."""
+    tokens = [t for row in rows for t in row["tokens"]]
+    high = [t for t in tokens if t["weight"] > (scheme.low + scheme.high) / 2]
+    summary = {"targets": len(rows), "tokens": len(tokens), "high_weight_tokens": len(high),
+               "mean_dce": sum(t["dce"] for t in tokens) / max(1, len(tokens))}
+    truth = [t for t in tokens if t["preference"]]
+    if truth:
+        others = [t for t in tokens if not t["preference"]]
+        hits = sum(1 for t in high if t["preference"])
+        summary.update({
+            "preference_tokens": len(truth),
+            "mean_dce_preference_tokens": sum(t["dce"] for t in truth) / len(truth),
+            "mean_dce_other_tokens": sum(t["dce"] for t in others) / max(1, len(others)),
+            "precision": hits / max(1, len(high)),
+            "recall": hits / len(truth),
+        })
+    return summary
+
+
+def render_html(rows: list[dict], title: str) -> str:
+    """Targets with each token shaded by its DCE (red: history made it likelier) and
+    preference-driven (high-weight) tokens in bold; ground-truth preference words underlined."""
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:serif;max-width:60em;margin:2em auto}p{white-space:pre-wrap}"
+             "span.t{border-radius:2px}span.gt{text-decoration:underline}small{color:#666}</style>",
+             f"<h1>{html.escape(title)}</h1><p><small>Shade: DCE (expert probability with history minus "
+             "without). Bold: high token weight. Underlined: known preference words (synthetic users).</small></p>"]
+    for row in rows:
+        text = row["target"]
+        cursor = 0
+        out = []
+        for t in row["tokens"]:
+            if t["start"] < cursor or t["end"] <= t["start"]:
+                continue
+            out.append(html.escape(text[cursor : t["start"]]))
+            shade = max(0.0, min(1.0, t["dce"] / 0.5))
+            style = f"background:rgba(220,40,40,{shade:.2f})"
+            classes = "t gt" if t["preference"] else "t"
+            piece = html.escape(text[t["start"] : t["end"]])
+            if t["weight"] > 0.5:
+                piece = f"<b>{piece}</b>"
+            out.append(f"<span class='{classes}' style='{style}' title='DCE {t['dce']:+.3f}, "
+                       f"weight {t['weight']:.2f}'>{piece}</span>")
+            cursor = t["end"]
+        out.append(html.escape(text[cursor:]))
+        parts.append(f"<p><small>{html.escape(row['sample_id'])} ({row['split']})</small><br>{''.join(out)}</p>")
+    return "\n".join(parts)
+
+
+def write_inspection(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme, out: Path) -> dict:
+    """Write <out>/token_weights.jsonl and <out>/token_weights.html; returns the summary."""
+    rows = token_rows(device, store, expert, scheme)
+    atomic_write_jsonl(out / "token_weights.jsonl", rows)
+    atomic_write_text(out / "token_weights.html", render_html(rows, f"Token weights of {store.user_id}"))
+    summary = detection_summary(rows, scheme)
+    summary["files"] = [str(out / "token_weights.jsonl"), str(out / "token_weights.html")]
+    return summary

@@ -1,0 +1,118 @@
+"""On-device personalization with a resident base: the expert's token weights for a user,
+training one adapter on one or more user stores, and evaluating it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from client.evaluation import GenerationSettings, evaluate_user
+from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
+from client.trainer import TrainConfig, TrainExample, TrainReport, train_adapter
+from shared.adapters import AdapterHost, adapter_digest, save_adapter
+from shared.data import UserStore
+from shared.prompts import PromptConfig
+
+log = logging.getLogger(__name__)
+
+EXPERT_ADAPTER = "expert"
+LOCAL_ADAPTER = "local"
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A frozen expert adapter, identified by its content digest."""
+
+    path: Path
+    digest: str
+
+    @classmethod
+    def from_dir(cls, path: Path) -> Expert:
+        return cls(Path(path), adapter_digest(path))
+
+
+@dataclass
+class Device:
+    """What a device holds in memory: the base (with adapters), its tokenizer and identity."""
+
+    host: AdapterHost
+    tokenizer: PreTrainedTokenizerBase
+    base_id: str
+    prompt: PromptConfig
+
+    def expert_probs(self, store: UserStore, expert: Expert, split: str | None = "train") -> dict[str, TokenProbs]:
+        """The expert's token probabilities for the store's samples of `split` (cached on the
+        store by expert digest; the expert is loaded only when the cache misses)."""
+        try:
+            return cached_token_probs(store, None, self.tokenizer, expert.digest, self.base_id, self.prompt, split)
+        except ValueError:
+            model = self.host.load(EXPERT_ADAPTER, expert.path)
+            return cached_token_probs(store, model, self.tokenizer, expert.digest, self.base_id, self.prompt, split)
+
+    def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:
+        if config.needs_expert and expert is None:
+            raise ValueError(f"method {config.method!r} needs an expert adapter (--expert)")
+        examples = []
+        for store in stores:
+            probs = self.expert_probs(store, expert) if config.needs_expert else {}
+            examples += [
+                TrainExample(encoded, probs.get(sample.id))
+                for sample, encoded in encode_store_samples(store, self.tokenizer, self.prompt, "train")
+            ]
+        return examples
+
+    def train(
+        self,
+        stores: list[UserStore],
+        config: TrainConfig,
+        expert: Expert | None = None,
+        save_to: Path | None = None,
+        progress: bool = True,
+    ) -> TrainReport:
+        """Train a fresh adapter on the pooled training samples of `stores`; save it with
+        PEFT's format to `save_to` when given."""
+        examples = self.examples(stores, config, expert)
+        model = self.host.new(LOCAL_ADAPTER, seed=config.seed)
+        report = train_adapter(model, examples, self.tokenizer.pad_token_id, config, progress=progress)
+        if save_to is not None:
+            save_adapter(model, save_to, adapter_name=LOCAL_ADAPTER, metadata={
+                "method": config.method,
+                "users": [s.user_id for s in stores],
+                "base": self.base_id,
+                "expert_digest": expert.digest if expert and config.needs_expert else None,
+                "train": _plain(asdict(config)),
+                "prompt": asdict(self.prompt),
+                "report": report.summary(),
+            })
+        return report
+
+    def evaluate(
+        self,
+        store: UserStore,
+        uses_history: bool,
+        other_history: list[str] | None,
+        adapter: str | None = LOCAL_ADAPTER,
+        generation: GenerationSettings | None = None,
+    ) -> dict:
+        """Evaluate the named adapter (None: the base alone) on the store's test samples."""
+        if adapter is None:
+            if self.host.model is None:
+                return evaluate_user(self.host.base, self.tokenizer, store, uses_history, self.prompt,
+                                     other_history, generation)
+            with self.host.model.disable_adapter():
+                return evaluate_user(self.host.model, self.tokenizer, store, uses_history, self.prompt,
+                                     other_history, generation)
+        model = self.host.activate(adapter)
+        return evaluate_user(model, self.tokenizer, store, uses_history, self.prompt, other_history, generation)
+
+
+def _plain(value):
+    """Dataclass dicts with tuples made JSON-friendly."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,224 @@
+"""The local trainer: one LoRA, one loop, five methods that differ only in which prompt they
+read, whether the no-history pass is aligned (L_p), and where token weights come from.
+
+    method        prompt        L_p (alpha)   token weights ω
+    sft           no history    no            1
+    context-sft   history       no            1
+    nextquill     history       yes           expert DCE
+    mce-only      history       yes           1
+    dce-only      history       no            expert DCE
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from shared.batching import PairBatch, collate
+from shared.losses import IGNORE_INDEX, nextquill_loss, token_probabilities
+from shared.modeling import model_device, response_logits
+from shared.prompts import EncodedSample
+from client.token_weights import TokenProbs, WeightScheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    uses_history: bool
+    aligns_effects: bool  # adds alpha · L_p, the no-history pass
+    expert_weights: bool  # ω from the expert's DCE, else uniform
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method(uses_history=False, aligns_effects=False, expert_weights=False),
+    "context-sft": Method(uses_history=True, aligns_effects=False, expert_weights=False),
+    "nextquill": Method(uses_history=True, aligns_effects=True, expert_weights=True),
+    "mce-only": Method(uses_history=True, aligns_effects=True, expert_weights=False),
+    "dce-only": Method(uses_history=True, aligns_effects=False, expert_weights=True),
+}
+WEIGHT_SOURCES = ("expert", "self")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings."""
+
+    method: str = field(default="nextquill", metadata={"help": f"one of {sorted(METHODS)}"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training samples"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides epochs)"})
+    batch_size: int = field(default=8, metadata={"help": "samples per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA"})
+    alpha: float = field(default=0.1, metadata={"help": "weight of the causal preference alignment loss L_p"})
+    weights: WeightScheme = field(default_factory=WeightScheme, metadata={"help": "DCE -> ω"})
+    weight_source: str = field(
+        default="expert",
+        metadata={"help": "'expert' (the paper) or 'self': DCE from the model being trained (authors' code)"},
+    )
+    weighted_alignment: bool = field(
+        default=True, metadata={"help": "weight L_p by ω (the paper); False = unweighted L_p (authors' code)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the sample order"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.weight_source not in WEIGHT_SOURCES:
+            raise ValueError(f"weight_source must be one of {WEIGHT_SOURCES}, got {self.weight_source!r}")
+        if self.batch_size < 1 or self.learning_rate <= 0 or self.epochs <= 0 or self.alpha < 0:
+            raise ValueError("batch_size and epochs must be positive, learning_rate > 0, alpha >= 0")
+
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def needs_expert(self) -> bool:
+        return self.spec.expert_weights and self.weight_source == "expert"
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    encoded: EncodedSample
+    expert_probs: TokenProbs | None = None
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    loss: list[float] = field(default_factory=list)
+    l_n: list[float] = field(default_factory=list)
+    l_p: list[float] = field(default_factory=list)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, self.steps)
+
+    def summary(self) -> dict[str, float]:
+        tail = max(1, min(10, len(self.loss)))
+        return {
+            "steps": self.steps,
+            "examples": self.examples,
+            "seconds": self.seconds,
+            "seconds_per_step": self.seconds_per_step,
+            "final_loss": sum(self.loss[-tail:]) / tail if self.loss else float("nan"),
+            "final_l_n": sum(self.l_n[-tail:]) / tail if self.l_n else float("nan"),
+            "final_l_p": sum(self.l_p[-tail:]) / tail if self.l_p else float("nan"),
+        }
+
+
+def right_aligned(values: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    """[B, width] float tensor holding each row's values at its end (zeros before)."""
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for row, vals in enumerate(values):
+        if vals:
+            out[row, width - len(vals) :] = torch.tensor(vals, dtype=torch.float32)
+    return out
+
+
+def step_loss(
+    model: torch.nn.Module,
+    batch: PairBatch,
+    config: TrainConfig,
+    expert_probs: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One NextQuill step's loss: (total, l_n, l_p). expert_probs: ([B, R], [B, R]) or None."""
+    method = config.spec
+    length = batch.response_length
+    labels = batch.labels.flatten()
+
+    side = batch.with_history if method.uses_history else batch.without_history
+    logits = response_logits(model, side, length).flatten(0, 1)
+    logits_without = None
+    self_weights = method.expert_weights and config.weight_source == "self"
+    if method.aligns_effects:
+        logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
+    elif self_weights:
+        with torch.no_grad():
+            logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
+
+    if not method.expert_weights:
+        weights = torch.ones_like(labels, dtype=torch.float32)
+    elif self_weights:
+        weights = config.weights.weights(
+            token_probabilities(logits.detach(), labels), token_probabilities(logits_without.detach(), labels)
+        )
+    else:
+        prob_with, prob_without = expert_probs
+        weights = config.weights.weights(prob_with.flatten(), prob_without.flatten())
+
+    alpha = config.alpha if method.aligns_effects else 0.0
+    return nextquill_loss(
+        logits, logits_without if alpha else None, labels, weights.to(logits.device), alpha,
+        weighted_alignment=config.weighted_alignment,
+    )
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    examples: Sequence[TrainExample],
+    pad_id: int,
+    config: TrainConfig,
+    progress: bool = True,
+) -> TrainReport:
+    """Train the active (trainable) adapter of `model` on `examples` with `config.method`."""
+    if not examples:
+        raise ValueError("no training examples: the user store has no training samples")
+    if config.needs_expert and any(e.expert_probs is None for e in examples):
+        raise ValueError(f"method {config.method!r} needs the expert's token probabilities for every example")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: attach a LoRA first")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    device = model_device(model)
+    rng = random.Random(config.seed)
+
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
+    report = TrainReport()
+    model.train()
+    order: list[int] = []
+    bar = tqdm(range(total_steps), desc=f"train {config.method}", disable=not progress, leave=False, mininterval=2)
+    for _ in bar:
+        if len(order) < config.batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        chunk = [examples[i] for i in order[: config.batch_size]]
+        del order[: config.batch_size]
+        started = time.perf_counter()
+        batch = collate([e.encoded for e in chunk], pad_id).to(device)
+        expert = None
+        if config.needs_expert:
+            width = batch.response_length
+            expert = (
+                right_aligned([e.expert_probs.prob_with for e in chunk], width).to(device),
+                right_aligned([e.expert_probs.prob_without for e in chunk], width).to(device),
+            )
+        total, l_n, l_p = step_loss(model, batch, config, expert)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        report.seconds += time.perf_counter() - started
+        report.steps += 1
+        report.examples += len(chunk)
+        report.loss.append(total.item())
+        report.l_n.append(l_n.item())
+        report.l_p.append(l_p.item())
+        bar.set_postfix(loss=f"{report.loss[-1]:.3f}", refresh=False)
+    model.eval()
+    return report
+
+
+def count_response_tokens(batch: PairBatch) -> int:
+    return int((batch.labels != IGNORE_INDEX).sum())

@@ -1,0 +1,151 @@
+"""LoRA adapters: settings, attaching to a (4-bit) base, atomic save, content digests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
+
+from shared.paths import atomic_directory, atomic_write_json
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+METADATA_FILE = "nextquill.json"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA every method trains (same shape for every method, so they compare fairly)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        metadata={"help": "names of the linear layers that get a LoRA"},
+    )
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type="CAUSAL_LM",
+        )
+
+
+class AdapterHost:
+    """A base model kept resident while named LoRA adapters are added, loaded, switched and
+    dropped: the base is loaded once, never per user or per method."""
+
+    def __init__(self, base: torch.nn.Module, settings: LoraSettings) -> None:
+        if getattr(base, "is_loaded_in_4bit", False):
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        self._base = base
+        self.settings = settings
+        self.model: PeftModel | None = None
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return self._base
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.peft_config) if self.model is not None else []
+
+    def new(self, name: str, seed: int = 0) -> PeftModel:
+        """Add a freshly initialised trainable adapter `name` (deterministic from `seed`) and
+        make it the active one."""
+        self.drop(name)
+        torch.manual_seed(seed)
+        if self.model is None:
+            self.model = get_peft_model(self._base, self.settings.to_peft(), adapter_name=name)
+        elif name in self.adapters:  # the only adapter, so it could not be dropped: re-initialise it
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A:
+                    module.reset_lora_parameters(name, init_lora_weights=True)
+        else:
+            self.model.add_adapter(name, self.settings.to_peft())
+        self.activate(name, trainable=True)
+        return self.model
+
+    def load(self, name: str, adapter_dir: Path, trainable: bool = False) -> PeftModel:
+        """Load a saved adapter (plain PEFT format) as `name` and make it the active one."""
+        adapter_dir = Path(adapter_dir)
+        missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"adapter directory {adapter_dir} lacks {', '.join(missing)}")
+        self.drop(name)
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self._base, adapter_dir, adapter_name=name, is_trainable=trainable)
+        else:
+            self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+        self.activate(name, trainable=trainable)
+        return self.model
+
+    def activate(self, name: str, trainable: bool = False) -> PeftModel:
+        self.model.set_adapter(name)
+        for param_name, param in self.model.named_parameters():
+            if f".{name}." in param_name and "lora_" in param_name:
+                param.requires_grad_(trainable)
+        return self.model
+
+    def drop(self, name: str) -> None:
+        """Remove adapter `name` if present (PEFT needs one adapter left, so the last one stays
+        until another replaces it)."""
+        if name in self.adapters and len(self.adapters) > 1:
+            if self.model.active_adapter == name:
+                self.model.set_adapter(next(a for a in self.adapters if a != name))
+            self.model.delete_adapter(name)
+
+
+def save_adapter(model: PeftModel, target: Path, metadata: dict[str, Any] | None = None,
+                 adapter_name: str = "default") -> str:
+    """Save one adapter with PEFT's own format into `target`, atomically; returns its digest."""
+    with atomic_directory(Path(target), overwrite=True) as staging:
+        model.save_pretrained(staging, selected_adapters=[adapter_name])
+        # PEFT puts non-default adapters in a subfolder; keep one flat layout.
+        if adapter_name != "default":
+            for name in ADAPTER_FILES:
+                (staging / adapter_name / name).rename(staging / name)
+            (staging / adapter_name).rmdir()
+        digest = adapter_digest(staging)
+        atomic_write_json(staging / METADATA_FILE, {**(metadata or {}), "adapter_digest": digest})
+    return digest
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    """sha256 over the adapter's config and weights (names and bytes): its content identity."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = Path(adapter_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter directory {adapter_dir} lacks {name}")
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read_adapter_metadata(adapter_dir: Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def base_fingerprint(model_dir: Path) -> str:
+    """A cheap identity of a base model directory: its config and the names and sizes of its
+    weight files (hashing gigabytes of weights on every start would be slow)."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def settings_dict(settings: LoraSettings) -> dict[str, Any]:
+    return asdict(settings)

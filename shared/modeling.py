@@ -1,0 +1,120 @@
+"""Loading a base causal LM (4-bit NF4 or unquantized, CUDA or CPU) and running it on
+response positions only."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from shared.batching import PairBatch, SideBatch
+from shared.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("nf4", "none")
+EMBEDDED_SIZES = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Which base model and how to load it."""
+
+    model: str = "tiny"  # "tiny" / "small" (embedded default) or a local Hugging Face model directory
+    quantization: str = "nf4"  # "nf4" (bitsandbytes 4-bit, double quantization) or "none"
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    compute_dtype: str = "bfloat16"  # 4-bit compute dtype; unquantized CPU models stay float32
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_model_dir(model: str) -> Path:
+    """The directory of `model`: the embedded default (built on first use) or a local directory."""
+    if model in EMBEDDED_SIZES:
+        from shared.base_model import ensure_embedded_base
+
+        return ensure_embedded_base(model)
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"base model {model!r}: not 'tiny', 'small' or an existing local model directory "
+            "(nothing is downloaded; pass a folder holding config.json and the weights)"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base model directory {path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(spec: BaseSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and tokenizer described by `spec`, frozen, in eval mode."""
+    model_dir = resolve_model_dir(spec.model)
+    device = resolve_device(spec.device)
+    compute_dtype = getattr(torch, spec.compute_dtype)
+    if spec.quantization == "nf4":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": str(device)}
+        )
+    else:
+        dtype = compute_dtype if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.requires_grad_(False)
+    model.eval()
+    log.info("loaded base %s (%s) on %s", model_dir, spec.quantization, device)
+    return model, load_tokenizer(model_dir)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def response_logits(model: torch.nn.Module, side: SideBatch, response_length: int) -> torch.Tensor:
+    """Logits predicting the last `response_length` tokens of each (left-padded) row:
+    [B, R, V]. The LM head runs on those R positions only."""
+    out = model(
+        input_ids=side.input_ids,
+        attention_mask=side.attention_mask,
+        position_ids=side.position_ids,
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1, :]
+
+
+@torch.no_grad()
+def response_token_nll(model: torch.nn.Module, batch: PairBatch, with_history: bool = True) -> torch.Tensor:
+    """Per-token negative log-likelihood of the response labels: [B, R] (0 where ignored)."""
+    side = batch.with_history if with_history else batch.without_history
+    logits = response_logits(model, side, batch.response_length).float()
+    labels = batch.labels
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logp), -logp)

@@ -1,0 +1,61 @@
+"""Per-token NLL of targets and history sensitivity, for any model and tokenizer.
+
+History sensitivity of a sample = NLL(y | x, another user's history) - NLL(y | x, own
+history), in nats per target token: how much the model's prediction rests on *this*
+user's history. Causal preference modeling is meant to widen it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from shared.batching import collate
+from shared.losses import IGNORE_INDEX
+from shared.modeling import model_device, response_token_nll
+from shared.prompts import PromptConfig, encode_sample
+
+
+@dataclass(frozen=True)
+class ScoringExample:
+    """A target y in context x, with the user's own history and another user's (both most
+    recent first)."""
+
+    x: str
+    y: str
+    own_history: Sequence[str]
+    other_history: Sequence[str]
+
+
+@torch.no_grad()
+def history_nll(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[ScoringExample],
+    config: PromptConfig,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Mean per-token NLL of the targets with the own history, another user's history and no
+    history, and the history sensitivity (other - own); nats per target token."""
+    totals = {"own": 0.0, "other": 0.0, "none": 0.0}
+    tokens = 0
+    device = model_device(model)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        own = [encode_sample(tokenizer, e.x, e.own_history, e.y, config) for e in chunk]
+        other = [encode_sample(tokenizer, e.x, e.other_history, e.y, config) for e in chunk]
+        own_batch = collate(own, tokenizer.pad_token_id).to(device)
+        other_batch = collate(other, tokenizer.pad_token_id).to(device)
+        totals["own"] += response_token_nll(model, own_batch, with_history=True).sum().item()
+        totals["none"] += response_token_nll(model, own_batch, with_history=False).sum().item()
+        totals["other"] += response_token_nll(model, other_batch, with_history=True).sum().item()
+        tokens += int((own_batch.labels != IGNORE_INDEX).sum())
+    if tokens == 0:
+        raise ValueError("no target tokens to score")
+    nll = {f"nll_{k}_history": v / tokens for k, v in totals.items()}
+    nll["history_sensitivity"] = nll["nll_other_history"] - nll["nll_own_history"]
+    nll["target_tokens"] = tokens
+    return nll

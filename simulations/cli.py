@@ -1,0 +1,285 @@
+"""`nextquill`: the command line of NextQuill-Fed.
+
+  nextquill base      build (first use) and measure a base model: perplexity, history sensitivity
+  nextquill users     build user stores (shakespeare, synthetic, lamp-json)
+  nextquill train     train one LoRA (sft, context-sft, nextquill, mce-only, dce-only) on user stores
+  nextquill weights   the expert's DCE and token weights of a user's targets (JSON lines + HTML)
+  nextquill evaluate  evaluate an adapter on user stores' held-out samples
+  nextquill compare   the single-device comparison of methods on a handful of users
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from shared.paths import DATA_DIR_ENV, data_dir
+
+log = logging.getLogger("nextquill")
+
+
+def _add_base_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' / 'small' (the embedded default) or a local Hugging Face model directory")
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from client.trainer import METHODS
+
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--alpha", type=float, default=0.1, help="weight of L_p")
+    parser.add_argument("--weighting", default="threshold", choices=["threshold", "continuous"])
+    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--weight-high", type=float, default=0.9)
+    parser.add_argument("--weight-low", type=float, default=0.1)
+    parser.add_argument("--weight-source", default="expert", choices=["expert", "self"],
+                        help="'self' = weights from the model being trained (the authors' released code)")
+    parser.add_argument("--unweighted-alignment", action="store_true",
+                        help="unweighted L_p (the authors' released code)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(methods_known=sorted(METHODS))
+
+
+def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--history-tokens", type=int, default=160)
+    parser.add_argument("--context-tokens", type=int, default=48)
+    parser.add_argument("--response-tokens", type=int, default=48)
+
+
+def _base_spec(args):
+    from shared.modeling import BaseSpec
+
+    return BaseSpec(args.model, args.quantization, args.device, args.compute_dtype)
+
+
+def _prompt(args):
+    from shared.prompts import PromptConfig
+
+    return PromptConfig(args.history_tokens, args.context_tokens, args.response_tokens)
+
+
+def _train_config(args, method: str):
+    from client.token_weights import WeightScheme
+    from client.trainer import TrainConfig
+
+    return TrainConfig(
+        method=method, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, alpha=args.alpha,
+        weights=WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low),
+        weight_source=args.weight_source, weighted_alignment=not args.unweighted_alignment, seed=args.seed,
+    )
+
+
+def _device(args):
+    from client.personalize import Device
+    from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
+    from shared.modeling import load_base, resolve_model_dir
+
+    spec = _base_spec(args)
+    base, tokenizer = load_base(spec)
+    return Device(AdapterHost(base, LoraSettings()), tokenizer, base_fingerprint(resolve_model_dir(spec.model)),
+                  _prompt(args))
+
+
+def _open_stores(paths: list[str]):
+    from shared.data import UserStore
+
+    return [UserStore.open(Path(p)) for p in paths]
+
+
+def _default_users_dir(dataset: str) -> Path:
+    return data_dir() / "users" / dataset
+
+
+def cmd_base(args) -> int:
+    from shared.base_model import measure_base
+    from shared.modeling import load_base
+
+    base, tokenizer = load_base(_base_spec(args))
+    scores = measure_base(base, tokenizer, _prompt(args))
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+def _build_users(dataset: str, out: Path, args) -> list[Path]:
+    from shared import data
+
+    if dataset == "shakespeare":
+        return data.build_shakespeare_users(out, min_samples=args.min_samples, max_users=args.max_users)
+    if dataset == "synthetic":
+        return data.build_synthetic_users(out, n_users=args.max_users or 16, seed=args.seed)
+    return data.import_lamp_json(out, Path(args.records), Path(args.golds) if args.golds else None)
+
+
+def cmd_users(args) -> int:
+    out = Path(args.out) if args.out else _default_users_dir(args.dataset)
+    stores = _build_users(args.dataset, out, args)
+    print(f"{len(stores)} user stores in {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from client.personalize import Expert
+
+    device = _device(args)
+    expert = Expert.from_dir(Path(args.expert)) if args.expert else None
+    report = device.train(_open_stores(args.users), _train_config(args, args.method), expert, save_to=Path(args.out))
+    print(json.dumps(report.summary(), indent=2))
+    print(f"adapter saved to {args.out}")
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from client.inspect_weights import write_inspection
+    from client.personalize import Expert
+    from client.token_weights import WeightScheme
+
+    device = _device(args)
+    store = _open_stores([args.user])[0]
+    expert = Expert.from_dir(Path(args.expert))
+    scheme = WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low)
+    out = Path(args.out) if args.out else store.path / "inspection"
+    summary = write_inspection(device, store, expert, scheme, out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from client.evaluation import donor_history
+    from client.trainer import METHODS
+    from shared.metrics import macro_average
+
+    device = _device(args)
+    stores = _open_stores(args.users)
+    if args.adapter:
+        device.host.load("evaluated", Path(args.adapter))
+    rows = []
+    for index, store in enumerate(stores):
+        donor = stores[(index + 1) % len(stores)] if len(stores) > 1 else None
+        row = device.evaluate(store, METHODS[args.method].uses_history, donor_history(donor) if donor else None,
+                              adapter="evaluated" if args.adapter else None)
+        row.pop("examples")
+        rows.append(row)
+        print(json.dumps(row))
+    keys = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity")
+    print(json.dumps({"macro_average": macro_average(rows, keys)}, indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from shared.data import UserStore
+    from simulations.single_device import CompareConfig, run_compare, summary_table
+
+    stores_dir = Path(args.users_dir) if args.users_dir else _default_users_dir(args.dataset)
+    args.max_users = args.max_users or None
+    paths = _build_users(args.dataset, stores_dir, args)
+    config = CompareConfig(
+        base=_base_spec(args), users=args.users, expert_users=args.expert_users, methods=tuple(args.methods),
+        train=_train_config(args, "nextquill"), expert_epochs=args.expert_epochs,
+        expert=Path(args.expert) if args.expert else None, prompt=_prompt(args), seed=args.seed,
+    )
+    run_dir = Path(args.run_dir)
+    result = run_compare([UserStore.open(p) for p in paths], config, run_dir)
+    print(summary_table(result["summary"]))
+    print(f"run directory: {run_dir} (per_user.csv, results.json, summary.md, summary.png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextquill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help=f"data directory (default ${DATA_DIR_ENV} or ~/.cache/nextquill)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("base", help="build (first use) and measure a base model")
+    _add_base_options(p)
+    _add_prompt_options(p)
+    p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("users", help="build user stores")
+    p.add_argument("dataset", choices=["shakespeare", "synthetic", "lamp-json"])
+    p.add_argument("--out", help="folder of the stores (default: <data-dir>/users/<dataset>)")
+    p.add_argument("--min-samples", type=int, default=30)
+    p.add_argument("--max-users", type=int, default=None)
+    p.add_argument("--records", help="lamp-json: records file (or LaMP questions file)")
+    p.add_argument("--golds", help="lamp-json: LaMP outputs file with 'golds'")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_users)
+
+    p = sub.add_parser("train", help="train one LoRA on user stores")
+    p.add_argument("--users", nargs="+", required=True, help="user store folders (pooled)")
+    p.add_argument("--method", default="nextquill", choices=["sft", "context-sft", "nextquill", "mce-only", "dce-only"])
+    p.add_argument("--expert", help="expert adapter folder (for nextquill and dce-only)")
+    p.add_argument("--out", required=True, help="where to save the adapter (PEFT format)")
+    _add_base_options(p)
+    _add_prompt_options(p)
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("weights", help="inspect the expert's DCE and token weights of a user's targets")
+    p.add_argument("--user", required=True, help="user store folder")
+    p.add_argument("--expert", required=True, help="expert adapter folder")
+    p.add_argument("--out", help="output folder (default: <store>/inspection)")
+    p.add_argument("--weighting", default="threshold", choices=["threshold", "continuous"])
+    p.add_argument("--delta", type=float, default=0.05)
+    p.add_argument("--weight-high", type=float, default=0.9)
+    p.add_argument("--weight-low", type=float, default=0.1)
+    _add_base_options(p)
+    _add_prompt_options(p)
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("evaluate", help="evaluate an adapter (or the base) on user stores")
+    p.add_argument("--users", nargs="+", required=True)
+    p.add_argument("--adapter", help="adapter folder (default: the base alone)")
+    p.add_argument("--method", default="nextquill", help="the method it was trained with (picks the prompt)")
+    _add_base_options(p)
+    _add_prompt_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="single-device comparison of methods (the main job)")
+    p.add_argument("--dataset", default="shakespeare", choices=["shakespeare", "synthetic"])
+    p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
+    p.add_argument("--users", type=int, default=4, help="users evaluated")
+    p.add_argument("--expert-users", type=int, default=24, help="other users the expert is trained on")
+    p.add_argument("--methods", nargs="+", default=["sft", "context-sft", "nextquill"])
+    p.add_argument("--expert", help="use this expert adapter instead of training one")
+    p.add_argument("--expert-epochs", type=float, default=1.0)
+    p.add_argument("--min-samples", type=int, default=30)
+    p.add_argument("--max-users", type=int, default=0)
+    p.add_argument("--run-dir", default="runs/compare")
+    _add_base_options(p)
+    _add_prompt_options(p)
+    _add_train_options(p)
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.data_dir:
+        os.environ[DATA_DIR_ENV] = str(Path(args.data_dir).expanduser().resolve())
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # Errors a user can cause (paths, values, data files) end with a clear message, not a traceback.
+        log.debug("details", exc_info=True)
+        print(f"nextquill {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

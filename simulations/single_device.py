@@ -1,0 +1,147 @@
+"""Single-device comparison (the main job until the federation lands): an expert trained
+with ContextSFT on other users, then, for each evaluated user, one LoRA per method on the
+4-bit base, evaluated on that user's held-out samples; per-user CSV, macro-averaged table,
+JSON and a PNG plot in the run directory."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from client.evaluation import GenerationSettings, donor_history
+from client.personalize import Device, Expert
+from client.trainer import METHODS, TrainConfig
+from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
+from shared.data import UserStore
+from shared.metrics import macro_average
+from shared.modeling import BaseSpec, load_base, resolve_model_dir
+from shared.paths import atomic_write_json, atomic_write_text
+from shared.prompts import PromptConfig
+
+log = logging.getLogger(__name__)
+
+REPORTED = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity", "seconds_per_step")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    base: BaseSpec = field(default_factory=BaseSpec)
+    users: int = field(default=4, metadata={"help": "users evaluated (each gets one adapter per method)"})
+    expert_users: int = field(default=24, metadata={"help": "other users the expert is trained on"})
+    methods: tuple[str, ...] = ("sft", "context-sft", "nextquill")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    expert_epochs: float = 1.0
+    expert: Path | None = field(default=None, metadata={"help": "an existing expert adapter (skips training one)"})
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        if self.users < 1:
+            raise ValueError("users must be at least 1")
+
+
+def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[UserStore], list[UserStore]]:
+    """Evaluated users and the disjoint users the expert learns from (deterministic)."""
+    if len(stores) < config.users + (0 if config.expert else 1):
+        raise ValueError(f"need at least {config.users + 1} user stores, found {len(stores)}")
+    order = list(stores)
+    random.Random(config.seed).shuffle(order)
+    return order[: config.users], order[config.users : config.users + config.expert_users]
+
+
+def run_compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", json.loads(json.dumps(asdict(config), default=str)))
+    evaluated, expert_pool = split_users(stores, config)
+
+    started = time.perf_counter()
+    base, tokenizer = load_base(config.base)
+    device = Device(AdapterHost(base, config.lora), tokenizer, base_fingerprint(resolve_model_dir(config.base.model)),
+                    config.prompt)
+    log.info("base loaded in %.1f s", time.perf_counter() - started)
+
+    if config.expert is not None:
+        expert = Expert.from_dir(config.expert)
+    else:
+        expert_config = replace(config.train, method="context-sft", epochs=config.expert_epochs)
+        log.info("training the expert (context-sft) on %d other users", len(expert_pool))
+        device.train(expert_pool, expert_config, save_to=run_dir / "expert")
+        expert = Expert.from_dir(run_dir / "expert")
+    log.info("expert digest %s", expert.digest[:16])
+
+    rows = []
+    for index, store in enumerate(evaluated):
+        donor = evaluated[(index + 1) % len(evaluated)] if len(evaluated) > 1 else expert_pool[0]
+        other_history = donor_history(donor)
+        base_row = device.evaluate(store, uses_history=True, other_history=other_history, adapter=None,
+                                   generation=config.generation)
+        rows.append({"method": "base", **base_row, "seconds_per_step": float("nan")})
+        for method in config.methods:
+            train_config = replace(config.train, method=method)
+            report = device.train([store], train_config, expert, save_to=store.path / "adapters" / method)
+            row = device.evaluate(store, METHODS[method].uses_history, other_history, generation=config.generation)
+            rows.append({"method": method, **row, **{k: v for k, v in report.summary().items()
+                                                   if k in ("seconds_per_step", "steps", "final_l_n", "final_l_p")}})
+            log.info("%s %s: rougeL %.3f nll %.3f sensitivity %.3f (%.2f s/step)", store.user_id, method,
+                     row["rougeL"], row["nll"], row["history_sensitivity"], report.seconds_per_step)
+
+    summary = {m: macro_average([r for r in rows if r["method"] == m], REPORTED) for m in ("base", *config.methods)}
+    result = {"summary": summary, "users": [s.user_id for s in evaluated], "expert_digest": expert.digest,
+              "seconds": time.perf_counter() - started}
+    write_report(run_dir, rows, result)
+    return result
+
+
+def write_report(run_dir: Path, rows: list[dict], result: dict) -> None:
+    columns = ["method", "user_id", "test_samples", *REPORTED, "nll_own_history", "nll_no_history"]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "per_user.csv", table.getvalue())
+    atomic_write_json(run_dir / "results.json", {**result, "rows": rows})
+    atomic_write_text(run_dir / "summary.md", summary_table(result["summary"]))
+    plot_summary(result["summary"], run_dir / "summary.png")
+
+
+def summary_table(summary: dict[str, dict[str, float]]) -> str:
+    header = "| method | " + " | ".join(REPORTED) + " |\n|---|" + "---|" * len(REPORTED) + "\n"
+    body = ""
+    for method, metrics in summary.items():
+        cells = [f"{metrics[k]:.4f} ± {metrics[k + '_std']:.4f}" for k in REPORTED]
+        body += f"| {method} | " + " | ".join(cells) + " |\n"
+    return header + body
+
+
+def plot_summary(summary: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ("rouge1", "rougeL", "nll", "history_sensitivity")
+    methods = list(summary)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5))
+    for ax, key in zip(axes, shown, strict=True):
+        values = [summary[m][key] for m in methods]
+        errors = [summary[m][f"{key}_std"] for m in methods]
+        ax.bar(methods, values, yerr=errors, capsize=3, color="#4c72b0")
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle("macro-average over users (error bars: spread across users)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,93 @@
+"""The 4-bit CPU path, response-position logits and adapter round trips through plain PEFT."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+
+from client.trainer import TrainConfig, TrainExample, train_adapter
+from shared.adapters import ADAPTER_FILES, AdapterHost, LoraSettings, adapter_digest, save_adapter
+from shared.batching import collate
+from shared.modeling import BaseSpec, load_base, response_logits
+from shared.prompts import PromptConfig, encode_sample
+
+CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
+
+
+def _examples(tokenizer, n=6):
+    return [
+        TrainExample(encode_sample(tokenizer, f"cue {i}", [f"my old line {i}", "and older"], f"my reply {i}", CONFIG))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def nf4_base(model_dir):
+    return load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+
+
+def test_nf4_base_loads_on_cpu_with_bitsandbytes_4bit_layers(nf4_base):
+    model, _ = nf4_base
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quantization
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not 'tiny', 'small' or an existing local model directory"):
+        load_base(BaseSpec(str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_base(BaseSpec(str(tmp_path / "empty")))
+
+
+def test_response_logits_equal_the_full_forward_at_response_positions(model_dir, tokenizer):
+    model, _ = load_base(BaseSpec(str(model_dir), quantization="none", device="cpu"))
+    encoded = [e.encoded for e in _examples(tokenizer, 3)]
+    batch = collate(encoded, tokenizer.pad_token_id)
+    kept = response_logits(model, batch.with_history, batch.response_length)
+    for row, sample in enumerate(encoded):
+        ids = torch.tensor([sample.prompt_with + sample.response])
+        full = model(input_ids=ids).logits[0]
+        n = len(sample.response)
+        # Logits at positions T-n-1 .. T-2 predict the n response tokens.
+        torch.testing.assert_close(kept[row, -n:], full[-n - 1 : -1], rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_trains_on_cpu_and_round_trips_through_plain_peft(nf4_base, tokenizer, tmp_path):
+    model, _ = nf4_base
+    host = AdapterHost(model, LoraSettings(r=4, alpha=8))
+    peft_model = host.new("local", seed=0)
+    before = {k: v.clone() for k, v in peft_model.named_parameters() if v.requires_grad}
+    report = train_adapter(peft_model, _examples(tokenizer), tokenizer.pad_token_id,
+                           TrainConfig(method="mce-only", max_steps=3, batch_size=3), progress=False)
+    assert report.steps == 3 and all(torch.isfinite(torch.tensor(report.loss)))
+    after = dict(peft_model.named_parameters())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    digest = save_adapter(peft_model, tmp_path / "adapter", adapter_name="local")
+    assert all((tmp_path / "adapter" / f).is_file() for f in ADAPTER_FILES)
+    assert digest == adapter_digest(tmp_path / "adapter")
+
+    fresh, _ = load_base(BaseSpec(model.config._name_or_path, quantization="nf4", device="cpu"))
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    saved = get_peft_model_state_dict(peft_model, adapter_name="local")
+    restored = get_peft_model_state_dict(loaded)
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k].float(), restored[k].float()) for k in saved)
+    batch = collate([e.encoded for e in _examples(tokenizer, 2)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = response_logits(peft_model, batch.with_history, batch.response_length).float()
+        got = response_logits(loaded, batch.with_history, batch.response_length).float()
+    # The trainer keeps norms in float32 (k-bit preparation); a plain load computes in bf16.
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_a_new_adapter_starts_from_zero_effect_and_is_deterministic(nf4_base, tokenizer):
+    model, _ = nf4_base
+    host = AdapterHost(model, LoraSettings(r=4, alpha=8))
+    first = {k: v.clone() for k, v in host.new("a", seed=3).named_parameters() if ".a." in k}
+    second = {k.replace(".b.", ".a."): v for k, v in host.new("b", seed=3).named_parameters() if ".b." in k}
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert all(v.abs().sum() == 0 for k, v in first.items() if "lora_B" in k)
