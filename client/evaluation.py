@@ -40,7 +40,8 @@ def generate(
     outputs: list[str] = []
     model.eval()
     for start in range(0, len(prompts), settings.batch_size):
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + settings.batch_size]]
+        chunk = prompts[start : start + settings.batch_size]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
         side = left_pad(ids, tokenizer.pad_token_id).to(device)
         generated = model.generate(
             input_ids=side.input_ids,

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from client.token_weights import TokenProbs, WeightScheme
 from shared.batching import PairBatch, collate
 from shared.losses import IGNORE_INDEX, nextquill_loss, token_probabilities
 from shared.modeling import model_device, response_logits
 from shared.prompts import EncodedSample
-from client.token_weights import TokenProbs, WeightScheme
 
 log = logging.getLogger(__name__)
 

@@ -128,10 +128,17 @@ def speaker_examples(plays: list[str], min_speeches: int = 2) -> list[tuple[str,
 
 
 def _training_sequences(
-    tokenizer: PreTrainedTokenizerFast, size: EmbeddedSize, config: PromptConfig, rng: random.Random
+    tokenizer: PreTrainedTokenizerFast,
+    size: EmbeddedSize,
+    config: PromptConfig,
+    rng: random.Random,
+    max_examples: int | None = None,
 ) -> list[list[int]]:
+    examples = speaker_examples(corpus.base_plays())
+    if max_examples is not None:
+        examples = rng.sample(examples, min(max_examples, len(examples)))
     sequences = []
-    for x, history, y in tqdm(speaker_examples(corpus.base_plays()), desc="encoding base text", leave=False, mininterval=5):
+    for x, history, y in tqdm(examples, desc="encoding base text", leave=False, mininterval=5):
         encoded: EncodedSample = encode_sample(tokenizer, x, history, y, config)
         prompt = encoded.prompt_without if rng.random() < size.no_history_fraction else encoded.prompt_with
         sequences.append(prompt + encoded.response)
@@ -154,16 +161,26 @@ def heldout_examples(count: int = 240, seed: int = 0) -> list[ScoringExample]:
     return examples
 
 
-def measure_base(model: torch.nn.Module, tokenizer, config: PromptConfig | None = None) -> dict[str, float]:
+def measure_base(
+    model: torch.nn.Module, tokenizer, config: PromptConfig | None = None, count: int = 240
+) -> dict[str, float]:
     """Held-out NLL / perplexity and history sensitivity of any base model on the user plays."""
-    scores = history_nll(model, tokenizer, heldout_examples(), config or PromptConfig())
+    scores = history_nll(model, tokenizer, heldout_examples(count), config or PromptConfig())
     scores["heldout_perplexity"] = math.exp(scores["nll_own_history"])
     return scores
 
 
-def build_embedded_base(size_name: str, target: Path, seed: int = 0) -> dict:
-    """Train tokenizer and model of `size_name` from `seed` and save them at `target`."""
-    size = SIZES[size_name]
+def build_embedded_base(
+    size_name: str,
+    target: Path,
+    seed: int = 0,
+    size: EmbeddedSize | None = None,
+    max_examples: int | None = None,
+    heldout_count: int = 240,
+) -> dict:
+    """Train tokenizer and model of `size_name` from `seed` and save them at `target`.
+    `size` and `max_examples` override the schedule (tests build a miniature this way)."""
+    size = size or SIZES[size_name]
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -171,7 +188,7 @@ def build_embedded_base(size_name: str, target: Path, seed: int = 0) -> dict:
     log.info("building the embedded %s base model in %s (one time)", size_name, target)
 
     tokenizer = train_tokenizer(base_play_texts(), size.vocab_size)
-    sequences = _training_sequences(tokenizer, size, config, rng)
+    sequences = _training_sequences(tokenizer, size, config, rng, max_examples)
     model_config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
@@ -188,7 +205,7 @@ def build_embedded_base(size_name: str, target: Path, seed: int = 0) -> dict:
     model = Qwen2ForCausalLM(model_config)
     losses = _train(model, sequences, size, tokenizer.pad_token_id, rng)
     model.eval()
-    scores = measure_base(model, tokenizer, config)
+    scores = measure_base(model, tokenizer, config, heldout_count)
 
     with atomic_directory(target, overwrite=True) as staging:
         model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -7,9 +7,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from shared.batching import PairBatch, SideBatch
 from shared.losses import IGNORE_INDEX
@@ -84,6 +90,7 @@ def load_base(spec: BaseSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": str(device)}
         )
+        keep_4bit_layers_trainable(model)
     else:
         dtype = compute_dtype if device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -91,6 +98,16 @@ def load_base(spec: BaseSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
     model.eval()
     log.info("loaded base %s (%s) on %s", model_dir, spec.quantization, device)
     return model, load_tokenizer(model_dir)
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit layer's weights for CPU inference the first time it runs
+    in eval mode (on CPUs with AVX512-BF16), one way only; training through the layer then
+    fails. We alternate training and evaluation on one resident base, so keep the layout
+    that serves both."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from shared.paths import DATA_DIR_ENV, data_dir

@@ -91,3 +91,17 @@ def test_a_new_adapter_starts_from_zero_effect_and_is_deterministic(nf4_base, to
     second = {k.replace(".b.", ".a."): v for k, v in host.new("b", seed=3).named_parameters() if ".b." in k}
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert all(v.abs().sum() == 0 for k, v in first.items() if "lora_B" in k)
+
+
+def test_training_still_works_after_evaluating_the_4bit_base(model_dir, tokenizer):
+    from client.evaluation import GenerationSettings, generate
+
+    model, _ = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+    host = AdapterHost(model, LoraSettings(r=4, alpha=8))
+    peft_model = host.new("local")
+    with peft_model.disable_adapter():
+        generate(peft_model, tokenizer, ["### Context\nhello\n### Response\n"], GenerationSettings(max_new_tokens=3),
+                 CONFIG)
+    report = train_adapter(peft_model, _examples(tokenizer), tokenizer.pad_token_id,
+                           TrainConfig(method="sft", max_steps=1, batch_size=3), progress=False)
+    assert report.steps == 1

@@ -1,0 +1,384 @@
+"""User stores and their three builders (Shakespeare, synthetic, LaMP-style JSON)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from shared import corpus
+from shared.data import (
+    DataError,
+    HistoryItem,
+    Sample,
+    UserStore,
+    build_shakespeare_users,
+    build_synthetic_users,
+    import_lamp_json,
+    list_user_stores,
+    write_user_store,
+)
+
+
+def _leftovers(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+
+
+def _tiny_store(path: Path, **kwargs) -> UserStore:
+    history = [HistoryItem("h0", 0.0, "first words"), HistoryItem("h1", 1.0, "second words")]
+    samples = [
+        Sample("s0", 1.0, "cue one", "reply one", "train", ("h0",)),
+        Sample("s1", 2.0, "", "reply two", "test", ("h0", "h1"), ((0, 5),)),
+    ]
+    return write_user_store(path, "user/1", "synthetic", samples, history, extra_meta={"note": "x"}, **kwargs)
+
+
+# ---------------------------------------------------------------- Shakespeare
+
+
+@pytest.fixture(scope="module")
+def shakespeare_stores(tmp_path_factory) -> list[Path]:
+    return build_shakespeare_users(tmp_path_factory.mktemp("shakespeare"))
+
+
+def test_shakespeare_stores_hold_only_user_plays_with_enough_speeches(shakespeare_stores):
+    assert shakespeare_stores == list_user_stores(shakespeare_stores[0].parent)
+    user_plays = set(corpus.user_plays())
+    for path in shakespeare_stores:
+        store = UserStore.open(path)
+        assert store.meta["source"] == "shakespeare"
+        assert store.meta["play"] in user_plays
+        assert store.user_id == f"{store.meta['play']}/{store.meta['speaker']}"
+        assert len(store.samples()) >= 30
+    assert {UserStore.open(p).meta["play"] for p in shakespeare_stores} <= user_plays
+
+
+def test_shakespeare_test_samples_are_each_users_latest(shakespeare_stores):
+    for path in shakespeare_stores:
+        samples = UserStore.open(path).samples()
+        n_test = max(1, round(0.1 * len(samples)))
+        assert [s.split for s in samples] == ["train"] * (len(samples) - n_test) + ["test"] * n_test
+        assert [s.time for s in samples] == sorted(s.time for s in samples)
+
+
+def test_shakespeare_sample_is_the_speech_and_its_cue(shakespeare_stores):
+    store = UserStore.open(shakespeare_stores[0])
+    play = corpus.speeches(store.meta["play"])
+    for sample in store.samples():
+        speech = play[int(sample.time)]
+        assert speech.speaker == store.meta["speaker"]
+        assert sample.y == speech.text
+        before = play[speech.index - 1] if speech.index else None
+        if before is not None and (before.act, before.scene) == (speech.act, speech.scene):
+            assert sample.x == f"{before.speaker}: {before.text}"
+        else:
+            assert sample.x == speech.scene_heading
+
+
+def test_history_of_a_sample_is_strictly_earlier_and_most_recent_first(shakespeare_stores):
+    store = UserStore.open(shakespeare_stores[0])
+    samples = store.samples()
+    for position, sample in enumerate(samples):
+        history = store.history_for(sample)
+        assert {h.id for h in history} == {s.id for s in samples[:position]}
+        assert all(h.time < sample.time for h in history)
+        assert [h.time for h in history] == sorted((h.time for h in history), reverse=True)
+    latest = store.history_for(samples[-1])
+    assert latest[0].text == samples[-2].y
+
+
+def test_shakespeare_builder_names_stores_by_slug_and_respects_max_users(tmp_path):
+    paths = build_shakespeare_users(tmp_path, max_users=2)
+    assert len(paths) == 2
+    for path in paths:
+        store = UserStore.open(path)
+        assert re.fullmatch(r"[a-z0-9-]+--[a-z0-9-]+", path.name)
+        assert path.name.split("--")[0] == store.meta["play"]
+
+
+def test_builders_keep_existing_stores_unless_overwrite(tmp_path):
+    (path,) = build_shakespeare_users(tmp_path, max_users=1)
+    meta_file = path / "user.json"
+    meta = json.loads(meta_file.read_text())
+    meta["marker"] = "kept"
+    meta_file.write_text(json.dumps(meta))
+    assert build_shakespeare_users(tmp_path, max_users=1) == [path]
+    assert UserStore.open(path).meta["marker"] == "kept"
+    build_shakespeare_users(tmp_path, max_users=1, overwrite=True)
+    assert "marker" not in UserStore.open(path).meta
+    assert _leftovers(tmp_path) == [path.name]
+
+
+# ---------------------------------------------------------------- the store itself
+
+
+def test_write_then_open_round_trips(tmp_path):
+    written = _tiny_store(tmp_path / "u")
+    opened = UserStore.open(tmp_path / "u")
+    assert opened.user_id == written.user_id == "user/1"
+    assert opened.samples() == written.samples()
+    assert opened.samples("test")[0].preference_spans == ((0, 5),)
+    assert [s.id for s in opened.samples("train")] == ["s0"]
+    assert opened.meta["n_train"] == 1 and opened.meta["n_test"] == 1 and opened.meta["n_history"] == 2
+    assert opened.meta["note"] == "x"
+    assert [h.id for h in opened.history_for(opened.samples()[1])] == ["h1", "h0"]
+
+
+def test_history_ties_go_to_the_item_later_in_the_file(tmp_path):
+    history = [HistoryItem("a", 0.0, "one"), HistoryItem("b", 0.0, "two"), HistoryItem("c", -1.0, "zero")]
+    samples = [Sample("s", 1.0, "x", "y", "test", ("a", "c", "b"))]
+    store = write_user_store(tmp_path / "u", "u", "lamp-json", samples, history)
+    assert [h.id for h in store.history_for(store.samples()[0])] == ["b", "a", "c"]
+
+
+def test_write_refuses_an_existing_store_unless_overwrite(tmp_path):
+    _tiny_store(tmp_path / "u")
+    with pytest.raises(FileExistsError):
+        _tiny_store(tmp_path / "u")
+    _tiny_store(tmp_path / "u", overwrite=True)
+    assert _leftovers(tmp_path) == ["u"]
+
+
+def test_cache_dir_is_created_inside_the_store(tmp_path):
+    store = _tiny_store(tmp_path / "u")
+    assert store.cache_dir == tmp_path / "u" / "cache" and store.cache_dir.is_dir()
+
+
+def test_list_user_stores_finds_only_folders_with_user_json(tmp_path):
+    _tiny_store(tmp_path / "b")
+    _tiny_store(tmp_path / "a")
+    (tmp_path / "not-a-store").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    assert list_user_stores(tmp_path) == [tmp_path / "a", tmp_path / "b"]
+    assert list_user_stores(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(
+    ("bad_sample", "message"),
+    [
+        (Sample("s", 1.0, "x", "  ", "train", ()), "field 'y' is empty"),
+        (Sample("s", 1.0, "x", "y", "valid", ()), "field 'split'"),
+        (Sample("s", 1.0, "x", "y", "train", ("nope",)), "history id 'nope'"),
+        (Sample("s", 1.0, "x", "abc", "train", (), ((1, 4),)), "out of range"),
+        (Sample("s", float("nan"), "x", "y", "train", ()), "field 'time'"),
+        (Sample("s", 1.0, None, "y", "train", ()), "field 'x' must be a string"),  # type: ignore[arg-type]
+    ],
+)
+def test_write_rejects_bad_samples_and_writes_nothing(tmp_path, bad_sample, message):
+    with pytest.raises(DataError, match=message) as caught:
+        write_user_store(tmp_path / "u", "u", "synthetic", [bad_sample], [])
+    assert "samples.jsonl" in str(caught.value) and "'s'" in str(caught.value)
+    assert _leftovers(tmp_path) == []
+
+
+def _cut_last_line(path: Path) -> None:
+    path.write_text(path.read_text()[:-10])
+
+
+def _replace_in(name: str, old: str, new: str):
+    def edit(store: Path) -> None:
+        path = store / name
+        path.write_text(path.read_text().replace(old, new, 1))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "file_name", "message"),
+    [
+        (lambda store: _cut_last_line(store / "samples.jsonl"), "samples.jsonl, line 2", "truncated"),
+        (lambda store: _cut_last_line(store / "history.jsonl"), "history.jsonl, line 2", "truncated"),
+        (_replace_in("samples.jsonl", '"x": "cue one", ', ""), "samples.jsonl, line 1", "missing field 'x'"),
+        (_replace_in("samples.jsonl", '"reply two"', '""'), "samples.jsonl, line 2", "field 'y' is empty"),
+        (_replace_in("samples.jsonl", '"test"', '"dev"'), "samples.jsonl, line 2", "field 'split'"),
+        (_replace_in("samples.jsonl", '"h1"', '"h9"'), "samples.jsonl, line 2", "history id 'h9'"),
+        (_replace_in("samples.jsonl", "[[0, 5]]", "[[0, 50]]"), "samples.jsonl, line 2", "out of range"),
+        (_replace_in("samples.jsonl", '"time": 1.0', '"time": "1"'), "samples.jsonl, line 1", "field 'time'"),
+        (_replace_in("samples.jsonl", "{", "{{"), "samples.jsonl, line 1, column 2", "invalid JSON"),
+        (_replace_in("history.jsonl", '"first words"', "3"), "history.jsonl, line 1", "must be a string"),
+        (_replace_in("user.json", '"n_train": 1', '"n_train": 5'), "user.json", "'n_train' says 5"),
+        (lambda store: (store / "history.jsonl").unlink(), "history.jsonl", "missing"),
+    ],
+)
+def test_open_rejects_a_damaged_store_naming_file_and_line(tmp_path, edit, file_name, message):
+    _tiny_store(tmp_path / "u")
+    edit(tmp_path / "u")
+    with pytest.raises(DataError, match=message) as caught:
+        UserStore.open(tmp_path / "u")
+    assert file_name in str(caught.value)
+
+
+# ---------------------------------------------------------------- synthetic users
+
+
+def test_synthetic_preference_spans_point_at_marker_words_and_differ_between_users(tmp_path):
+    paths = build_synthetic_users(tmp_path, n_users=4, samples_per_user=12)
+    markers_by_user = []
+    for path in paths:
+        store = UserStore.open(path)
+        markers = {w.lower() for w in re.findall(r"[A-Za-z']+", store.meta["signature_phrase"])}
+        markers |= set(store.meta["favourite_adjectives"])
+        marked = set()
+        for sample in store.samples():
+            words = {sample.y[a:b].lower() for a, b in sample.preference_spans}
+            assert words and words <= markers
+            marked |= words
+            assert all(fact in sample.y for fact in re.findall(r"the (\w+):", sample.x))  # item restated
+            assert 10 <= len(sample.y.split()) <= 30
+            assert [h.id for h in store.history_for(sample)] == [
+                s.id for s in reversed(store.samples()) if s.time < sample.time
+            ]
+        assert marked == markers
+        markers_by_user.append(markers)
+    for i, mine in enumerate(markers_by_user):
+        for theirs in markers_by_user[i + 1 :]:
+            assert not mine & theirs
+
+
+def test_synthetic_users_are_deterministic_from_the_seed(tmp_path):
+    def contents(seed: int, folder: str) -> list[str]:
+        paths = build_synthetic_users(tmp_path / folder, n_users=2, samples_per_user=5, seed=seed)
+        return [(p / "samples.jsonl").read_text() for p in paths]
+
+    assert contents(3, "a") == contents(3, "b")
+    assert contents(3, "a") != contents(4, "c")
+
+
+# ---------------------------------------------------------------- LaMP-style JSON
+
+
+def _record(record_id: str, user: str | None, output: str, profile: list, time=None) -> dict:
+    record = {"id": record_id, "input": f"question {record_id}", "output": output, "profile": profile}
+    if user is not None:
+        record["user_id"] = user
+    if time is not None:
+        record["time"] = time
+    return record
+
+
+def _lamp_records() -> list[dict]:
+    p1 = {"id": "p1", "text": "old review", "date": "2001-01-01"}
+    p2 = {"id": "p2", "text": "newer review", "date": "2002-01-01"}
+    return [
+        _record("r3", "alice", "third", [p1, p2], time=30),
+        _record("r1", "alice", "first", [p1], time=10),
+        _record("r2", "alice", "second", [p1], time=20),
+        _record("b1", "bob", "only", [{"text": "bob's note"}, {"text": "bob's other note"}]),
+    ]
+
+
+@pytest.mark.parametrize("as_lines", [False, True])
+def test_lamp_single_file_groups_users_and_latest_are_test(tmp_path, as_lines):
+    records_file = tmp_path / ("records.jsonl" if as_lines else "records.json")
+    records = _lamp_records()
+    text = "".join(json.dumps(r) + "\n" for r in records) if as_lines else json.dumps(records)
+    records_file.write_text(text)
+    paths = import_lamp_json(tmp_path / "out", records_file, test_fraction=0.34)
+    assert [p.name for p in paths] == ["alice", "bob"]
+    alice, bob = (UserStore.open(p) for p in paths)
+    assert [(s.id, s.split) for s in alice.samples()] == [("r1", "train"), ("r2", "train"), ("r3", "test")]
+    assert [h.text for h in alice.history_for(alice.samples("test")[0])] == ["newer review", "old review"]
+    assert alice.meta["profile_train_samples"] == 0
+    # Bob has no train record: his profile becomes his training data.
+    assert bob.meta["profile_train_samples"] == 2
+    train, test = bob.samples("train"), bob.samples("test")
+    assert [s.y for s in train] == ["bob's note", "bob's other note"]
+    assert [h.text for h in bob.history_for(train[1])] == ["bob's note"]
+    assert [s.id for s in test] == ["b1"] and test[0].time > train[-1].time
+    assert [h.text for h in bob.history_for(test[0])] == ["bob's other note", "bob's note"]
+
+
+def _write_questions_and_golds(folder: Path, questions: list, golds: list) -> tuple[Path, Path]:
+    questions_file, golds_file = folder / "dev_questions.json", folder / "dev_outputs.json"
+    questions_file.write_text(json.dumps(questions))
+    golds_file.write_text(json.dumps({"task": "LaMP_7", "golds": golds}))
+    return questions_file, golds_file
+
+
+def _lamp_questions() -> tuple[list, list]:
+    questions = [
+        {"id": "q1", "input": "Paraphrase: a", "profile": [{"id": "t1", "text": "tweet one"}]},
+        {"id": "q2", "input": "Paraphrase: b", "profile": [{"id": "t2", "text": "tweet two"}]},
+    ]
+    golds = [{"id": "q2", "output": "gold b"}, {"id": "q1", "output": "gold a"}]
+    return questions, golds
+
+
+def test_lamp_questions_and_golds_make_one_user_per_question(tmp_path):
+    questions_file, golds_file = _write_questions_and_golds(tmp_path, *_lamp_questions())
+    paths = import_lamp_json(tmp_path / "out", questions_file, golds_file)
+    assert [p.name for p in paths] == ["q1", "q2"]
+    store = UserStore.open(paths[1])
+    assert store.user_id == "q2" and store.meta["golds_file"] == "dev_outputs.json"
+    (test,) = store.samples("test")
+    assert (test.x, test.y) == ("Paraphrase: b", "gold b")
+    assert [s.y for s in store.samples("train")] == ["tweet two"]
+    assert import_lamp_json(tmp_path / "out", questions_file, golds_file) == paths
+
+
+_GOOD = _lamp_records()
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([*_GOOD[:3], {**_GOOD[3], "output": ""}], "field 'output' is empty"),
+        ([*_GOOD[:3], {k: v for k, v in _GOOD[3].items() if k != "output"}], "missing field 'output'"),
+        ([*_GOOD[:3], {**_GOOD[3], "input": 7}], "field 'input' must be a string"),
+        ([*_GOOD[:3], {**_GOOD[3], "profile": "text"}], "field 'profile' must be a list"),
+        ([*_GOOD[:3], {**_GOOD[3], "profile": [{"title": "t"}]}], "profile item 0: missing field 'text'"),
+        ([*_GOOD[:3], {**_GOOD[3], "user_id": ["bob"]}], "field 'user_id'"),
+        ([*_GOOD[:3], {**_GOOD[3], "time": "yesterday"}], "neither a number nor an ISO date"),
+        ([*_GOOD[:3], {**_GOOD[3], "id": "r1"}], "id 'r1' already used"),
+    ],
+)
+def test_invalid_lamp_record_names_file_and_record_and_writes_nothing(tmp_path, records, message):
+    records_file = tmp_path / "records.json"
+    records_file.write_text(json.dumps(records))
+    out_dir = tmp_path / "out"
+    with pytest.raises(DataError, match=message) as caught:
+        import_lamp_json(out_dir, records_file)
+    assert "records.json, record 3" in str(caught.value)
+    assert _leftovers(out_dir) == []
+
+
+def test_truncated_lamp_file_is_rejected_with_line_and_column(tmp_path):
+    records_file = tmp_path / "records.json"
+    records_file.write_text(json.dumps(_GOOD, indent=1)[:-40])
+    with pytest.raises(DataError, match=r"records\.json, line \d+, column \d+: invalid JSON"):
+        import_lamp_json(tmp_path / "out", records_file)
+    lines_file = tmp_path / "records.jsonl"
+    lines_file.write_text("".join(json.dumps(r) + "\n" for r in _GOOD)[:-20])
+    with pytest.raises(DataError, match=r"records\.jsonl, line 4, column \d+: invalid JSON"):
+        import_lamp_json(tmp_path / "out", lines_file)
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_unreadable_lamp_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.json: cannot read"):
+        import_lamp_json(tmp_path / "out", tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("drop", ["question", "gold"])
+def test_question_and_gold_must_pair_up(tmp_path, drop):
+    questions, golds = _lamp_questions()
+    if drop == "question":
+        questions = questions[1:]
+    else:
+        golds = golds[:1]
+    questions_file, golds_file = _write_questions_and_golds(tmp_path, questions, golds)
+    with pytest.raises(DataError, match="'q1'") as caught:
+        import_lamp_json(tmp_path / "out", questions_file, golds_file)
+    assert "dev_questions.json" in str(caught.value) and "dev_outputs.json" in str(caught.value)
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_an_error_in_the_last_user_leaves_earlier_users_unwritten(tmp_path):
+    records_file = tmp_path / "records.jsonl"
+    bad = {**_GOOD[3], "profile": [{"text": ""}]}
+    records_file.write_text("".join(json.dumps(r) + "\n" for r in [*_GOOD[:3], bad]))
+    with pytest.raises(DataError, match=r"records\.jsonl, line 4 \(record 3\) \(id 'b1'\), profile item 0"):
+        import_lamp_json(tmp_path / "out", records_file)
+    assert not (tmp_path / "out").exists()
