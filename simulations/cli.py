@@ -20,6 +20,8 @@ from pathlib import Path
 from shared.paths import DATA_DIR_ENV, data_dir
 
 log = logging.getLogger("nextquill")
+# Kept here (and checked against client.trainer.METHODS in the tests) so --help stays fast.
+METHOD_NAMES = ["sft", "context-sft", "nextquill", "mce-only", "dce-only"]
 
 
 def _add_base_options(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +33,6 @@ def _add_base_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from client.trainer import METHODS
-
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -47,7 +47,6 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unweighted-alignment", action="store_true",
                         help="unweighted L_p (the authors' released code)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(methods_known=sorted(METHODS))
 
 
 def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
@@ -131,9 +130,10 @@ def cmd_users(args) -> int:
 def cmd_train(args) -> int:
     from client.personalize import Expert
 
-    device = _device(args)
+    stores = _open_stores(args.users)
     expert = Expert.from_dir(Path(args.expert)) if args.expert else None
-    report = device.train(_open_stores(args.users), _train_config(args, args.method), expert, save_to=Path(args.out))
+    config = _train_config(args, args.method)
+    report = _device(args).train(stores, config, expert, save_to=Path(args.out))
     print(json.dumps(report.summary(), indent=2))
     print(f"adapter saved to {args.out}")
     return 0
@@ -144,12 +144,11 @@ def cmd_weights(args) -> int:
     from client.personalize import Expert
     from client.token_weights import WeightScheme
 
-    device = _device(args)
     store = _open_stores([args.user])[0]
     expert = Expert.from_dir(Path(args.expert))
     scheme = WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low)
     out = Path(args.out) if args.out else store.path / "inspection"
-    summary = write_inspection(device, store, expert, scheme, out)
+    summary = write_inspection(_device(args), store, expert, scheme, out)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -159,8 +158,8 @@ def cmd_evaluate(args) -> int:
     from client.trainer import METHODS
     from shared.metrics import macro_average
 
-    device = _device(args)
     stores = _open_stores(args.users)
+    device = _device(args)
     if args.adapter:
         device.host.load("evaluated", Path(args.adapter))
     rows = []
@@ -219,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one LoRA on user stores")
     p.add_argument("--users", nargs="+", required=True, help="user store folders (pooled)")
-    p.add_argument("--method", default="nextquill", choices=["sft", "context-sft", "nextquill", "mce-only", "dce-only"])
+    p.add_argument("--method", default="nextquill", choices=METHOD_NAMES)
     p.add_argument("--expert", help="expert adapter folder (for nextquill and dce-only)")
     p.add_argument("--out", required=True, help="where to save the adapter (PEFT format)")
     _add_base_options(p)
@@ -242,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate an adapter (or the base) on user stores")
     p.add_argument("--users", nargs="+", required=True)
     p.add_argument("--adapter", help="adapter folder (default: the base alone)")
-    p.add_argument("--method", default="nextquill", help="the method it was trained with (picks the prompt)")
+    p.add_argument("--method", default="nextquill", choices=METHOD_NAMES,
+                   help="the method it was trained with (picks the prompt)")
     _add_base_options(p)
     _add_prompt_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
     p.add_argument("--users", type=int, default=4, help="users evaluated")
     p.add_argument("--expert-users", type=int, default=24, help="other users the expert is trained on")
-    p.add_argument("--methods", nargs="+", default=["sft", "context-sft", "nextquill"])
+    p.add_argument("--methods", nargs="+", default=["sft", "context-sft", "nextquill"], choices=METHOD_NAMES)
     p.add_argument("--expert", help="use this expert adapter instead of training one")
     p.add_argument("--expert-epochs", type=float, default=1.0)
     p.add_argument("--min-samples", type=int, default=30)

@@ -11,6 +11,16 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from shared.base_model import base_play_texts, train_tokenizer
+from shared.paths import DATA_DIR_ENV
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_data_dir(tmp_path_factory):
+    """Tests never read or write the user's real data directory."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv(DATA_DIR_ENV, str(tmp_path_factory.mktemp("nextquill-home")))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
