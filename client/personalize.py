@@ -7,6 +7,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from client.evaluation import GenerationSettings, evaluate_user
@@ -46,11 +47,10 @@ class Device:
     def expert_probs(self, store: UserStore, expert: Expert, split: str | None = "train") -> dict[str, TokenProbs]:
         """The expert's token probabilities for the store's samples of `split` (cached on the
         store by expert digest; the expert is loaded only when the cache misses)."""
-        try:
-            return cached_token_probs(store, None, self.tokenizer, expert.digest, self.base_id, self.prompt, split)
-        except ValueError:
-            model = self.host.load(EXPERT_ADAPTER, expert.path)
-            return cached_token_probs(store, model, self.tokenizer, expert.digest, self.base_id, self.prompt, split)
+        def load_expert() -> torch.nn.Module:
+            return self.host.load(EXPERT_ADAPTER, expert.path)
+
+        return cached_token_probs(store, load_expert, self.tokenizer, expert.digest, self.base_id, self.prompt, split)
 
     def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:
         if config.needs_expert and expert is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -116,7 +116,7 @@ def _cache_dir(store: UserStore) -> Path:
 
 def cached_token_probs(
     store: UserStore,
-    model: torch.nn.Module | None,
+    load_expert: Callable[[], torch.nn.Module],
     tokenizer: PreTrainedTokenizerBase,
     expert_digest: str,
     base_id: str,
@@ -125,8 +125,8 @@ def cached_token_probs(
     batch_size: int = 16,
 ) -> dict[str, TokenProbs]:
     """Token probabilities of the store's samples under the expert, from the cache when it
-    holds this (expert digest, base, prompt) and every sample; otherwise computed with
-    `model` (which must have the expert active) and cached. Sample id -> TokenProbs."""
+    holds this (expert digest, base, prompt) and every sample; otherwise computed with the
+    model `load_expert()` returns (called only then) and cached. Sample id -> TokenProbs."""
     encoded = encode_store_samples(store, tokenizer, prompt, split)
     key = cache_key(expert_digest, base_id, prompt)
     path = _cache_dir(store) / f"{key}.json"
@@ -139,9 +139,7 @@ def cached_token_probs(
             log.warning("token-probability cache %s is unreadable; recomputing it", path)
     missing = [(s, e) for s, e in encoded if s.id not in cached or cached[s.id].token_ids != e.response]
     if missing:
-        if model is None:
-            raise ValueError(f"no cached expert token probabilities for {store.path} and no expert model given")
-        fresh = compute_token_probs(model, [e for _, e in missing], tokenizer.pad_token_id, batch_size)
+        fresh = compute_token_probs(load_expert(), [e for _, e in missing], tokenizer.pad_token_id, batch_size)
         cached.update({s.id: probs for (s, _), probs in zip(missing, fresh, strict=True)})
         atomic_write_json(path, {
             "format": CACHE_FORMAT, "expert_digest": expert_digest, "base": base_id, "prompt": asdict(prompt),

@@ -203,9 +203,13 @@ def build_embedded_base(
         bos_token_id=tokenizer.eos_token_id,
     )
     model = Qwen2ForCausalLM(model_config)
+    # On a GPU the build takes minutes even for `small`; on the CPU, `tiny` does.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     losses = _train(model, sequences, size, tokenizer.pad_token_id, rng)
     model.eval()
     scores = measure_base(model, tokenizer, config, heldout_count)
+    model.to("cpu")
 
     with atomic_directory(target, overwrite=True) as staging:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -242,6 +246,7 @@ def _train(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    device = next(model.parameters()).device
     model.train()
     losses = []
     progress = tqdm(range(size.steps), desc="training the embedded base", unit="step", mininterval=5)
@@ -251,9 +256,11 @@ def _train(
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq)
+        ids = ids.to(device)
         mask = ids != pad_id
         labels = ids.masked_fill(~mask, -100)
-        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -91,14 +91,20 @@ def _field(row: dict, key: str, where: str) -> Any:
     return row[key]
 
 
-def _sample_from_row(row: Any, where: str) -> Sample:
+def _id_and_time(row: Any, kind: str, where: str) -> tuple[str, float, str]:
+    """The id and time every store record has, and `where` extended with the record's id."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: a sample must be a JSON object, got {type(row).__name__}")
-    sample_id = _nonempty_str(row, "id", where)
-    where = f"{where} (sample {sample_id!r})"
+        raise DataError(f"{where}: a {kind} must be a JSON object, got {type(row).__name__}")
+    record_id = _nonempty_str(row, "id", where)
+    where = f"{where} ({kind} {record_id!r})"
     time = _field(row, "time", where)
     if not _is_number(time):
         raise DataError(f"{where}: field 'time' must be a finite number, got {time!r}")
+    return record_id, time, where
+
+
+def _sample_from_row(row: Any, where: str) -> Sample:
+    sample_id, time, where = _id_and_time(row, "sample", where)
     x = _field(row, "x", where)
     if not isinstance(x, str):
         raise DataError(f"{where}: field 'x' must be a string, got {type(x).__name__}")
@@ -134,13 +140,7 @@ def _sample_from_row(row: Any, where: str) -> Sample:
 
 
 def _history_from_row(row: Any, where: str) -> HistoryItem:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a history item must be a JSON object, got {type(row).__name__}")
-    item_id = _nonempty_str(row, "id", where)
-    where = f"{where} (history item {item_id!r})"
-    time = _field(row, "time", where)
-    if not _is_number(time):
-        raise DataError(f"{where}: field 'time' must be a finite number, got {time!r}")
+    item_id, time, where = _id_and_time(row, "history item", where)
     return HistoryItem(id=item_id, time=time, text=_nonempty_str(row, "text", where))
 
 
