@@ -60,8 +60,8 @@ SIZES: dict[str, EmbeddedSize] = {
         intermediate_size=512, steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=40,
     ),
     "small": EmbeddedSize(
-        vocab_size=8192, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
-        intermediate_size=1024, steps=4000, batch_size=32, learning_rate=1.5e-3, warmup_steps=200,
+        vocab_size=8192, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2,
+        intermediate_size=704, steps=1500, batch_size=16, learning_rate=2e-3, warmup_steps=100,
     ),
 }
 
