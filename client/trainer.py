@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from client.token_weights import TokenProbs, WeightScheme
 from shared.batching import PairBatch, collate
-from shared.losses import IGNORE_INDEX, nextquill_loss, token_probabilities
+from shared.losses import nextquill_loss, token_probabilities
 from shared.modeling import model_device, response_logits
 from shared.prompts import EncodedSample
 
@@ -52,10 +52,10 @@ class TrainConfig:
     """Local training settings."""
 
     method: str = field(default="nextquill", metadata={"help": f"one of {sorted(METHODS)}"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the training samples"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training samples"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides epochs)"})
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA"})
     alpha: float = field(default=0.1, metadata={"help": "weight of the causal preference alignment loss L_p"})
     weights: WeightScheme = field(default_factory=WeightScheme, metadata={"help": "DCE -> ω"})
     weight_source: str = field(
@@ -218,7 +218,3 @@ def train_adapter(
         bar.set_postfix(loss=f"{report.loss[-1]:.3f}", refresh=False)
     model.eval()
     return report
-
-
-def count_response_tokens(batch: PairBatch) -> int:
-    return int((batch.labels != IGNORE_INDEX).sum())

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +131,6 @@ def adapter_digest(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def read_adapter_metadata(adapter_dir: Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def base_fingerprint(model_dir: Path) -> str:
     """A cheap identity of a base model directory: its config and the names and sizes of its
     weight files (hashing gigabytes of weights on every start would be slow)."""
@@ -145,7 +139,3 @@ def base_fingerprint(model_dir: Path) -> str:
     for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         digest.update(f"{path.name}:{path.stat().st_size}".encode())
     return digest.hexdigest()[:16]
-
-
-def settings_dict(settings: LoraSettings) -> dict[str, Any]:
-    return asdict(settings)

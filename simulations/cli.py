@@ -33,10 +33,10 @@ def _add_base_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--alpha", type=float, default=0.1, help="weight of L_p")
     parser.add_argument("--weighting", default="threshold", choices=["threshold", "continuous"])
     parser.add_argument("--delta", type=float, default=0.05)

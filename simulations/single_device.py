@@ -52,12 +52,14 @@ class CompareConfig:
 
 
 def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[UserStore], list[UserStore]]:
-    """Evaluated users and the disjoint users the expert learns from (deterministic)."""
+    """Evaluated users (those with the most held-out samples, so per-user metrics are not read
+    off three lines) and a seeded random pick of the others for the expert."""
     if len(stores) < config.users + (0 if config.expert else 1):
         raise ValueError(f"need at least {config.users + 1} user stores, found {len(stores)}")
-    order = list(stores)
-    random.Random(config.seed).shuffle(order)
-    return order[: config.users], order[config.users : config.users + config.expert_users]
+    by_test_size = sorted(stores, key=lambda s: (-len(s.samples("test")), s.user_id))
+    evaluated, others = by_test_size[: config.users], by_test_size[config.users :]
+    random.Random(config.seed).shuffle(others)
+    return evaluated, others[: config.expert_users]
 
 
 def run_compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -> dict:
