@@ -23,6 +23,7 @@ from shared.losses import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "none")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 EMBEDDED_SIZES = ("tiny", "small")
 
 
@@ -38,8 +39,8 @@ class BaseSpec:
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -17,60 +17,64 @@ import os
 import sys
 from pathlib import Path
 
+from client.token_weights import WEIGHTINGS, WeightScheme
+from client.trainer import METHODS, WEIGHT_SOURCES, TrainConfig
+from shared.modeling import COMPUTE_DTYPES, QUANTIZATIONS, BaseSpec
 from shared.paths import DATA_DIR_ENV, data_dir
+from shared.prompts import PromptConfig
+from simulations.single_device import CompareConfig
 
 log = logging.getLogger("nextquill")
-# Kept here (and checked against client.trainer.METHODS in the tests) so --help stays fast.
-METHOD_NAMES = ["sft", "context-sft", "nextquill", "mce-only", "dce-only"]
+METHOD_NAMES = list(METHODS)
 
 
 def _add_base_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny",
+    base = BaseSpec()
+    parser.add_argument("--model", default=base.model,
                         help="'tiny' / 'small' (the embedded default) or a local Hugging Face model directory")
-    parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quantization", default=base.quantization, choices=QUANTIZATIONS)
+    parser.add_argument("--device", default=base.device, help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--compute-dtype", default=base.compute_dtype, choices=COMPUTE_DTYPES)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--alpha", type=float, default=0.1, help="weight of L_p")
-    parser.add_argument("--weighting", default="threshold", choices=["threshold", "continuous"])
-    parser.add_argument("--delta", type=float, default=0.05)
-    parser.add_argument("--weight-high", type=float, default=0.9)
-    parser.add_argument("--weight-low", type=float, default=0.1)
-    parser.add_argument("--weight-source", default="expert", choices=["expert", "self"],
+    train, weights = TrainConfig(), WeightScheme()
+    parser.add_argument("--epochs", type=float, default=train.epochs)
+    parser.add_argument("--max-steps", type=int, default=train.max_steps)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=train.learning_rate)
+    parser.add_argument("--alpha", type=float, default=train.alpha, help="weight of L_p")
+    parser.add_argument("--seed", type=int, default=train.seed)
+    parser.add_argument("--weight-source", default=train.weight_source, choices=WEIGHT_SOURCES,
                         help="'self' = weights from the model being trained (the authors' released code)")
     parser.add_argument("--unweighted-alignment", action="store_true",
                         help="unweighted L_p (the authors' released code)")
-    parser.add_argument("--seed", type=int, default=0)
+    _add_weight_options(parser, weights)
+
+
+def _add_weight_options(parser: argparse.ArgumentParser, weights: WeightScheme) -> None:
+    parser.add_argument("--weighting", default=weights.weighting, choices=WEIGHTINGS)
+    parser.add_argument("--delta", type=float, default=weights.delta)
+    parser.add_argument("--weight-high", type=float, default=weights.high)
+    parser.add_argument("--weight-low", type=float, default=weights.low)
 
 
 def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--history-tokens", type=int, default=160)
-    parser.add_argument("--context-tokens", type=int, default=48)
-    parser.add_argument("--response-tokens", type=int, default=48)
+    prompt = PromptConfig()
+    parser.add_argument("--history-tokens", type=int, default=prompt.history_tokens)
+    parser.add_argument("--context-tokens", type=int, default=prompt.context_tokens)
+    parser.add_argument("--response-tokens", type=int, default=prompt.response_tokens)
 
 
 def _base_spec(args):
-    from shared.modeling import BaseSpec
-
     return BaseSpec(args.model, args.quantization, args.device, args.compute_dtype)
 
 
 def _prompt(args):
-    from shared.prompts import PromptConfig
-
     return PromptConfig(args.history_tokens, args.context_tokens, args.response_tokens)
 
 
 def _train_config(args, method: str):
-    from client.token_weights import WeightScheme
-    from client.trainer import TrainConfig
-
     return TrainConfig(
         method=method, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, alpha=args.alpha,
@@ -142,7 +146,6 @@ def cmd_train(args) -> int:
 def cmd_weights(args) -> int:
     from client.inspect_weights import write_inspection
     from client.personalize import Expert
-    from client.token_weights import WeightScheme
 
     store = _open_stores([args.user])[0]
     expert = Expert.from_dir(Path(args.expert))
@@ -155,7 +158,6 @@ def cmd_weights(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from client.evaluation import donor_history
-    from client.trainer import METHODS
     from shared.metrics import macro_average
 
     stores = _open_stores(args.users)
@@ -177,7 +179,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from shared.data import UserStore
-    from simulations.single_device import CompareConfig, run_compare, summary_table
+    from simulations.single_device import run_compare, summary_table
 
     stores_dir = Path(args.users_dir) if args.users_dir else _default_users_dir(args.dataset)
     args.max_users = args.max_users or None
@@ -230,10 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="user store folder")
     p.add_argument("--expert", required=True, help="expert adapter folder")
     p.add_argument("--out", help="output folder (default: <store>/inspection)")
-    p.add_argument("--weighting", default="threshold", choices=["threshold", "continuous"])
-    p.add_argument("--delta", type=float, default=0.05)
-    p.add_argument("--weight-high", type=float, default=0.9)
-    p.add_argument("--weight-low", type=float, default=0.1)
+    _add_weight_options(p, WeightScheme())
     _add_base_options(p)
     _add_prompt_options(p)
     p.set_defaults(func=cmd_weights)
@@ -250,11 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="single-device comparison of methods (the main job)")
     p.add_argument("--dataset", default="shakespeare", choices=["shakespeare", "synthetic"])
     p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
-    p.add_argument("--users", type=int, default=4, help="users evaluated")
-    p.add_argument("--expert-users", type=int, default=24, help="other users the expert is trained on")
-    p.add_argument("--methods", nargs="+", default=["sft", "context-sft", "nextquill"], choices=METHOD_NAMES)
+    compare = CompareConfig()
+    p.add_argument("--users", type=int, default=compare.users, help="users evaluated")
+    p.add_argument("--expert-users", type=int, default=compare.expert_users,
+                   help="other users the expert is trained on")
+    p.add_argument("--methods", nargs="+", default=list(compare.methods), choices=METHOD_NAMES)
     p.add_argument("--expert", help="use this expert adapter instead of training one")
-    p.add_argument("--expert-epochs", type=float, default=1.0)
+    p.add_argument("--expert-epochs", type=float, default=compare.expert_epochs)
     p.add_argument("--min-samples", type=int, default=30)
     p.add_argument("--max-users", type=int, default=0)
     p.add_argument("--run-dir", default="runs/compare")

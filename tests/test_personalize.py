@@ -43,7 +43,7 @@ def experts(device, stores, tmp_path_factory):
     return Expert.from_dir(root / "e0"), Expert.from_dir(root / "e1")
 
 
-def test_cli_method_names_match_the_trainer():
+def test_cli_offers_every_method_of_the_trainer():
     assert sorted(METHOD_NAMES) == sorted(METHODS)
 
 
