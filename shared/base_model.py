@@ -30,7 +30,7 @@ from shared.scoring import ScoringExample, history_nll
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # How many of a speaker's earlier speeches a base training example may draw its history from.
@@ -52,6 +52,11 @@ class EmbeddedSize:
     learning_rate: float
     warmup_steps: int
     no_history_fraction: float = 0.25  # share of training examples in the (x, ∅, y) format
+    # Share of examples whose target speech is also placed among its history items. The
+    # plays repeat themselves too rarely for a small model to learn to copy from its
+    # context (induction), which is how history reaches a prediction; web-scale text
+    # teaches large models this through its repetitions.
+    echo_fraction: float = 0.15
 
 
 SIZES: dict[str, EmbeddedSize] = {
@@ -139,6 +144,9 @@ def _training_sequences(
         examples = rng.sample(examples, min(max_examples, len(examples)))
     sequences = []
     for x, history, y in tqdm(examples, desc="encoding base text", leave=False, mininterval=5):
+        if rng.random() < size.echo_fraction:
+            history = list(history)
+            history.insert(rng.randrange(min(3, len(history)) + 1), y)
         encoded: EncodedSample = encode_sample(tokenizer, x, history, y, config)
         prompt = encoded.prompt_without if rng.random() < size.no_history_fraction else encoded.prompt_with
         sequences.append(prompt + encoded.response)
