@@ -63,3 +63,18 @@ def test_the_same_seed_builds_the_same_model(built, tmp_path):
 def test_unknown_size_is_rejected():
     with pytest.raises(ValueError, match="unknown embedded model size"):
         ensure_embedded_base("huge")
+
+
+def test_echo_examples_place_the_target_among_the_history(tokenizer):
+    import random
+    from dataclasses import replace
+
+    from shared.base_model import SIZES, _training_sequences
+    from shared.prompts import RESPONSE_HEADER, PromptConfig
+
+    always = replace(SIZES["tiny"], echo_fraction=1.0, no_history_fraction=0.0)
+    sequences = _training_sequences(tokenizer, always, PromptConfig(history_tokens=400), random.Random(1),
+                                    max_examples=5)
+    for ids in sequences:
+        prompt, response = tokenizer.decode(ids, skip_special_tokens=True).split(RESPONSE_HEADER)
+        assert response.split("\n")[0].strip() in prompt
