@@ -143,3 +143,18 @@ def test_cli_reports_user_errors_by_name_without_a_traceback(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "missing-user" in err and "Traceback" not in err
+
+
+def test_cli_builds_users_trains_and_evaluates_an_adapter(model_dir, tmp_path, capsys):
+    assert main(["users", "synthetic", "--max-users", "2", "--out", str(tmp_path / "users")]) == 0
+    users = sorted(str(p) for p in (tmp_path / "users").iterdir())
+    common = ["--model", str(model_dir), "--history-tokens", "48", "--response-tokens", "24"]
+    assert main(["train", "--method", "context-sft", "--users", users[0], "--max-steps", "1",
+                 "--out", str(tmp_path / "adapter"), *common]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--method", "context-sft", "--adapter", str(tmp_path / "adapter"),
+                 "--users", *users, *common]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    per_user = [json.loads(line) for line in lines[: len(users)]]
+    assert [row["user_id"] for row in per_user] == ["synthetic-user-00", "synthetic-user-01"]
+    assert "macro_average" in json.loads("\n".join(lines[len(users):]))
