@@ -83,7 +83,7 @@ class Device:
                 "users": [s.user_id for s in stores],
                 "base": self.base_id,
                 "expert_digest": expert.digest if expert and config.needs_expert else None,
-                "train": _plain(asdict(config)),
+                "train": asdict(config),
                 "prompt": asdict(self.prompt),
                 "report": report.summary(),
             })
@@ -107,12 +107,3 @@ class Device:
                                      other_history, generation)
         model = self.host.activate(adapter)
         return evaluate_user(model, self.tokenizer, store, uses_history, self.prompt, other_history, generation)
-
-
-def _plain(value):
-    """Dataclass dicts with tuples made JSON-friendly."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value

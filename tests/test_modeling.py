@@ -4,6 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from client.trainer import TrainConfig, TrainExample, train_adapter
 from shared.adapters import ADAPTER_FILES, AdapterHost, LoraSettings, adapter_digest, save_adapter
@@ -105,3 +106,21 @@ def test_training_still_works_after_evaluating_the_4bit_base(model_dir, tokenize
     report = train_adapter(peft_model, _examples(tokenizer), tokenizer.pad_token_id,
                            TrainConfig(method="sft", max_steps=1, batch_size=3), progress=False)
     assert report.steps == 1
+
+
+def test_batched_greedy_generation_matches_one_prompt_at_a_time(tokenizer):
+    from client.evaluation import GenerationSettings, generate
+
+    # A sharply initialised random model, so the continuation depends on the context and on
+    # the positions (a default-initialised one emits newlines whatever it is given).
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = Qwen2ForCausalLM(config).eval()
+    prompts = ["### Context\nWho goes there?\n### Response\n",
+               "### History\nA long line of history, my good lord, to make this prompt longer.\n"
+               "### Context\nStand.\n### Response\n"]
+    settings = GenerationSettings(max_new_tokens=8)
+    batched = generate(model, tokenizer, prompts, settings, CONFIG)
+    alone = [generate(model, tokenizer, [p], settings, CONFIG)[0] for p in prompts]
+    assert batched == alone and batched[0] != batched[1]
