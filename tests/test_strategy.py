@@ -1,0 +1,39 @@
+"""The coordinator averages only well-formed shared parameters and excludes the rest."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from coordinator.strategy import SharedFedAvg
+
+# Messages carry the run they belong to; a ServerApp's runtime sets this identity.
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _arrays(value, shape=(2, 2), dtype=np.float32):
+    return ArrayRecord({"lora_A": Array(np.full(shape, value, dtype))})
+
+
+def _reply(node, arrays, metrics):
+    instruction = Message(content=RecordDict({"arrays": _arrays(0.0)}), message_type=MessageType.TRAIN,
+                          dst_node_id=node)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    reply = Message(content, reply_to=instruction)
+    return reply
+
+
+def test_fedavg_of_valid_replies_is_weighted_by_examples_and_bad_replies_are_excluded():
+    strategy = SharedFedAvg(min_train_nodes=1, min_available_nodes=1)
+    strategy.sent = _arrays(0.0)
+    replies = [
+        _reply(1, _arrays(1.0), {"num-examples": 1, "train-loss": 2.0}),
+        _reply(2, _arrays(4.0), {"num-examples": 3, "train-loss": 1.0}),
+        _reply(3, _arrays(np.nan), {"num-examples": 100, "train-loss": 1.0}),
+        _reply(4, _arrays(9.0, shape=(3,)), {"num-examples": 100, "train-loss": 1.0}),
+        _reply(5, _arrays(9.0), {"num-examples": 100, "history-text-length": 12.0}),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["lora_A"].numpy(), np.full((2, 2), (1 * 1 + 4 * 3) / 4))
+    assert metrics["train-loss"] == (2.0 * 1 + 1.0 * 3) / 4
+    assert sorted(node for _, node, _ in strategy.rejected) == [3, 4, 5]
+    assert "not allowed to leave a device" in strategy.rejected[-1][2]
