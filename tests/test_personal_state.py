@@ -1,0 +1,43 @@
+"""Personal parameters survive restarts and are never left half written."""
+
+import os
+
+import pytest
+import torch
+
+from client.personal_state import load_personal_state, personal_path, save_personal_state
+from shared.data import UserStore, build_synthetic_users
+
+
+@pytest.fixture
+def store(tmp_path):
+    return UserStore.open(build_synthetic_users(tmp_path, n_users=1, samples_per_user=3)[0])
+
+
+def test_personal_state_round_trips_through_the_store(store):
+    personal = {"personal": {"layers.0.lora_A.weight": torch.randn(2, 4)}, "local": {"b": torch.ones(3)}}
+    assert load_personal_state(store, "run-1") is None
+    save_personal_state(store, "run-1", personal)
+    loaded = load_personal_state(store, "run-1")
+    assert loaded.keys() == personal.keys()
+    assert all(torch.equal(loaded[a][k], v) for a, part in personal.items() for k, v in part.items())
+
+
+def test_a_crash_while_writing_keeps_the_previous_state(store, monkeypatch):
+    save_personal_state(store, "run-1", {"personal": {"w": torch.zeros(2)}})
+
+    def crash(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_personal_state(store, "run-1", {"personal": {"w": torch.ones(2)}})
+    monkeypatch.undo()
+    assert torch.equal(load_personal_state(store, "run-1")["personal"]["w"], torch.zeros(2))
+    leftovers = [p.name for p in personal_path(store, "run-1").parent.iterdir()]
+    assert leftovers == ["run-1.safetensors"]
+
+
+def test_run_names_that_are_not_file_names_are_refused(store):
+    with pytest.raises(ValueError, match="cannot name a file"):
+        personal_path(store, "../elsewhere")
