@@ -58,21 +58,23 @@ class AdapterHost:
     def adapters(self) -> list[str]:
         return list(self.model.peft_config) if self.model is not None else []
 
-    def new(self, name: str, seed: int = 0) -> PeftModel:
-        """Add a freshly initialised trainable adapter `name` (deterministic from `seed`) and
-        make it the active one."""
-        self.drop(name)
+    def new(self, *names: str, seed: int = 0) -> PeftModel:
+        """Add freshly initialised trainable adapters `names` (deterministic from `seed`) and
+        make them the active ones (several at once for a shared + personal pair)."""
+        if not names:
+            raise ValueError("name at least one adapter")
         torch.manual_seed(seed)
-        if self.model is None:
-            self.model = get_peft_model(self._base, self.settings.to_peft(), adapter_name=name)
-        elif name in self.adapters:  # the only adapter, so it could not be dropped: re-initialise it
-            for module in self.model.modules():
-                if isinstance(module, LoraLayer) and name in module.lora_A:
-                    module.reset_lora_parameters(name, init_lora_weights=True)
-        else:
-            self.model.add_adapter(name, self.settings.to_peft())
-        self.activate(name, trainable=True)
-        return self.model
+        for name in names:
+            self.drop(name)
+            if self.model is None:
+                self.model = get_peft_model(self._base, self.settings.to_peft(), adapter_name=name)
+            elif name in self.adapters:  # the only adapter, so it could not be dropped: re-initialise it
+                for module in self.model.modules():
+                    if isinstance(module, LoraLayer) and name in module.lora_A:
+                        module.reset_lora_parameters(name, init_lora_weights=True)
+            else:
+                self.model.add_adapter(name, self.settings.to_peft())
+        return self.activate(*names, trainable=True)
 
     def load(self, name: str, adapter_dir: Path, trainable: bool = False) -> PeftModel:
         """Load a saved adapter (plain PEFT format) as `name` and make it the active one."""
@@ -88,19 +90,20 @@ class AdapterHost:
         self.activate(name, trainable=trainable)
         return self.model
 
-    def activate(self, name: str, trainable: bool = False) -> PeftModel:
-        self.model.set_adapter(name)
+    def activate(self, *names: str, trainable: bool = False) -> PeftModel:
+        """Make `names` the active adapters (all others off), trainable or frozen."""
+        self.model.base_model.set_adapter(list(names))
         for param_name, param in self.model.named_parameters():
-            if f".{name}." in param_name and "lora_" in param_name:
-                param.requires_grad_(trainable)
+            if "lora_" in param_name:
+                param.requires_grad_(trainable and any(f".{name}." in param_name for name in names))
         return self.model
 
     def drop(self, name: str) -> None:
         """Remove adapter `name` if present (PEFT needs one adapter left, so the last one stays
         until another replaces it)."""
         if name in self.adapters and len(self.adapters) > 1:
-            if self.model.active_adapter == name:
-                self.model.set_adapter(next(a for a in self.adapters if a != name))
+            if name in self.model.active_adapters:
+                self.activate(next(a for a in self.adapters if a != name))
             self.model.delete_adapter(name)
 
 

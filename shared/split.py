@@ -1,7 +1,9 @@
 """The shared / personal split: the only code that knows which LoRA parameters are shared
 with the federation and which stay on the device.
 
-Three layouts, by parameter name (PEFT state-dict keys, adapter names removed):
+Four layouts, by parameter name (PEFT state-dict keys, adapter names removed):
+  full      one adapter, all of it shared: plain FedAvg of a LoRA (the expert phase, and the
+            baseline the splits are measured against).
   dual      two adapters, `shared` and `personal`, both active (FedDPA style); all of
             `shared` travels, all of `personal` stays.
   a-shared  one adapter; its LoRA A matrices travel, its B matrices stay (FedSA-LoRA style).
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-SPLIT_KINDS = ("dual", "a-shared", "layers")
+SPLIT_KINDS = ("full", "dual", "a-shared", "layers")
 SHARED_ADAPTER = "shared"
 PERSONAL_ADAPTER = "personal"
 SINGLE_ADAPTER = "local"
@@ -44,6 +46,8 @@ class SplitSpec:
 
     def is_shared(self, adapter: str, key: str) -> bool:
         """Whether parameter `key` of `adapter` travels to the coordinator."""
+        if self.kind == "full":
+            return True
         if self.kind == "dual":
             return adapter == SHARED_ADAPTER
         if self.kind == "a-shared":
