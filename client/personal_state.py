@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from shared.data import UserStore
@@ -36,8 +37,13 @@ def load_personal_state(store: UserStore, run_name: str) -> dict[str, dict[str, 
     path = personal_path(store, run_name)
     if not path.is_file():
         return None
+    try:
+        flat = load(path.read_bytes())
+    except SafetensorError as error:
+        raise ValueError(f"personal parameters {path} are unreadable ({error}); move the file away to start "
+                         "this user afresh") from None
     personal: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in load(path.read_bytes()).items():
+    for name, tensor in flat.items():
         adapter, key = name.split(_SEPARATOR, 1)
         personal.setdefault(adapter, {})[key] = tensor
     return personal

@@ -41,3 +41,10 @@ def test_a_crash_while_writing_keeps_the_previous_state(store, monkeypatch):
 def test_run_names_that_are_not_file_names_are_refused(store):
     with pytest.raises(ValueError, match="cannot name a file"):
         personal_path(store, "../elsewhere")
+
+
+def test_a_corrupt_personal_file_is_a_clear_error(store):
+    path = save_personal_state(store, "run-1", {"personal": {"w": torch.zeros(2)}})
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="unreadable"):
+        load_personal_state(store, "run-1")
