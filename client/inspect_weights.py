@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from client.personalize import Device, Expert
-from client.token_weights import WeightScheme
 from shared.data import UserStore
+from shared.losses import WeightScheme
 from shared.paths import atomic_write_jsonl, atomic_write_text
 
 

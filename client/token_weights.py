@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
 from shared.data import Sample, UserStore
-from shared.losses import continuous_dce_weights, dce_weights, token_probabilities
+from shared.losses import token_probabilities
 from shared.modeling import model_device, response_logits
 from shared.paths import atomic_write_json
 from shared.prompts import EncodedSample, PromptConfig, encode_sample
@@ -29,30 +29,6 @@ from shared.prompts import EncodedSample, PromptConfig, encode_sample
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "nextquill-token-probs/1"
-WEIGHTINGS = ("threshold", "continuous")
-
-
-@dataclass(frozen=True)
-class WeightScheme:
-    """How DCE values become token weights ω."""
-
-    weighting: str = "threshold"  # "threshold" (the paper's) or "continuous" (threshold-free)
-    delta: float = 0.05
-    high: float = 0.9
-    low: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if not 0 <= self.low <= self.high:
-            raise ValueError(f"token weights need 0 <= low <= high, got low={self.low}, high={self.high}")
-
-    def weights(self, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
-        if self.weighting == "threshold":
-            return dce_weights(prob_with, prob_without, self.delta, self.high, self.low)
-        return continuous_dce_weights(prob_with, prob_without, self.high, self.low)
-
-
 @dataclass(frozen=True)
 class TokenProbs:
     """The expert's probabilities of one sample's response tokens, with and without history."""

@@ -21,29 +21,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from client.token_weights import TokenProbs, WeightScheme
+from client.token_weights import TokenProbs
 from shared.batching import PairBatch, collate
-from shared.losses import nextquill_loss, token_probabilities
+from shared.losses import WeightScheme, nextquill_loss, token_probabilities
+from shared.methods import METHODS, Method
 from shared.modeling import model_device, response_logits
 from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Method:
-    uses_history: bool
-    aligns_effects: bool  # adds alpha · L_p, the no-history pass
-    expert_weights: bool  # ω from the expert's DCE, else uniform
-
-
-METHODS: dict[str, Method] = {
-    "sft": Method(uses_history=False, aligns_effects=False, expert_weights=False),
-    "context-sft": Method(uses_history=True, aligns_effects=False, expert_weights=False),
-    "nextquill": Method(uses_history=True, aligns_effects=True, expert_weights=True),
-    "mce-only": Method(uses_history=True, aligns_effects=True, expert_weights=False),
-    "dce-only": Method(uses_history=True, aligns_effects=False, expert_weights=True),
-}
 WEIGHT_SOURCES = ("expert", "self")
 
 

@@ -11,6 +11,8 @@ Notation (per response token t of a sample (x, h, y)):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -115,3 +117,27 @@ def token_probabilities(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"prob_with {tuple(a.shape)} and prob_without {tuple(b.shape)} differ in shape")
+
+
+WEIGHTINGS = ("threshold", "continuous")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How DCE values become token weights ω."""
+
+    weighting: str = "threshold"  # "threshold" (the paper's) or "continuous" (threshold-free)
+    delta: float = 0.05
+    high: float = 0.9
+    low: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0 <= self.low <= self.high:
+            raise ValueError(f"token weights need 0 <= low <= high, got low={self.low}, high={self.high}")
+
+    def weights(self, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
+        if self.weighting == "threshold":
+            return dce_weights(prob_with, prob_without, self.delta, self.high, self.low)
+        return continuous_dce_weights(prob_with, prob_without, self.high, self.low)

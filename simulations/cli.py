@@ -17,8 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-from client.token_weights import WEIGHTINGS, WeightScheme
-from client.trainer import METHODS, WEIGHT_SOURCES, TrainConfig
+from client.trainer import WEIGHT_SOURCES, TrainConfig
+from shared.losses import WEIGHTINGS, WeightScheme
+from shared.methods import METHODS
 from shared.modeling import COMPUTE_DTYPES, QUANTIZATIONS, BaseSpec
 from shared.paths import DATA_DIR_ENV, data_dir
 from shared.prompts import PromptConfig

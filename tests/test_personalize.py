@@ -9,10 +9,12 @@ import torch
 from client.evaluation import donor_history
 from client.inspect_weights import write_inspection
 from client.personalize import Device, Expert
-from client.token_weights import WeightScheme, cached_token_probs
-from client.trainer import METHODS, TrainConfig
+from client.token_weights import cached_token_probs
+from client.trainer import TrainConfig
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
 from shared.data import UserStore, build_synthetic_users, import_lamp_json
+from shared.losses import WeightScheme
+from shared.methods import METHODS
 from shared.modeling import BaseSpec, load_base
 from shared.prompts import PromptConfig
 from simulations.cli import METHOD_NAMES, main
