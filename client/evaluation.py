@@ -3,11 +3,14 @@ with ROUGE-1 / ROUGE-L / BLEU, per-token NLL of the targets, and history sensiti
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from shared import corpus
 from shared.batching import left_pad
 from shared.data import UserStore
 from shared.metrics import bleu, rouge
@@ -65,13 +68,27 @@ def donor_history(store: UserStore) -> list[str]:
     return [item.text for item in store.history_for(latest)]
 
 
+# History sensitivity on a device needs "another user's history", which a device never
+# holds: the donor is public text instead, a speaker of the base plays (never a user).
+_DONOR_SPEECHES = 12
+
+
+@functools.cache
+def public_donor_history() -> tuple[str, ...]:
+    """The latest speeches (most recent first) of the speaker with the most speeches in the
+    first base play: the same public donor history on every device."""
+    by_speaker = corpus.speeches_by_speaker(corpus.base_plays()[0])
+    speaker = max(sorted(by_speaker), key=lambda name: len(by_speaker[name]))
+    return tuple(s.text for s in reversed(by_speaker[speaker][-_DONOR_SPEECHES:]))
+
+
 def evaluate_user(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     store: UserStore,
     uses_history: bool,
     prompt_config: PromptConfig,
-    other_history: list[str] | None,
+    other_history: Sequence[str] | None,
     generation: GenerationSettings | None = None,
 ) -> dict:
     """Metrics of `model` on the store's test samples. `uses_history` picks the prompt the

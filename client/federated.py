@@ -1,19 +1,118 @@
-"""One federated round on a device, as plain functions (the ClientApp is a skin over them):
-the user's adapters are rebuilt on the resident base from the shared parameters received
-and the personal parameters on disk, trained locally, and only the shared part leaves."""
+"""A device's part in a federated run, as plain functions (the ClientApp is a skin over them).
+
+The base model stays resident in the process (loaded once, however many virtual clients
+or rounds it serves); per round the user's adapters are rebuilt on it from the shared
+parameters received and the personal parameters on the device's disk, trained locally,
+and only the shared part leaves, with allow-listed numeric metrics.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
 
+from client.evaluation import evaluate_user, public_donor_history
 from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
 from client.trainer import TrainConfig, train_adapter
-from shared.data import UserStore
+from shared.adapters import AdapterHost, base_fingerprint
+from shared.data import UserStore, build_shakespeare_users, build_synthetic_users, import_lamp_json, list_user_stores
+from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
+from shared.methods import METHODS
+from shared.modeling import load_base, resolve_model_dir
+from shared.paths import file_lock
+from shared.run_config import DATASETS, RunConfig
 from shared.split import SplitSpec
-from shared.wire import NUM_EXAMPLES
+from shared.wire import (
+    EXPERT_PHASE,
+    NUM_EXAMPLES,
+    PERSONALIZE_PHASE,
+    RoundInstruction,
+)
+
+log = logging.getLogger(__name__)
+
+USER_DIR_KEY = "user-dir"
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+EXPERT_SPLIT = SplitSpec("full")
+
+# The process's resident device: a base model is loaded once and serves every virtual
+# client and round that this worker runs.
+_resident: dict[tuple, Device] = {}
+_store_paths: dict[tuple, list[Path]] = {}
+
+
+def resident_device(config: RunConfig) -> Device:
+    """The device for `config`'s base, LoRA shape and prompt; loaded on first use only."""
+    key = (config.base_spec, config.lora, config.prompt)
+    if key not in _resident:
+        _resident.clear()  # one base at a time: a new run with another base replaces it
+        started = time.perf_counter()
+        base, tokenizer = load_base(config.base_spec)
+        _resident[key] = Device(AdapterHost(base, config.lora), tokenizer,
+                                base_fingerprint(resolve_model_dir(config.model)), config.prompt)
+        log.info("base %s resident after %.1f s", config.model, time.perf_counter() - started)
+    return _resident[key]
+
+
+# ---------------------------------------------------------------- which user this node is
+
+
+def simulation_users_dir(config: RunConfig) -> Path:
+    if config.users_dir:
+        return config.resolve(config.users_dir)
+    name = config.dataset if config.dataset in DATASETS else f"lamp-{Path(config.dataset).stem}"
+    return config.resolve(f"users/{name}")
+
+
+def simulation_store_paths(config: RunConfig, num_partitions: int) -> list[Path]:
+    """The simulated users' stores, built on first use (one process builds, the others wait)."""
+    root = simulation_users_dir(config)
+    key = (str(root), config.dataset, num_partitions)
+    if key in _store_paths:
+        return _store_paths[key]
+    with file_lock(root.parent / f".{root.name}.lock"):
+        paths = list_user_stores(root)
+        if len(paths) < num_partitions:
+            if config.dataset == "shakespeare":
+                build_shakespeare_users(root)
+            elif config.dataset == "synthetic":
+                build_synthetic_users(root, n_users=num_partitions, seed=config.seed)
+            else:
+                import_lamp_json(root, config.resolve(config.dataset))
+            paths = list_user_stores(root)
+    if len(paths) < num_partitions:
+        raise ValueError(
+            f"the simulation has {num_partitions} SuperNodes but dataset {config.dataset!r} has only "
+            f"{len(paths)} users (in {root}); lower num-supernodes"
+        )
+    _store_paths[key] = paths
+    return paths
+
+
+def user_store(node_config: Mapping[str, Any], config: RunConfig) -> UserStore:
+    """The store of the user this node serves: `user-dir` in a deployment, `partition-id`
+    in a simulation."""
+    if USER_DIR_KEY in node_config:
+        return UserStore.open(Path(str(node_config[USER_DIR_KEY])).expanduser())
+    if PARTITION_ID_KEY in node_config and NUM_PARTITIONS_KEY in node_config:
+        paths = simulation_store_paths(config, int(node_config[NUM_PARTITIONS_KEY]))
+        return UserStore.open(paths[int(node_config[PARTITION_ID_KEY])])
+    raise ValueError(
+        f"node config {dict(node_config)} names no user: start the SuperNode with "
+        f"--node-config '{USER_DIR_KEY}=\"/path/to/user/store\"' (simulations set {PARTITION_ID_KEY})"
+    )
+
+
+# ---------------------------------------------------------------- rounds
 
 
 @dataclass(frozen=True)
@@ -22,25 +121,56 @@ class RoundResult:
     metrics: dict[str, float]
 
 
+def phase_setup(config: RunConfig, instruction: RoundInstruction) -> tuple[SplitSpec, TrainConfig]:
+    """The split and local training of a phase: the expert is a plain FedAvg ContextSFT LoRA."""
+    common = {"max_steps": config.local_steps, "batch_size": config.batch_size,
+              "learning_rate": config.learning_rate, "seed": config.seed + instruction.server_round}
+    if instruction.phase == EXPERT_PHASE:
+        return EXPERT_SPLIT, TrainConfig(method="context-sft", **common)
+    return config.split_spec, TrainConfig(method=config.method, alpha=config.alpha, weights=config.weight_scheme,
+                                          **common)
+
+
+def device_expert(instruction: RoundInstruction, train_config: TrainConfig) -> Expert | None:
+    """The cached expert a round's token weights need (never a file that fails its digest)."""
+    if not train_config.needs_expert:
+        return None
+    if not instruction.expert_digest:
+        raise ValueError(f"method {train_config.method!r} needs an expert, but the round names none")
+    path = cached_expert(instruction.expert_digest)
+    if path is None:
+        raise ExpertDigestError(f"expert {instruction.expert_digest[:16]}... is not cached on this device")
+    return Expert(path, instruction.expert_digest)
+
+
+def build_adapters(
+    device: Device, store: UserStore, split: SplitSpec, shared_in: dict[str, torch.Tensor], run_name: str, seed: int
+) -> PeftModel:
+    """The user's adapters on the resident base: shared part as received, personal part from
+    the store (freshly initialised before the user's first round)."""
+    model = device.host.new(*split.adapters, seed=seed)
+    personal = load_personal_state(store, run_name)
+    if personal is not None:
+        split.load_personal(model, personal)
+    split.load_shared(model, shared_in)
+    return model
+
+
 def train_round(
     device: Device,
     store: UserStore,
     split: SplitSpec,
-    shared_in: dict[str, torch.Tensor] | None,
+    shared_in: dict[str, torch.Tensor],
     config: TrainConfig,
     run_name: str,
     expert: Expert | None = None,
 ) -> RoundResult:
     """Train the user's adapters for one round; the personal part is saved in the store,
-    the shared part and allow-listed numeric metrics are returned. `shared_in` None means
-    the device starts the shared parameters itself (the coordinator's first initialisation)."""
+    the shared part and allow-listed numeric metrics are returned."""
+    started = time.perf_counter()
     examples = device.examples([store], config, expert)
-    model = device.host.new(*split.adapters, seed=config.seed)
-    personal = load_personal_state(store, run_name)
-    if personal is not None:
-        split.load_personal(model, personal)
-    if shared_in is not None:
-        split.load_shared(model, shared_in)
+    model = build_adapters(device, store, split, shared_in, run_name, config.seed)
+    setup_seconds = time.perf_counter() - started
     report = train_adapter(model, examples, device.tokenizer.pad_token_id, config, progress=False)
     save_personal_state(store, run_name, split.personal_state(model))
     summary = report.summary()
@@ -53,5 +183,69 @@ def train_round(
             "train-l-p": summary["final_l_p"],
             "train-steps": report.steps,
             "train-seconds": report.seconds,
+            "setup-seconds": setup_seconds,
         },
     )
+
+
+def evaluate_round(
+    device: Device,
+    store: UserStore,
+    split: SplitSpec,
+    shared_in: dict[str, torch.Tensor],
+    method: str,
+    run_name: str,
+    seed: int,
+) -> dict[str, float]:
+    """Evaluate the user's personalized model (global shared + own personal part) on the
+    store's held-out samples; numeric metrics only. History sensitivity uses a public
+    donor history: a device holds no other user's history."""
+    model = build_adapters(device, store, split, shared_in, run_name, seed)
+    device.host.activate(*split.adapters)
+    row = evaluate_user(model, device.tokenizer, store, METHODS[method].uses_history, device.prompt,
+                        public_donor_history())
+    return {
+        NUM_EXAMPLES: row["test_samples"],
+        "eval-rouge1": row["rouge1"],
+        "eval-rougeL": row["rougeL"],
+        "eval-bleu": row["bleu"],
+        "eval-nll": row["nll"],
+        "eval-history-sensitivity": row["history_sensitivity"],
+    }
+
+
+def handle_train(
+    instruction: RoundInstruction, shared_in: dict[str, torch.Tensor], node_config: Mapping[str, Any],
+    config: RunConfig,
+) -> RoundResult:
+    split, train_config = phase_setup(config, instruction)
+    store = user_store(node_config, config)
+    expert = device_expert(instruction, train_config)
+    return train_round(resident_device(config), store, split, shared_in, train_config,
+                       instruction.run_name, expert)
+
+
+def handle_evaluate(
+    instruction: RoundInstruction, shared_in: dict[str, torch.Tensor], node_config: Mapping[str, Any],
+    config: RunConfig,
+) -> dict[str, float]:
+    if instruction.phase != PERSONALIZE_PHASE:
+        raise ValueError(f"evaluation is of the personalized model, not of phase {instruction.phase!r}")
+    store = user_store(node_config, config)
+    return evaluate_round(resident_device(config), store, config.split_spec, shared_in, config.method,
+                          instruction.run_name, config.seed)
+
+
+def expert_status(digest: str) -> bool:
+    """Whether this device holds the expert with `digest`, intact (a corrupt copy counts as
+    missing, so that the coordinator sends it again)."""
+    try:
+        return cached_expert(digest) is not None
+    except ExpertDigestError as error:
+        log.warning("%s; asking for it again", error)
+        return False
+
+
+def receive_expert(package: Mapping[str, bytes | str]) -> Path:
+    """Verify and cache an expert sent by the coordinator (refused on a digest mismatch)."""
+    return unpack_expert(dict(package))

@@ -1,52 +1,66 @@
-"""The coordinator's checkpoint: shared state, phase, round and expert digest, written
-atomically every round so a restarted coordinator resumes where it stopped."""
+"""The coordinator's checkpoint: shared state, phase, rounds done, run id and expert digest,
+written every round so that a restarted coordinator resumes where it stopped.
+
+One safetensors file holds the tensors and, in its header, the rest: one atomic rename
+replaces both together, so state and round number can never disagree.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from shared.paths import atomic_write_bytes, atomic_write_json
+from shared.paths import atomic_write_bytes
 
 PHASES = ("expert", "personalize", "evaluate", "done")
-STATE_FILE = "checkpoint.safetensors"
-META_FILE = "checkpoint.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+_META_KEY = "nextquill"
 
 
 @dataclass
 class Checkpoint:
-    phase: str
+    phase: str  # the phase under way
     round: int  # rounds of `phase` completed
+    run_id: str  # names the devices' personal state of this run
     expert_digest: str | None = None
-    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # the phase's global shared parameters
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ValueError(f"checkpoint phase must be one of {PHASES}, got {self.phase!r}")
 
 
-def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
-    """State first, then the metadata that names it: a crash between the two leaves the
-    previous metadata, which the previous state still matches in keys and shapes."""
-    run_dir = Path(run_dir)
-    atomic_write_bytes(run_dir / STATE_FILE, save({k: v.contiguous() for k, v in checkpoint.shared.items()}))
-    meta = {k: v for k, v in asdict(checkpoint).items() if k != "shared"}
-    atomic_write_json(run_dir / META_FILE, meta)
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
+    meta = {"phase": checkpoint.phase, "round": checkpoint.round, "run_id": checkpoint.run_id,
+            "expert_digest": checkpoint.expert_digest}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint.shared.items()}
+    path = Path(run_dir) / CHECKPOINT_FILE
+    atomic_write_bytes(path, save(tensors, metadata={_META_KEY: json.dumps(meta)}))
+    return path
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    run_dir = Path(run_dir)
-    meta_path = run_dir / META_FILE
-    if not meta_path.is_file():
+    """The last checkpoint in `run_dir`, or None if the run has none yet."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-        shared = load((run_dir / STATE_FILE).read_bytes())
-    except (OSError, ValueError, SafetensorError) as error:
-        raise ValueError(f"checkpoint in {run_dir} is unreadable ({error}); move it away to start afresh") from None
-    return Checkpoint(shared=shared, **meta)
+        payload = path.read_bytes()
+        meta = json.loads(_header_metadata(payload)[_META_KEY])
+        return Checkpoint(shared=load(payload), **meta)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise ValueError(f"checkpoint {path} is unreadable ({error}); move it away to start afresh") from None
+
+
+def _header_metadata(payload: bytes) -> dict[str, str]:
+    # safetensors layout: 8-byte little-endian header length, then the JSON header.
+    if len(payload) < 8:
+        raise ValueError("file too short")
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    return header.get("__metadata__", {})

@@ -50,8 +50,11 @@ def unpack_expert(package: dict[str, bytes | str]) -> Path:
     if missing:
         raise ExpertDigestError(f"expert package lacks {missing}")
     target = expert_cache_dir(digest)
-    if cached_expert(digest) is not None:
-        return target
+    try:
+        if cached_expert(digest) is not None:
+            return target
+    except ExpertDigestError:
+        pass  # a corrupt cached copy: replaced below by the verified one
     with atomic_directory(target, overwrite=True) as staging:
         for name in ADAPTER_FILES:
             (staging / name).write_bytes(package[name])

@@ -44,6 +44,11 @@ class SplitSpec:
         """The adapter names a device trains under this split."""
         return (SHARED_ADAPTER, PERSONAL_ADAPTER) if self.kind == "dual" else (SINGLE_ADAPTER,)
 
+    @property
+    def shared_adapter(self) -> str:
+        """The adapter that holds the shared parameters."""
+        return SHARED_ADAPTER if self.kind == "dual" else SINGLE_ADAPTER
+
     def is_shared(self, adapter: str, key: str) -> bool:
         """Whether parameter `key` of `adapter` travels to the coordinator."""
         if self.kind == "full":
@@ -81,8 +86,7 @@ class SplitSpec:
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"shared parameters do not match the split: missing {missing[:3]}, extra {extra[:3]}")
-        adapter = SHARED_ADAPTER if self.kind == "dual" else SINGLE_ADAPTER
-        _set(model, state, adapter)
+        _set(model, state, self.shared_adapter)
 
     def load_personal(self, model: PeftModel, personal: dict[str, dict[str, torch.Tensor]]) -> None:
         for adapter, state in personal.items():

@@ -1,17 +1,70 @@
-"""What may leave a device, besides the shared parameters: an allow-list of numeric metrics.
-Never text, token ids, history-derived statistics, personal parameters or token weights."""
+"""What travels between the coordinator and a device, besides the shared parameters.
+
+Down (coordinator -> device): a round instruction (phase, round, run id, expert digest) and,
+once per device, the expert's files. Up (device -> coordinator): the shared parameters and
+an allow-list of numeric metrics. Never text, token ids, history-derived statistics,
+personal parameters or token weights.
+"""
 
 from __future__ import annotations
 
-NUM_EXAMPLES = "num-examples"
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-TRAIN_METRICS = frozenset({NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds"})
+NUM_EXAMPLES = "num-examples"
+EXPERT_PHASE = "expert"
+PERSONALIZE_PHASE = "personalize"
+ROUND_PHASES = (EXPERT_PHASE, PERSONALIZE_PHASE)
+
+# Query actions: the expert's distribution (status first, files only where missing).
+EXPERT_STATUS = "expert-status"
+EXPERT_DELIVER = "expert-deliver"
+HAS_EXPERT = "has-expert"
+
+TRAIN_METRICS = frozenset({
+    NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
+})
 EVALUATE_METRICS = frozenset({
     NUM_EXAMPLES, "eval-rouge1", "eval-rougeL", "eval-bleu", "eval-nll", "eval-history-sensitivity",
 })
+QUERY_METRICS = frozenset({HAS_EXPERT})
 
 
-def disallowed_metrics(metrics: dict, allowed: frozenset[str]) -> list[str]:
+@dataclass(frozen=True)
+class RoundInstruction:
+    """What a train or evaluate message tells a device besides the parameters."""
+
+    phase: str
+    server_round: int
+    run_id: str
+    expert_digest: str = ""
+
+    def __post_init__(self) -> None:
+        if self.phase not in ROUND_PHASES:
+            raise ValueError(f"round phase must be one of {ROUND_PHASES}, got {self.phase!r}")
+        if not self.run_id.isalnum():
+            raise ValueError(f"run id must be alphanumeric, got {self.run_id!r}")
+
+    @property
+    def run_name(self) -> str:
+        """Names the device's personal state of this run and phase."""
+        return f"{self.run_id}-{self.phase}"
+
+    def to_config(self) -> dict[str, Any]:
+        return {"phase": self.phase, "server-round": self.server_round, "run-id": self.run_id,
+                "expert-digest": self.expert_digest}
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> RoundInstruction:
+        try:
+            return cls(str(values["phase"]), int(values["server-round"]), str(values["run-id"]),
+                       str(values.get("expert-digest", "")))
+        except KeyError as error:
+            raise ValueError(f"round instruction lacks {error.args[0]!r}") from None
+
+
+def disallowed_metrics(metrics: Mapping[str, Any], allowed: frozenset[str]) -> list[str]:
     """Metric names not on the allow-list, or with a value that is not a plain number."""
     bad = [k for k in metrics if k not in allowed]
     bad += [k for k, v in metrics.items() if k in allowed and (isinstance(v, bool) or not isinstance(v, int | float))]

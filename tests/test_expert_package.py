@@ -53,3 +53,10 @@ def test_packages_without_digest_or_files_are_refused(expert_dir):
         unpack_expert({k: v for k, v in package.items() if k != "digest"})
     with pytest.raises(ExpertDigestError, match="not a sha256"):
         unpack_expert({**package, "digest": "../../etc"})
+
+
+def test_a_corrupt_cached_copy_is_replaced_by_a_verified_delivery(expert_dir):
+    package = pack_expert(expert_dir)
+    path = unpack_expert(package)
+    (path / "adapter_model.safetensors").write_bytes(b"tampered")
+    assert unpack_expert(package) == path and cached_expert(package["digest"]) == path

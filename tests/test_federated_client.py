@@ -31,7 +31,8 @@ def store(tmp_path):
 
 @pytest.mark.parametrize("split", [SplitSpec("dual"), SplitSpec("a-shared"), SplitSpec("layers", shared_layers=1)])
 def test_a_round_returns_only_shared_parameters_and_keeps_the_personal_ones_on_disk(device, store, split):
-    first = train_round(device, store, split, None, CONFIG, "run")
+    initial = split.shared_state(device.host.new(*split.adapters, seed=0))
+    first = train_round(device, store, split, initial, CONFIG, "run")
     model = device.host.model
     assert set(first.shared) == set(split.shared_state(model))
     assert set(first.metrics) <= TRAIN_METRICS and first.metrics["num-examples"] == 8
@@ -52,5 +53,26 @@ def test_a_round_returns_only_shared_parameters_and_keeps_the_personal_ones_on_d
 
 
 def test_the_full_split_shares_everything_and_keeps_nothing(device, store):
-    result = train_round(device, store, SplitSpec("full"), None, CONFIG, "expert")
+    split = SplitSpec("full")
+    initial = split.shared_state(device.host.new(*split.adapters, seed=0))
+    result = train_round(device, store, split, initial, CONFIG, "expert")
     assert result.shared and load_personal_state(store, "expert") == {}
+
+
+def test_a_node_without_a_user_is_told_how_to_name_one():
+    from client.federated import user_store
+    from shared.run_config import RunConfig
+
+    with pytest.raises(ValueError, match="user-dir"):
+        user_store({}, RunConfig())
+
+
+def test_simulated_nodes_map_partitions_to_user_stores_built_on_first_use(tmp_path):
+    from client.federated import user_store
+    from shared.run_config import RunConfig
+
+    config = RunConfig(dataset="synthetic", users_dir=str(tmp_path / "users"))
+    stores = [user_store({"partition-id": i, "num-partitions": 3}, config) for i in range(3)]
+    assert len({s.user_id for s in stores}) == 3
+    with pytest.raises(ValueError, match="lower num-supernodes"):
+        user_store({"partition-id": 0, "num-partitions": 99}, config)

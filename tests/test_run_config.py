@@ -6,9 +6,19 @@ from shared.run_config import RunConfig
 
 
 def test_kebab_case_flower_config_round_trips():
-    config = RunConfig(num_users=5, clients_per_round=2, learning_rate=1e-3, split="a-shared")
+    config = RunConfig(clients_per_round=2, learning_rate=1e-3, split="a-shared", method="dce-only")
     assert RunConfig.from_flower(config.to_flower()) == config
     assert RunConfig.from_flower({"learning-rate": 1}).learning_rate == 1.0
+
+
+def test_the_app_defaults_in_pyproject_are_valid_and_complete():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    values = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(values) == set(RunConfig().to_flower())
+    RunConfig.from_flower(values)
 
 
 @pytest.mark.parametrize(
@@ -18,8 +28,11 @@ def test_kebab_case_flower_config_round_trips():
         ({"rounds": "3"}, "rounds must be int"),
         ({"rounds": True}, "rounds must be int"),
         ({"learning-rate": "fast"}, "learning-rate must be float"),
-        ({"num-users": 2, "clients-per-round": 3}, "exceeds num-users"),
+        ({"min-replies": 5, "clients-per-round": 3}, "exceeds clients-per-round"),
         ({"local-steps": 0}, "local-steps must be at least 1"),
+        ({"method": "rlhf"}, "method must be one of"),
+        ({"split": "layers"}, "split 'layers' needs shared_layers"),
+        ({"history-tokens": 0}, "history_tokens must be at least 1"),
     ],
 )
 def test_unknown_or_invalid_values_are_rejected_by_name(values, complaint):

@@ -23,7 +23,7 @@ def _reply(node, arrays, metrics):
 
 
 def test_fedavg_of_valid_replies_is_weighted_by_examples_and_bad_replies_are_excluded():
-    strategy = SharedFedAvg(min_train_nodes=1, min_available_nodes=1)
+    strategy = SharedFedAvg(clients_per_round=5)
     strategy.sent = _arrays(0.0)
     replies = [
         _reply(1, _arrays(1.0), {"num-examples": 1, "train-loss": 2.0}),
@@ -37,3 +37,10 @@ def test_fedavg_of_valid_replies_is_weighted_by_examples_and_bad_replies_are_exc
     assert metrics["train-loss"] == (2.0 * 1 + 1.0 * 3) / 4
     assert sorted(node for _, node, _ in strategy.rejected) == [3, 4, 5]
     assert "not allowed to leave a device" in strategy.rejected[-1][2]
+
+
+def test_too_few_valid_replies_aggregate_nothing():
+    strategy = SharedFedAvg(clients_per_round=3, min_replies=2)
+    strategy.sent = _arrays(0.0)
+    replies = [_reply(1, _arrays(1.0), {"num-examples": 1}), _reply(2, _arrays(np.inf), {"num-examples": 1})]
+    assert strategy.aggregate_train(1, replies) == (None, None)

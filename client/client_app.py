@@ -1,0 +1,51 @@
+"""The Flower ClientApp: a thin skin over `client.federated`.
+
+  train     a round of the expert phase or of personalization: shared parameters in,
+            shared parameters and numeric metrics out (the personal part stays on disk)
+  evaluate  the personalized model on the user's held-out samples: metrics only
+  query     the expert's distribution: does this device hold it, and here it is
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import federated
+from shared.run_config import RunConfig
+from shared.wire import EXPERT_DELIVER, EXPERT_STATUS, HAS_EXPERT, RoundInstruction
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_flower(context.run_config)
+    instruction = RoundInstruction.from_config(msg.content["config"])
+    result = federated.handle_train(instruction, msg.content["arrays"].to_torch_state_dict(), context.node_config,
+                                    config)
+    content = RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(result.metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_flower(context.run_config)
+    instruction = RoundInstruction.from_config(msg.content["config"])
+    metrics = federated.handle_evaluate(instruction, msg.content["arrays"].to_torch_state_dict(),
+                                        context.node_config, config)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    request = msg.content["config"]
+    action = request["action"]
+    if action == EXPERT_STATUS:
+        has_expert = federated.expert_status(str(request["expert-digest"]))
+    elif action == EXPERT_DELIVER:
+        federated.receive_expert(msg.content["expert"])
+        has_expert = True
+    else:
+        raise ValueError(f"unknown query action {action!r}")
+    return Message(content=RecordDict({"metrics": MetricRecord({HAS_EXPERT: int(has_expert)})}), reply_to=msg)

@@ -1,0 +1,218 @@
+"""The coordinator's run, as plain functions over a Flower `Grid` (the ServerApp is a skin).
+
+Phases, each resumable from the checkpoint written after every round:
+  1. expert       federated ContextSFT of an expert LoRA (FedAvg of all of it); then frozen
+                  and published in the run directory with its content digest. Skipped when
+                  the run config names an expert adapter, or the method needs none.
+  2. distribution each device is asked whether it holds the expert (by digest); those that
+                  do not receive its files, verify them and cache them.
+  3. personalize  rounds of the method on the shared / personal split: the coordinator sends
+                  and aggregates only the shared parameters.
+  4. evaluate     every device evaluates its personalized model; metrics only come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coordinator.global_adapters import GlobalAdapters
+from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
+from coordinator.strategy import SharedFedAvg
+from shared.adapters import adapter_digest
+from shared.expert_package import pack_expert
+from shared.run_config import RunConfig
+from shared.split import SplitSpec
+from shared.wire import (
+    EXPERT_DELIVER,
+    EXPERT_PHASE,
+    EXPERT_STATUS,
+    HAS_EXPERT,
+    PERSONALIZE_PHASE,
+    QUERY_METRICS,
+    RoundInstruction,
+    disallowed_metrics,
+)
+
+# A child of Flower's logger, so that progress shows where Flower's own does (`flwr run --stream`).
+log = logging.getLogger("flwr.nextquill")
+
+EXPERT_DIR = "expert"
+SHARED_ADAPTER_DIR = "shared_adapter"
+EXPERT_SPLIT = SplitSpec("full")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    expert_digest: str | None
+    shared: dict[str, torch.Tensor]
+    summary: dict[str, Any] | None
+
+
+def run_federation(grid: Grid, config: RunConfig) -> RunResult:
+    """Run (or resume) the phases of `config` in its run directory."""
+    run_dir = config.resolve(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_config(run_dir, config.to_flower())
+    rounds = RoundLog(run_dir)
+    expert_phase = config.needs_expert and not config.expert
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        checkpoint = Checkpoint(EXPERT_PHASE if expert_phase else PERSONALIZE_PHASE, 0, uuid.uuid4().hex[:12])
+        if config.needs_expert and config.expert:
+            checkpoint.expert_digest = adapter_digest(config.resolve(config.expert))
+    else:
+        log.info("resuming %s at phase %s after round %d", run_dir, checkpoint.phase, checkpoint.round)
+    rounds.keep_until(checkpoint.phase, checkpoint.round)
+    adapters = GlobalAdapters(config.model, config.lora)
+
+    if checkpoint.phase == EXPERT_PHASE:
+        shared = _rounds(grid, config, checkpoint, rounds, adapters, EXPERT_SPLIT, config.expert_rounds, run_dir)
+        checkpoint.expert_digest = adapters.save(EXPERT_SPLIT, shared, run_dir / EXPERT_DIR,
+                                                 {"run_id": checkpoint.run_id, "rounds": config.expert_rounds})
+        log.info("expert published: %s (digest %s)", run_dir / EXPERT_DIR, checkpoint.expert_digest[:16])
+        checkpoint = Checkpoint(PERSONALIZE_PHASE, 0, checkpoint.run_id, checkpoint.expert_digest)
+        save_checkpoint(run_dir, checkpoint)
+
+    summary = None
+    if checkpoint.phase == PERSONALIZE_PHASE:
+        if config.needs_expert:
+            distribute_expert(grid, expert_dir(config, run_dir), checkpoint.expert_digest, config.round_timeout)
+        shared = _rounds(grid, config, checkpoint, rounds, adapters, config.split_spec, config.rounds, run_dir)
+        checkpoint = Checkpoint("evaluate", 0, checkpoint.run_id, checkpoint.expert_digest, shared)
+        save_checkpoint(run_dir, checkpoint)
+        if config.split_spec.kind in ("full", "dual"):
+            adapters.save(config.split_spec, shared, run_dir / SHARED_ADAPTER_DIR, {"run_id": checkpoint.run_id})
+
+    if checkpoint.phase == "evaluate":
+        summary = evaluate_round(grid, config, checkpoint, rounds, run_dir, final=True)
+        checkpoint = Checkpoint("done", 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared)
+        save_checkpoint(run_dir, checkpoint)
+    plot_rounds(run_dir, rounds.rows)
+    log.info("run finished: %s", run_dir)
+    return RunResult(run_dir, checkpoint.expert_digest, checkpoint.shared, summary)
+
+
+def expert_dir(config: RunConfig, run_dir: Path) -> Path:
+    return config.resolve(config.expert) if config.expert else run_dir / EXPERT_DIR
+
+
+def _strategy(config: RunConfig) -> SharedFedAvg:
+    return SharedFedAvg(clients_per_round=config.clients_per_round, min_replies=config.min_replies)
+
+
+def _rounds(
+    grid: Grid,
+    config: RunConfig,
+    checkpoint: Checkpoint,
+    rounds: RoundLog,
+    adapters: GlobalAdapters,
+    split: SplitSpec,
+    num_rounds: int,
+    run_dir: Path,
+) -> dict[str, torch.Tensor]:
+    """The training rounds of the checkpoint's phase, from the one after the last completed;
+    returns the phase's final shared parameters."""
+    phase = checkpoint.phase
+    shared = checkpoint.shared or adapters.initial_shared(split, config.seed)
+    strategy = _strategy(config)
+    for server_round in range(checkpoint.round + 1, num_rounds + 1):
+        started = time.perf_counter()
+        instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
+        arrays = ArrayRecord(shared)
+        random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()), grid))
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        aggregated, metrics = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            shared = aggregated.to_torch_state_dict()
+        row = {
+            "phase": phase, "round": server_round, "sampled": len(messages), "replies": len(replies),
+            "accepted": len(strategy.accepted) if aggregated is not None else 0,
+            "aggregated": aggregated is not None, "upload_bytes_per_client": arrays.count_bytes(),
+            "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
+        }
+        rounds.append(row)
+        checkpoint.round, checkpoint.shared = server_round, shared
+        save_checkpoint(run_dir, checkpoint)
+        log.info("[%s %d/%d] %d sampled, %d replied, %d aggregated, train loss %s, %.1f s", phase, server_round,
+                 num_rounds, row["sampled"], row["replies"], row["accepted"],
+                 f"{row['train-loss']:.4f}" if "train-loss" in row else "-", row["seconds"])
+        if phase == PERSONALIZE_PHASE and config.evaluate_every and server_round % config.evaluate_every == 0 \
+                and server_round < num_rounds:
+            evaluate_round(grid, config, checkpoint, rounds, run_dir, final=False)
+    return shared
+
+
+def evaluate_round(
+    grid: Grid, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path, final: bool
+) -> dict[str, Any] | None:
+    """Every connected device evaluates its personalized model; the final evaluation writes
+    the per-user table and the macro-average."""
+    started = time.perf_counter()
+    strategy = _strategy(config)
+    server_round = checkpoint.round if not final else config.rounds
+    instruction = RoundInstruction(PERSONALIZE_PHASE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
+    messages = list(strategy.configure_evaluate(server_round, ArrayRecord(checkpoint.shared),
+                                                ConfigRecord(instruction.to_config()), grid))
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    metrics = strategy.aggregate_evaluate(server_round, replies)
+    users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
+             for reply in strategy.accepted] if metrics is not None else []
+    summary = write_evaluation(run_dir, users) if final and users else None
+    macro = summary["macro_average"] if summary else {}
+    rounds.append({"phase": PERSONALIZE_PHASE if not final else "evaluate", "round": server_round,
+                   "sampled": len(messages), "replies": len(replies), "accepted": len(users),
+                   "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
+                   **{f"macro-{k}": v for k, v in macro.items()}})
+    log.info("[evaluate after round %d] %d users: %s", server_round, len(users),
+             ", ".join(f"{k} {v:.4f}" for k, v in (dict(metrics) if metrics else {}).items()))
+    return summary
+
+
+def distribute_expert(grid: Grid, expert: Path, digest: str, timeout: float) -> int:
+    """Send the expert (files and digest) to every connected device that lacks it; returns
+    how many received it. A device verifies the digest before it caches the files."""
+    nodes = list(grid.get_node_ids())
+    status = _query(grid, nodes, {"action": EXPERT_STATUS, "expert-digest": digest}, None, timeout)
+    missing = [node for node, has in status.items() if not has]
+    package = ConfigRecord(pack_expert(expert))
+    if package["digest"] != digest:
+        raise ValueError(f"expert {expert} has digest {package['digest'][:16]}..., the run expects {digest[:16]}...")
+    delivered = _query(grid, missing, {"action": EXPERT_DELIVER}, package, timeout)
+    log.info("expert %s...: %d of %d devices held it, %d received it", digest[:16], len(nodes) - len(missing),
+             len(nodes), sum(delivered.values()))
+    return sum(delivered.values())
+
+
+def _query(grid: Grid, nodes: list[int], request: dict[str, Any], expert: ConfigRecord | None,
+           timeout: float) -> dict[int, bool]:
+    if not nodes:
+        return {}
+    content = {"config": ConfigRecord(request)} | ({"expert": expert} if expert is not None else {})
+    messages = [Message(content=RecordDict(content), message_type=MessageType.QUERY, dst_node_id=node)
+                for node in nodes]
+    answers: dict[int, bool] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d: expert %s failed: %s", node, request["action"], reply.error.reason)
+            continue
+        metrics = dict(next(iter(reply.content.metric_records.values()), {}))
+        bad = disallowed_metrics(metrics, QUERY_METRICS)
+        if bad or HAS_EXPERT not in metrics:
+            log.warning("node %d: reply to %s excluded (metrics %s)", node, request["action"], sorted(metrics))
+            continue
+        answers[node] = bool(metrics[HAS_EXPERT])
+    return answers

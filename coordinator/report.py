@@ -1,0 +1,110 @@
+"""What a federated run leaves in its run directory besides the checkpoint:
+
+  config.json        the run config (a resumed run must match it)
+  rounds.jsonl       one line per round: phase, round, clients sampled / replied / accepted,
+                     upload bytes, seconds, aggregated metrics
+  evaluation.csv     the final evaluation, one row per user (node), numeric metrics only
+  summary.json       the final evaluation macro-averaged over users, with the spread
+  rounds.png         the metrics per round
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.metrics import macro_average
+from shared.paths import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from shared.wire import EVALUATE_METRICS, NUM_EXAMPLES
+
+CONFIG_FILE = "config.json"
+ROUNDS_FILE = "rounds.jsonl"
+EVALUATION_FILE = "evaluation.csv"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "rounds.png"
+_PHASE_ORDER = {"expert": 0, "personalize": 1, "evaluate": 2, "done": 3}
+
+
+def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Record the config of a new run; refuse to resume a run that had another config."""
+    path = Path(run_dir) / CONFIG_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if changed:
+            raise ValueError(
+                f"run directory {run_dir} holds a run with another config ({', '.join(changed)} differ); "
+                "resume it with the same config or choose another run-dir"
+            )
+        return
+    atomic_write_json(path, config)
+
+
+class RoundLog:
+    """rounds.jsonl, rewritten atomically after every round."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ROUNDS_FILE
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def keep_until(self, phase: str, server_round: int) -> None:
+        """Drop rows the checkpoint does not cover (written just before a crash)."""
+        mark = (_PHASE_ORDER[phase], server_round)
+        self.rows = [r for r in self.rows if (_PHASE_ORDER[r["phase"]], r["round"]) <= mark]
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        atomic_write_jsonl(self.path, self.rows)
+
+
+def write_evaluation(run_dir: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-user table and macro-average (± standard deviation across users)."""
+    columns = ["node_id", NUM_EXAMPLES, *sorted(EVALUATE_METRICS - {NUM_EXAMPLES})]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: r["node_id"]))
+    atomic_write_text(Path(run_dir) / EVALUATION_FILE, table.getvalue())
+    summary = {"users": len(rows), "macro_average": macro_average(list(rows), columns[2:])}
+    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
+    return summary
+
+
+def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Training loss per round of each phase and, where evaluated, the evaluation metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train-loss", "train loss (aggregated)"), ("eval-nll", "held-out NLL"),
+              ("eval-rougeL", "ROUGE-L"), ("eval-history-sensitivity", "history sensitivity")]
+    panels = [(key, title) for key, title in panels if any(_finite(r.get(key)) for r in rows)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for phase, colour in (("expert", "#dd8452"), ("personalize", "#4c72b0"), ("evaluate", "#55a868")):
+            points = [(r["round"], r[key]) for r in rows if r["phase"] == phase and _finite(r.get(key))]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", color=colour, label=phase)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(Path(run_dir) / PLOT_FILE, buffer.getvalue())
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

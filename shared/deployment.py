@@ -1,0 +1,616 @@
+"""A real Flower deployment on loopback: one `flower-superlink` and one `flower-supernode` per
+device, as separate processes, with TLS and SuperNode authentication switched on, the way
+Flower 1.41's deployment guides run them. Used by integration tests and for rehearsing an
+edge deployment on one machine; it needs no GPU.
+
+What flwr 1.41 expects (read from the installed source, which overrides older docs):
+
+- The SuperLink serves its Fleet, Control and Runtime APIs over HTTPS on one `--host/--port`;
+  `--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile` switch TLS on for all of them.
+- `--enable-supernode-auth` (TLS required) admits only SuperNodes whose public key was first
+  registered with `flwr supernode register <key.pub> <connection>`; the old CSV
+  (`--auth-list-public-keys`) is refused at start-up. Keys are EC on a NIST curve, OpenSSH format.
+- A SuperNode checks the SuperLink against `--root-certificates`, signs its requests with
+  `--auth-supernode-private-key`, and serves its own Runtime API on `--port` for the SuperExec
+  and ClientApp processes it starts.
+- `flwr` reads the SuperLink's address and CA from `$FLWR_HOME/config.toml`, `[superlink.<name>]`.
+
+The certificates made here are for development and tests only (see `make_dev_certificates`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import tomli_w
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.paths import atomic_write_bytes, atomic_write_text
+
+ConfigValue = bool | int | float | str
+
+# Every process a deployment starts inherits this variable (with the deployment's own value), so
+# shutdown also finds processes that left the process group, e.g. the SuperExec the SuperLink
+# starts in a new session, and the ServerApp processes under it.
+_MARKER_ENV = "NEXTQUILL_DEPLOYMENT_ID"
+# Certificates older than this are rejected by a peer whose clock runs a little behind.
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+# A certificate set that expires sooner than this is made anew instead of reused.
+_RENEW_MARGIN = dt.timedelta(days=1)
+_NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+_FLOWER_COMMANDS = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
+
+
+class DeploymentError(RuntimeError):
+    """A deployment process failed to start, or a run failed or timed out; the message carries
+    the last lines of the relevant logs."""
+
+
+# --- certificates and keys ---------------------------------------------------------------
+
+
+def make_dev_certificates(
+    out_dir: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), *, valid_days: int = 365
+) -> dict[str, Path]:
+    """A self-signed CA and a SuperLink server certificate/key signed by it, with a subject
+    alternative name for each of `hosts` (IP addresses or DNS names).
+
+    DEVELOPMENT AND TESTS ONLY: the CA is trusted by nothing but the files returned here, and
+    its private key is discarded after signing, so it cannot mint further certificates. A real
+    deployment uses certificates from the operator's own CA.
+
+    Returns `{"ca_cert": ca.crt, "server_cert": server.pem, "server_key": server.key}` in
+    `out_dir`, the names Flower's guides use (`--ssl-ca-certfile`, `--ssl-certfile`,
+    `--ssl-keyfile`; `ca.crt` is also the SuperNodes' and the CLI's `root-certificates`).
+    A set already in `out_dir` is reused when it is complete, consistent, covers `hosts` and
+    is not about to expire; otherwise (missing, half-written, expired, other hosts) all three
+    files are written anew, each atomically; the key is mode 0600.
+    """
+    if not hosts:
+        raise ValueError("make_dev_certificates needs at least one host")
+    out_dir = Path(out_dir)
+    paths = {
+        "ca_cert": out_dir / "ca.crt",
+        "server_cert": out_dir / "server.pem",
+        "server_key": out_dir / "server.key",
+    }
+    if _certificates_reusable(paths, hosts):
+        return paths
+
+    now = dt.datetime.now(dt.UTC)
+    not_after = now + dt.timedelta(days=valid_days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "NextQuill-Fed development CA")])
+    ca_key_id = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(ca_key_id, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    # Key identifiers on both certificates: Python 3.13+ verifies with X509 strict mode,
+    # which rejects a chain without them.
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(_general_names(hosts)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(
+        paths["server_key"],
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    _write_public(paths["server_cert"], server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(paths["ca_cert"], ca_cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+@dataclass(frozen=True)
+class SuperNodeKeys:
+    """One SuperNode's authentication key pair (EC P-384, OpenSSH format, as flwr 1.41 loads it)."""
+
+    private_key: Path  # `flower-supernode --auth-supernode-private-key`; mode 0600
+    public_key: Path  # `flwr supernode register <public_key> <connection>`
+
+
+def make_supernode_keys(out_dir: Path, names: Sequence[str]) -> dict[str, SuperNodeKeys]:
+    """An authentication key pair per SuperNode name: `<name>.key` and `<name>.pub` in `out_dir`,
+    unencrypted, of the kind `ssh-keygen -t ecdsa -b 384 -N ""` makes in Flower's guide.
+
+    A pair already there is reused when both files load and belong together, so a SuperNode
+    keeps its identity across sessions; otherwise it is made anew, each file written atomically.
+    """
+    if len(set(names)) != len(names):
+        raise ValueError(f"SuperNode names must be distinct, got {list(names)}")
+    for name in names:
+        if not _NODE_NAME.fullmatch(name):
+            raise ValueError(f"SuperNode name {name!r} must be letters, digits, '_', '.' or '-'")
+    out_dir = Path(out_dir)
+    pairs = {}
+    for name in names:
+        pair = SuperNodeKeys(private_key=out_dir / f"{name}.key", public_key=out_dir / f"{name}.pub")
+        if not _keys_reusable(pair):
+            key = ec.generate_private_key(ec.SECP384R1())
+            _write_private(
+                pair.private_key,
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+                ),
+            )
+            public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            _write_public(pair.public_key, public + f" {name}\n".encode())
+        pairs[name] = pair
+    return pairs
+
+
+def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _general_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def _certificates_reusable(paths: Mapping[str, Path], hosts: Sequence[str]) -> bool:
+    try:
+        ca_cert = x509.load_pem_x509_certificate(paths["ca_cert"].read_bytes())
+        server_cert = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+        server_key = serialization.load_pem_private_key(paths["server_key"].read_bytes(), password=None)
+        server_cert.verify_directly_issued_by(ca_cert)
+        sans = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm, x509.ExtensionNotFound):
+        return False
+    now = dt.datetime.now(dt.UTC)
+    return (
+        _public_bytes(server_key.public_key()) == _public_bytes(server_cert.public_key())
+        and all(name in sans for name in _general_names(hosts))
+        and all(cert.not_valid_after_utc > now + _RENEW_MARGIN for cert in (ca_cert, server_cert))
+    )
+
+
+def _keys_reusable(pair: SuperNodeKeys) -> bool:
+    try:
+        private = serialization.load_ssh_private_key(pair.private_key.read_bytes(), password=None)
+        public = serialization.load_ssh_public_key(pair.public_key.read_bytes())
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: a passphrase-protected key
+        return False
+    return (
+        isinstance(private, ec.EllipticCurvePrivateKey)
+        and isinstance(private.curve, _NIST_CURVES)
+        and _public_bytes(private.public_key()) == _public_bytes(public)
+    )
+
+
+def _public_bytes(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_private(path: Path, payload: bytes) -> None:
+    # `atomic_write_bytes` stages in a mkstemp file, created 0600, so the key is never readable by
+    # others, not even before the rename; the chmod states the final mode instead of relying on that.
+    atomic_write_bytes(path, payload)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, payload: bytes) -> None:
+    atomic_write_bytes(path, payload)
+    os.chmod(path, 0o644)
+
+
+# --- the deployment ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    """A running loopback deployment, as `local_deployment` yields it."""
+
+    connection: str  # the `[superlink.<connection>]` entry: `flwr run <app> <connection>`
+    address: str  # SuperLink host:port (Fleet, Control and Runtime APIs, HTTPS)
+    root_certificates: Path  # the development CA that signed the SuperLink's certificate
+    flwr_home: Path  # FLWR_HOME of `flwr` commands (config.toml); each server process has its own below
+    env: dict[str, str]  # environment for `flwr` commands: FLWR_HOME, PATH with this venv's bin first
+    logs: dict[str, Path]  # "superlink", "supernode-0", ...: stdout and stderr of each process and its apps
+    node_ids: dict[str, int]  # SuperNode name -> the node id its registration returned
+
+
+@contextlib.contextmanager
+def local_deployment(
+    flwr_home: Path,
+    nodes: Sequence[Mapping[str, ConfigValue]],
+    certs_dir: Path,
+    *,
+    connection: str = "nextquill-local",
+    startup_timeout: float = 120.0,
+    stop_timeout: float = 15.0,
+) -> Iterator[LocalDeployment]:
+    """Start a SuperLink and one SuperNode per entry of `nodes` (its `--node-config`) on
+    127.0.0.1, with TLS and SuperNode authentication, and stop them all on exit.
+
+    Certificates and keys are made (or reused) under `certs_dir`: `tls/` and `supernode-keys/`.
+    `flwr_home` becomes the CLI's FLWR_HOME with a `[superlink.<connection>]` entry (and the
+    default) in its config.toml; the SuperLink and each SuperNode get their own FLWR_HOME and
+    working directory below it (`superlink/`, `supernodes/<name>/`), as separate machines would,
+    which also keeps concurrent ClientApps from installing the same FAB into one folder. Their
+    output goes to `flwr_home/logs/<name>.log`.
+
+    SuperNodes are named `supernode-0`, `supernode-1`, ...; their public keys are registered
+    before they start, and the context is entered once all of them are online. The SuperLink runs
+    with `--disable-runtime-dependency-installation`: apps use this venv's packages instead of a
+    per-run `uv sync` (which would download the app's dependencies, torch included).
+
+    On exit every process started here, and everything they started (SuperExec, ServerApp and
+    ClientApp processes, `flwr` commands run with `env`), gets SIGTERM, then SIGKILL after
+    `stop_timeout` seconds.
+    """
+    flwr_home = Path(flwr_home).absolute()
+    certs_dir = Path(certs_dir).absolute()
+    names = [f"supernode-{index}" for index in range(len(nodes))]
+    tls = make_dev_certificates(certs_dir / "tls")
+    keys = make_supernode_keys(certs_dir / "supernode-keys", names)
+    marker = uuid.uuid4().hex
+    env = _flower_env(flwr_home, marker)
+    link_port, *node_ports = _free_ports(1 + len(nodes))
+    address = f"127.0.0.1:{link_port}"
+    logs = {name: flwr_home / "logs" / f"{name}.log" for name in ["superlink", *names]}
+    node_homes = {name: flwr_home / "supernodes" / name for name in names}
+    for name, node_config in zip(names, nodes, strict=True):
+        # A TOML file, not `key=value` pairs: flwr splits those with a regex that breaks on values
+        # holding quotes or spaces. Written before anything starts, so a bad value fails early.
+        atomic_write_text(node_homes[name] / "node-config.toml", tomli_w.dumps(dict(node_config)))
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        link_home = flwr_home / "superlink"
+        started["superlink"] = _start(
+            [
+                "flower-superlink",
+                "--host", "127.0.0.1",
+                "--port", str(link_port),
+                "--ssl-ca-certfile", str(tls["ca_cert"]),
+                "--ssl-certfile", str(tls["server_cert"]),
+                "--ssl-keyfile", str(tls["server_key"]),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ],
+            env={**env, "FLWR_HOME": str(link_home)},
+            cwd=link_home,
+            log=logs["superlink"],
+        )  # fmt: skip
+        deadline = time.monotonic() + startup_timeout
+        _wait_for(lambda: _superlink_healthy(address, tls["ca_cert"]), deadline, started, logs, "the SuperLink")
+        _write_connection(flwr_home, connection, address, tls["ca_cert"])
+
+        node_ids = {}
+        for name in names:
+            reply = _flwr_json(env, "supernode", "register", str(keys[name].public_key), connection, "--name", name)
+            node_ids[name] = int(reply["node-id"])
+        for name, port in zip(names, node_ports, strict=True):
+            started[name] = _start(
+                [
+                    "flower-supernode",
+                    "--superlink", address,
+                    "--root-certificates", str(tls["ca_cert"]),
+                    "--auth-supernode-private-key", str(keys[name].private_key),
+                    "--node-config", str(node_homes[name] / "node-config.toml"),
+                    "--host", "127.0.0.1",
+                    "--port", str(port),
+                    "--isolation", "subprocess",
+                ],
+                env={**env, "FLWR_HOME": str(node_homes[name])},
+                cwd=node_homes[name],
+                log=logs[name],
+            )  # fmt: skip
+        online = set(node_ids.values())
+        _wait_for(lambda: _nodes_online(env, connection, online), deadline, started, logs, "all SuperNodes online")
+        yield LocalDeployment(
+            connection=connection,
+            address=address,
+            root_certificates=tls["ca_cert"],
+            flwr_home=flwr_home,
+            env=env,
+            logs=logs,
+            node_ids=node_ids,
+        )
+    finally:
+        _stop(list(started.values()), marker, stop_timeout)
+
+
+@dataclass(frozen=True)
+class AppRun:
+    """A finished run, as `run_app` returns it."""
+
+    run_id: int
+    status: str  # "finished:completed"
+    output: str  # what `flwr run --stream` printed: the ServerApp's log
+    log: Path  # where that output is kept
+
+
+def run_app(
+    deployment: LocalDeployment, app_dir: Path, run_config: Mapping[str, ConfigValue], timeout: float
+) -> AppRun:
+    """`flwr run <app_dir> <connection> --run-config <file> --stream` against `deployment`;
+    returns once the run has finished and completed.
+
+    `--stream` ends when the SuperLink marks the run finished, whether it completed, failed or
+    was stopped, and `flwr run` exits 0 either way; so the outcome is read afterwards from
+    `flwr list --run-id`. Raises `DeploymentError`, with the last lines of the run's and the
+    deployment's logs, when the run fails, or when it has not finished within `timeout` seconds
+    (the run is then stopped on the SuperLink).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:6]}"
+    config_file = deployment.flwr_home / "run-configs" / f"{stamp}.toml"
+    # A TOML file for the same reason as the node configs: inline `key=value` pairs break on quotes.
+    atomic_write_text(config_file, tomli_w.dumps(dict(run_config)))
+    log = deployment.flwr_home / "logs" / f"flwr-run-{stamp}.log"
+    deadline = time.monotonic() + timeout
+    command = ["flwr", "run", str(Path(app_dir).absolute()), deployment.connection]
+    run = _start([*command, "--run-config", str(config_file), "--stream"], env=deployment.env, cwd=None, log=log)
+    try:
+        run.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(run.pid, signal.SIGKILL)
+        run.wait()
+    output = log.read_text(encoding="utf-8", errors="replace")
+    started = _STARTED_RUN.search(output)
+    if started is None:
+        raise DeploymentError(f"`flwr run` started no run (exit code {run.returncode}){_log_tails(deployment, log)}")
+    run_id = int(started.group(1))
+    while True:
+        (row,) = _flwr_json(deployment.env, "list", deployment.connection, "--run-id", str(run_id))["runs"]
+        if row["status"].startswith("finished"):
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(DeploymentError):  # it may finish meanwhile; the timeout is the news
+                _flwr_json(deployment.env, "stop", str(run_id), deployment.connection)
+            raise DeploymentError(f"run {run_id} did not finish within {timeout:g} s{_log_tails(deployment, log)}")
+        time.sleep(1.0)
+    if row["status"] != "finished:completed":
+        raise DeploymentError(
+            f"run {run_id} ended {row['status']}: {row['status-details']}{_log_tails(deployment, log)}"
+        )
+    return AppRun(run_id=run_id, status=row["status"], output=output, log=log)
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def _flower_env(flwr_home: Path, marker: str) -> dict[str, str]:
+    """The environment of every process the deployment starts."""
+    bin_dir = Path(sys.executable).parent
+    missing = [name for name in _FLOWER_COMMANDS if not (bin_dir / name).exists()]
+    if missing:
+        raise DeploymentError(f"{', '.join(missing)} not found in {bin_dir}: is flwr installed in this environment?")
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"]))
+    return {
+        **os.environ,
+        # The SuperLink and SuperNodes start `flower-superexec`, `flwr-serverapp` and
+        # `flwr-clientapp` by name: they must come from this venv.
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(flwr_home),
+        # No calls home: CI and edge devices may have no internet.
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        # flwr's HTTP clients honour proxy variables; loopback must not go through a proxy.
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+        _MARKER_ENV: marker,
+    }
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now. The sockets are held together so the ports differ; another
+    program could still take one before our server binds it, a window accepted here."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _start(command: list[str], *, env: dict[str, str], cwd: Path | None, log: Path) -> subprocess.Popen[bytes]:
+    """Start `command` from the venv's bin, output to `log`, in a process group of its own so that
+    its children (SuperExec, ClientApps) can be signalled together."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if cwd is not None:
+        cwd.mkdir(parents=True, exist_ok=True)
+    executable = str(Path(sys.executable).parent / command[0])
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [executable, *command[1:]],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def _stop(processes: list[subprocess.Popen[bytes]], marker: str, timeout: float) -> None:
+    """SIGTERM to each started process's group and to every other process carrying the
+    deployment's marker, SIGKILL to whatever is left after `timeout` seconds; all by pid."""
+    groups = [process.pid for process in processes]
+    for pgid in reversed(groups):  # SuperNodes first, so they leave while the SuperLink is up
+        _signal_group(pgid, signal.SIGTERM)
+    # Those outside our groups: the SuperExec the SuperLink starts in a session of its own, and the
+    # ServerApps under it. Each process gets one SIGTERM only: a second one cuts Flower's cleanup short.
+    outside = [proc for proc in _marked_processes(marker) if _pgid(proc) not in groups]
+    for proc in outside:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    psutil.wait_procs(outside, timeout=max(0.0, deadline - time.monotonic()))
+    # Whatever is still there, including processes started while we were stopping (a SuperExec
+    # launching one more app), is killed.
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
+    leftovers = _marked_processes(marker)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(leftovers, timeout=timeout)
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    # Linux never hands out a pid that is still in use as a process-group id, so while any member
+    # of the group lives, this reaches only processes we started.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return None
+
+
+def _marked_processes(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment carries `marker`: everything the deployment started,
+    however deep, except processes that cleared their environment (none of Flower's do)."""
+    return [
+        proc
+        for proc in psutil.process_iter(["environ", "status"], ad_value=None)
+        if (proc.info["environ"] or {}).get(_MARKER_ENV) == marker and proc.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+
+
+def _wait_for(
+    ready: Callable[[], bool],
+    deadline: float,
+    started: Mapping[str, subprocess.Popen[bytes]],
+    logs: Mapping[str, Path],
+    what: str,
+) -> None:
+    """Poll `ready()` until it is true; fail early, with its log, if a started process exits."""
+    while not ready():
+        for name, process in started.items():
+            if process.poll() is not None:
+                raise DeploymentError(f"{name} exited with code {process.returncode}{_tail(logs[name])}")
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"timed out waiting for {what}" + "".join(_tail(log) for log in logs.values()))
+        time.sleep(0.5)
+
+
+def _superlink_healthy(address: str, ca_cert: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"https://{address}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:  # refused, TLS not up yet, HTTP error: all OSError (URLError included)
+        return False
+
+
+def _write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> None:
+    """Add `[superlink.<name>]` to the CLI's config.toml, keeping other entries, and make it the default."""
+    config_file = flwr_home / "config.toml"
+    config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    superlink["default"] = name
+    superlink[name] = {"address": address, "root-certificates": str(ca_cert)}
+    atomic_write_text(config_file, tomli_w.dumps(config))
+
+
+def _flwr_json(env: Mapping[str, str], *args: str) -> dict:
+    """Run a `flwr` command with `--format json` and return its reply."""
+    command = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
+    done = subprocess.run(command, env=dict(env), capture_output=True, text=True, timeout=120, check=False)
+    try:
+        reply = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    if done.returncode != 0 or not reply.get("success"):
+        raise DeploymentError(f"`flwr {' '.join(args)}` failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return reply
+
+
+def _nodes_online(env: Mapping[str, str], connection: str, node_ids: set[int]) -> bool:
+    nodes = _flwr_json(env, "supernode", "list", connection)["nodes"]
+    return node_ids <= {int(node["node-id"]) for node in nodes if node["status"] == "online"}
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return f"\n--- {log}: not readable"
+    return f"\n--- last lines of {log}:\n" + "\n".join(text)
+
+
+def _log_tails(deployment: LocalDeployment, run_log: Path) -> str:
+    return _tail(run_log) + "".join(_tail(log, lines=15) for log in deployment.logs.values())

@@ -1,0 +1,153 @@
+"""The coordinator's phases over the real ClientApp (in-process grid): expert, distribution,
+personalization on the split, evaluation; resume after a crash; failing nodes."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from client.client_app import app as client_app
+from client.personal_state import personal_path
+from coordinator.checkpoint import load_checkpoint
+from coordinator.federation import run_federation
+from shared.adapters import adapter_digest
+from shared.data import UserStore, build_synthetic_users
+from shared.expert_package import expert_cache_dir
+from shared.run_config import RunConfig
+from shared.wire import EVALUATE_METRICS, TRAIN_METRICS
+from tests.loopback import CoordinatorCrash, LoopbackGrid
+
+
+@pytest.fixture
+def users(tmp_path):
+    return build_synthetic_users(tmp_path / "users", n_users=3, samples_per_user=10)
+
+
+def _config(model_dir, run_dir, **overrides) -> RunConfig:
+    values = {
+        "model": str(model_dir), "device": "cpu", "clients-per-round": 2, "expert-rounds": 1, "rounds": 2,
+        "local-steps": 2, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
+        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir),
+    }
+    return RunConfig.from_flower(values | overrides)
+
+
+def _grid(config, users, **kwargs) -> LoopbackGrid:
+    return LoopbackGrid(client_app, [{"user-dir": str(path)} for path in users], config.to_flower(), **kwargs)
+
+
+def test_a_run_goes_through_every_phase_and_writes_its_run_directory(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run")
+    grid = _grid(config, users)
+    result = run_federation(grid, config)
+
+    run_dir = tmp_path / "run"
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint.phase == "done"
+    assert adapter_digest(run_dir / "expert") == result.expert_digest == checkpoint.expert_digest
+    # The expert was delivered once to each device and cached by its digest.
+    assert (expert_cache_dir(result.expert_digest) / "adapter_model.safetensors").is_file()
+
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["round"]) for r in rows] == [("expert", 1), ("personalize", 1), ("personalize", 2),
+                                                        ("evaluate", 2)]
+    assert all(r["accepted"] == 2 and r["aggregated"] for r in rows[:3])
+    assert all(set(r) >= {"train-loss", "upload_bytes_per_client"} for r in rows[:3])
+
+    with open(run_dir / "evaluation.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 3 and set(table[0]) == {"node_id"} | EVALUATE_METRICS
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["users"] == 3 and "eval-rougeL_std" in summary["macro_average"]
+    assert (run_dir / "rounds.png").stat().st_size > 0
+    assert (run_dir / "shared_adapter" / "adapter_config.json").is_file()
+
+    # Personalization sent and received the shared adapter only; personal parts stayed home.
+    train_messages = [m for m in grid.delivered if m.metadata.message_type == "train"]
+    personal_sent = [k for m in train_messages for k in m.content["arrays"] if "personal" in k]
+    assert not personal_sent
+    assert set(checkpoint.shared) == set(load_file(run_dir / "checkpoint.safetensors"))
+    trained = [UserStore.open(p) for p in users
+               if personal_path(UserStore.open(p), f"{checkpoint.run_id}-personalize").is_file()]
+    assert len(trained) >= 2
+
+
+def test_replies_carry_the_shared_parameters_and_allow_listed_metrics_only(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"rounds": 1, "method": "mce-only"})
+    grid = _grid(config, users)
+    replies = []
+    original = grid._deliver
+
+    def record(message):
+        reply = original(message)
+        replies.append((message, reply))
+        return reply
+
+    grid._deliver = record
+    run_federation(grid, config)
+    train = [(m, r) for m, r in replies if m.metadata.message_type == "train"]
+    assert train
+    for message, reply in train:
+        assert set(reply.content.array_records) == {"arrays"}
+        assert set(reply.content["arrays"]) == set(message.content["arrays"])
+        assert set(reply.content["metrics"]) <= TRAIN_METRICS
+
+
+def test_a_restarted_coordinator_resumes_after_the_last_completed_round(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run")
+    with pytest.raises(CoordinatorCrash):
+        run_federation(_grid(config, users, crash_after_train_rounds=2), config)
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert (checkpoint.phase, checkpoint.round) == ("personalize", 1)
+
+    grid = _grid(config, users)
+    result = run_federation(grid, config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["round"]) for r in rows] == [("expert", 1), ("personalize", 1), ("personalize", 2),
+                                                        ("evaluate", 2)]
+    # Only the missing round was trained again, from the checkpoint's shared state and run id.
+    train = [m for m in grid.delivered if m.metadata.message_type == "train"]
+    assert {m.content["config"]["server-round"] for m in train} == {2}
+    assert {m.content["config"]["run-id"] for m in train} == {checkpoint.run_id}
+    assert result.expert_digest == checkpoint.expert_digest
+
+
+def test_a_resumed_run_with_another_config_is_refused(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 1})
+    run_federation(_grid(config, users), config)
+    changed = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 1, "learning-rate": 1e-2})
+    with pytest.raises(ValueError, match="learning-rate differ"):
+        run_federation(_grid(changed, users), changed)
+
+
+def test_failing_nodes_are_excluded_and_the_round_goes_on(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 2, "clients-per-round": 3})
+    run_federation(_grid(config, users, failing_nodes=frozenset({1001})), config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["sampled"], r["replies"], r["accepted"]) for r in rows if r["phase"] == "personalize"] == [(3, 3, 2)] * 2
+
+
+def test_too_few_valid_replies_leave_the_shared_state_unchanged(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run",
+                     **{"method": "sft", "rounds": 1, "clients-per-round": 2, "min-replies": 2})
+    grid = _grid(config, users, failing_nodes=frozenset({1000, 1001, 1002}))
+    result = run_federation(grid, config)
+    sent = next(m for m in grid.delivered if m.metadata.message_type == "train").content["arrays"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert rows[0]["aggregated"] is False
+    assert all(torch.equal(result.shared[k], torch.from_numpy(sent[k].numpy())) for k in sent)
+
+
+def test_a_device_whose_cached_expert_is_corrupt_gets_it_again(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"rounds": 1})
+    first = run_federation(_grid(config, users), config)
+    cached = expert_cache_dir(first.expert_digest) / "adapter_model.safetensors"
+    cached.write_bytes(b"tampered")
+    again = _config(model_dir, tmp_path / "run2", **{"rounds": 1, "expert": str(tmp_path / "run" / "expert")})
+    grid = _grid(again, users)
+    run_federation(grid, again)
+    delivered = [m for m in grid.delivered if m.metadata.message_type == "query"
+                 and m.content["config"]["action"] == "expert-deliver"]
+    assert len(delivered) == 3 and adapter_digest(cached.parent) == first.expert_digest
