@@ -82,12 +82,16 @@ def simulation_store_paths(config: RunConfig, num_partitions: int) -> list[Path]
     with file_lock(root.parent / f".{root.name}.lock"):
         paths = list_user_stores(root)
         if len(paths) < num_partitions:
-            if config.dataset == "shakespeare":
-                build_shakespeare_users(root)
-            elif config.dataset == "synthetic":
-                build_synthetic_users(root, n_users=num_partitions, seed=config.seed)
-            else:
-                import_lamp_json(root, config.resolve(config.dataset))
+            try:
+                if config.dataset == "shakespeare":
+                    build_shakespeare_users(root)
+                elif config.dataset == "synthetic":
+                    build_synthetic_users(root, n_users=num_partitions, seed=config.seed)
+                else:
+                    import_lamp_json(root, config.resolve(config.dataset))
+            except ValueError as error:
+                raise ValueError(f"dataset {config.dataset!r} cannot give {num_partitions} simulated users: {error}; "
+                                 "lower num-supernodes") from None
             paths = list_user_stores(root)
     if len(paths) < num_partitions:
         raise ValueError(

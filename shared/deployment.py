@@ -280,6 +280,11 @@ class LocalDeployment:
     env: dict[str, str]  # environment for `flwr` commands: FLWR_HOME, PATH with this venv's bin first
     logs: dict[str, Path]  # "superlink", "supernode-0", ...: stdout and stderr of each process and its apps
     node_ids: dict[str, int]  # SuperNode name -> the node id its registration returned
+    marker: str  # carried in the environment of every process the deployment started
+
+    def live_processes(self) -> list[psutil.Process]:
+        """The deployment's processes still alive (none once the context has exited)."""
+        return _marked_processes(self.marker)
 
 
 @contextlib.contextmanager
@@ -288,6 +293,7 @@ def local_deployment(
     nodes: Sequence[Mapping[str, ConfigValue]],
     certs_dir: Path,
     *,
+    node_envs: Sequence[Mapping[str, str]] | None = None,
     connection: str = "nextquill-local",
     startup_timeout: float = 120.0,
     stop_timeout: float = 15.0,
@@ -303,7 +309,8 @@ def local_deployment(
     output goes to `flwr_home/logs/<name>.log`.
 
     SuperNodes are named `supernode-0`, `supernode-1`, ...; their public keys are registered
-    before they start, and the context is entered once all of them are online. The SuperLink runs
+    before they start, and the context is entered once all of them are online. `node_envs`
+    adds environment variables per SuperNode (a device's own data directory, its GPU). The SuperLink runs
     with `--disable-runtime-dependency-installation`: apps use this venv's packages instead of a
     per-run `uv sync` (which would download the app's dependencies, torch included).
 
@@ -352,7 +359,7 @@ def local_deployment(
         for name in names:
             reply = _flwr_json(env, "supernode", "register", str(keys[name].public_key), connection, "--name", name)
             node_ids[name] = int(reply["node-id"])
-        for name, port in zip(names, node_ports, strict=True):
+        for name, port, node_env in zip(names, node_ports, node_envs or [{}] * len(names), strict=True):
             started[name] = _start(
                 [
                     "flower-supernode",
@@ -364,7 +371,7 @@ def local_deployment(
                     "--port", str(port),
                     "--isolation", "subprocess",
                 ],
-                env={**env, "FLWR_HOME": str(node_homes[name])},
+                env={**env, **node_env, "FLWR_HOME": str(node_homes[name])},
                 cwd=node_homes[name],
                 log=logs[name],
             )  # fmt: skip
@@ -378,6 +385,7 @@ def local_deployment(
             env=env,
             logs=logs,
             node_ids=node_ids,
+            marker=marker,
         )
     finally:
         _stop(list(started.values()), marker, stop_timeout)
