@@ -6,6 +6,8 @@
   nextquill weights   the expert's DCE and token weights of a user's targets (JSON lines + HTML)
   nextquill evaluate  evaluate an adapter on user stores' held-out samples
   nextquill compare   the single-device comparison of methods on a handful of users
+  nextquill certs     development TLS certificates for a SuperLink (a CA and a server certificate)
+  nextquill keys      SuperNode authentication key pairs (register the .pub with the SuperLink)
 """
 
 from __future__ import annotations
@@ -197,6 +199,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_certs(args) -> int:
+    from shared.deployment import make_dev_certificates
+
+    paths = make_dev_certificates(Path(args.out), hosts=tuple(args.hosts))
+    print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from shared.deployment import make_supernode_keys
+
+    pairs = make_supernode_keys(Path(args.out), args.names)
+    print(json.dumps({name: {"private": str(p.private_key), "public": str(p.public_key)}
+                      for name, p in pairs.items()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextquill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_options(p)
     _add_train_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("certs", help="development TLS certificates for a SuperLink (never for production)")
+    p.add_argument("--out", default="certs", help="folder for ca.crt, server.pem, server.key")
+    p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"],
+                   help="names and addresses the SuperLink is reached at (keep 127.0.0.1: it calls itself)")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("keys", help="SuperNode authentication key pairs")
+    p.add_argument("names", nargs="+", help="one name per SuperNode (device)")
+    p.add_argument("--out", default="keys", help="folder for <name>.key and <name>.pub")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 
