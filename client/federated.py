@@ -168,10 +168,13 @@ def train_round(
     config: TrainConfig,
     run_name: str,
     expert: Expert | None = None,
+    started: float | None = None,
 ) -> RoundResult:
     """Train the user's adapters for one round; the personal part is saved in the store,
-    the shared part and allow-listed numeric metrics are returned."""
-    started = time.perf_counter()
+    the shared part and allow-listed numeric metrics are returned. `setup-seconds` counts
+    from `started` (default: now) to the first step: the base (when not yet resident), the
+    expert's token weights (when not yet cached), encoding, adapters."""
+    started = time.perf_counter() if started is None else started
     examples = device.examples([store], config, expert)
     model = build_adapters(device, store, split, shared_in, run_name, config.seed)
     setup_seconds = time.perf_counter() - started
@@ -222,11 +225,13 @@ def handle_train(
     instruction: RoundInstruction, shared_in: dict[str, torch.Tensor], node_config: Mapping[str, Any],
     config: RunConfig,
 ) -> RoundResult:
+    started = time.perf_counter()
     split, train_config = phase_setup(config, instruction)
+    device = resident_device(config)
     store = user_store(node_config, config)
     expert = device_expert(instruction, train_config)
-    return train_round(resident_device(config), store, split, shared_in, train_config,
-                       instruction.run_name, expert)
+    return train_round(device, store, split, shared_in, train_config, instruction.run_name, expert,
+                       started=started)
 
 
 def handle_evaluate(

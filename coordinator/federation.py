@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
-from coordinator.strategy import SharedFedAvg
+from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapters import adapter_digest
 from shared.expert_package import pack_expert
 from shared.run_config import RunConfig
@@ -108,8 +108,8 @@ def expert_dir(config: RunConfig, run_dir: Path) -> Path:
     return config.resolve(config.expert) if config.expert else run_dir / EXPERT_DIR
 
 
-def _strategy(config: RunConfig) -> SharedFedAvg:
-    return SharedFedAvg(clients_per_round=config.clients_per_round, min_replies=config.min_replies)
+def _strategy(config: RunConfig) -> ScreenedReplies:
+    return ScreenedReplies(SampledFedAvg(clients_per_round=config.clients_per_round), min_replies=config.min_replies)
 
 
 def _rounds(
@@ -139,7 +139,7 @@ def _rounds(
             shared = aggregated.to_torch_state_dict()
         row = {
             "phase": phase, "round": server_round, "sampled": len(messages), "replies": len(replies),
-            "accepted": len(strategy.accepted) if aggregated is not None else 0,
+            "accepted": len(strategy.accepted),
             "aggregated": aggregated is not None, "upload_bytes_per_client": arrays.count_bytes(),
             "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
         }

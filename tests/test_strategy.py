@@ -1,10 +1,12 @@
-"""The coordinator averages only well-formed shared parameters and excludes the rest."""
+"""The coordinator averages only well-formed shared parameters and excludes the rest; Flower's DP
+wrapper composes with it."""
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.strategy import SharedFedAvg
+from coordinator.strategy import SampledFedAvg, ScreenedReplies
 
 # Messages carry the run they belong to; a ServerApp's runtime sets this identity.
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
@@ -23,7 +25,7 @@ def _reply(node, arrays, metrics):
 
 
 def test_fedavg_of_valid_replies_is_weighted_by_examples_and_bad_replies_are_excluded():
-    strategy = SharedFedAvg(clients_per_round=5)
+    strategy = ScreenedReplies(SampledFedAvg(clients_per_round=5))
     strategy.sent = _arrays(0.0)
     replies = [
         _reply(1, _arrays(1.0), {"num-examples": 1, "train-loss": 2.0}),
@@ -40,7 +42,22 @@ def test_fedavg_of_valid_replies_is_weighted_by_examples_and_bad_replies_are_exc
 
 
 def test_too_few_valid_replies_aggregate_nothing():
-    strategy = SharedFedAvg(clients_per_round=3, min_replies=2)
+    strategy = ScreenedReplies(SampledFedAvg(clients_per_round=3), min_replies=2)
     strategy.sent = _arrays(0.0)
     replies = [_reply(1, _arrays(1.0), {"num-examples": 1}), _reply(2, _arrays(np.inf), {"num-examples": 1})]
     assert strategy.aggregate_train(1, replies) == (None, None)
+
+
+def test_flowers_dp_wrapper_composes_inside_the_screening():
+    # Accounted DP requires the wrapped FedAvg's own aggregation: ours leaves it untouched.
+    assert SampledFedAvg.aggregate_train is FedAvg.aggregate_train
+    dp = DifferentialPrivacyServerSideFixedClipping(SampledFedAvg(clients_per_round=2), noise_multiplier=0.0,
+                                                    clipping_norm=1.0, num_sampled_clients=2)
+    strategy = ScreenedReplies(dp)
+    strategy.sent = dp.current_arrays = _arrays(0.0)
+    replies = [_reply(1, _arrays(3.0), {"num-examples": 1}), _reply(2, _arrays(3.0), {"num-examples": 1}),
+               _reply(3, _arrays(np.nan), {"num-examples": 1})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # The update (norm 6 over four entries of 3) is clipped to norm 1: every entry becomes 0.5.
+    np.testing.assert_allclose(arrays["lora_A"].numpy(), np.full((2, 2), 0.5), rtol=1e-6)
+    assert [node for _, node, _ in strategy.rejected] == [3]

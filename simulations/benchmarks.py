@@ -1,0 +1,95 @@
+"""Benchmarks run by command (never as tests); each prints a table and writes JSON.
+
+  setup   per-client set-up time of a simulated client with the resident 4-bit base (what
+          the ClientApp does: swap in the user's adapters) against loading the base for
+          every client (what a simulation that reloads its model per client pays); both
+          measured in the same run, on the same users.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from client import federated
+from client.personalize import Device
+from shared.adapters import AdapterHost, base_fingerprint
+from shared.data import UserStore
+from shared.modeling import load_base, resolve_model_dir
+from shared.paths import atomic_write_json
+from shared.run_config import RunConfig
+from shared.wire import PERSONALIZE_PHASE, RoundInstruction
+
+log = logging.getLogger(__name__)
+
+
+def _client_setup(device: Device, store: UserStore, config: RunConfig, shared: dict[str, torch.Tensor]) -> None:
+    """What a client does before its first step: encode its samples, rebuild its adapters."""
+    split, train_config = federated.phase_setup(config, RoundInstruction(PERSONALIZE_PHASE, 1, "bench"))
+    device.examples([store], train_config, None)
+    federated.build_adapters(device, store, split, shared, "bench", config.seed)
+
+
+def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> dict:
+    """Seconds of set-up per client: resident base vs loading the base each time."""
+    started = time.perf_counter()
+    device = federated.resident_device(config)
+    first_load = time.perf_counter() - started
+    shared = config.split_spec.shared_state(device.host.new(*config.split_spec.adapters, seed=config.seed))
+
+    resident = []
+    for store in stores:
+        started = time.perf_counter()
+        _client_setup(device, store, config, shared)
+        resident.append(time.perf_counter() - started)
+
+    reload = []
+    for store in stores:
+        started = time.perf_counter()
+        base, tokenizer = load_base(config.base_spec)
+        fresh = Device(AdapterHost(base, config.lora), tokenizer, base_fingerprint(resolve_model_dir(config.model)),
+                       config.prompt)
+        _client_setup(fresh, store, config, shared)
+        reload.append(time.perf_counter() - started)
+        del fresh, base
+
+    result = {
+        "benchmark": "client set-up", "model": config.model, "quantization": config.quantization,
+        "device": str(next(device.host.base.parameters()).device), "machine": platform.machine(),
+        "clients": len(stores), "first_base_load_seconds": first_load,
+        "resident_seconds_median": statistics.median(resident), "reload_seconds_median": statistics.median(reload),
+        "resident_seconds": resident, "reload_seconds": reload,
+    }
+    result["reload_over_resident"] = result["reload_seconds_median"] / result["resident_seconds_median"]
+    atomic_write_json(out, result)
+    print("| per-client set-up | median seconds |\n|---|---|")
+    print(f"| resident 4-bit base, adapters swapped | {result['resident_seconds_median']:.3f} |")
+    print(f"| base loaded for every client | {result['reload_seconds_median']:.3f} |")
+    print(f"reload / resident = {result['reload_over_resident']:.1f}x over {len(stores)} clients; JSON: {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=["setup"])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--out", default="runs/benchmarks/setup.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
+    paths = federated.simulation_store_paths(config, args.clients)[: args.clients]
+    setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
