@@ -79,6 +79,11 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 def load_base(spec: BaseSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and tokenizer described by `spec`, frozen, in eval mode."""
     model_dir = resolve_model_dir(spec.model)
+    return load_causal_lm(model_dir, spec), load_tokenizer(model_dir)
+
+
+def load_causal_lm(model_dir: Path, spec: BaseSpec) -> PreTrainedModel:
+    """The causal LM in `model_dir`, quantized and placed as `spec` says, frozen, in eval mode."""
     device = resolve_device(spec.device)
     compute_dtype = getattr(torch, spec.compute_dtype)
     if spec.quantization == "nf4":
@@ -98,7 +103,7 @@ def load_base(spec: BaseSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
     model.requires_grad_(False)
     model.eval()
     log.info("loaded base %s (%s) on %s", model_dir, spec.quantization, device)
-    return model, load_tokenizer(model_dir)
+    return model
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:

@@ -1,5 +1,8 @@
-"""Benchmarks run by command (never as tests); each prints a table and writes JSON.
+"""Benchmarks run by command (never as tests); each prints a table and writes JSON, and
+compares ratios measured in the same run.
 
+  step    one NextQuill step against one ContextSFT step and the authors' computation
+          (simulations/bench_step.py)
   setup   per-client set-up time of a simulated client with the resident 4-bit base (what
           the ClientApp does: swap in the user's adapters) against loading the base for
           every client (what a simulation that reloads its model per client pays); both
@@ -20,7 +23,7 @@ from client import federated
 from client.personalize import Device
 from shared.adapters import AdapterHost, base_fingerprint
 from shared.data import UserStore
-from shared.modeling import load_base, resolve_model_dir
+from shared.modeling import BaseSpec, load_base, resolve_model_dir
 from shared.paths import atomic_write_json
 from shared.run_config import RunConfig
 from shared.wire import PERSONALIZE_PHASE, RoundInstruction
@@ -77,14 +80,35 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from simulations import bench_step
+
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["setup"])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--clients", type=int, default=6)
-    parser.add_argument("--out", default="runs/benchmarks/setup.json")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
+    p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--history-tokens", type=int)
+    p.add_argument("--context-tokens", type=int)
+    p.add_argument("--response-tokens", type=int)
+    p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS), choices=bench_step.METHODS)
+    p.add_argument("--out", default="runs/benchmarks/step.json")
+    p = sub.add_parser("setup", help="per-client set-up: resident base vs reloading it")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--out", default="runs/benchmarks/setup.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.benchmark == "step":
+        shape = bench_step.with_overrides(
+            bench_step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,
+            context_tokens=args.context_tokens, response_tokens=args.response_tokens)
+        bench_step.step_benchmark(args.model, BaseSpec(args.model, args.quantization, args.device), shape,
+                                  args.steps, Path(args.out), tuple(args.methods))
+        return 0
     config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
     paths = federated.simulation_store_paths(config, args.clients)[: args.clients]
     setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))

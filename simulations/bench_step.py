@@ -1,0 +1,232 @@
+"""Benchmark 1, the local step: seconds per step, tokens per second and peak memory of one
+NextQuill step against one ContextSFT step on the same batch (same 4-bit base, same LoRA),
+and against a faithful re-implementation of the authors' loss computation (their
+released train.py): full-vocabulary logits and softmax at every position of both passes
+(the no-history input padded to the with-history length, as their data is), token
+weights from the model being trained, recomputed every step.
+
+Each method runs in a process of its own, so that its peak memory is its own: on CUDA the
+peak allocated bytes above what the model and optimizer hold before the first step; on the
+CPU the peak resident set above the same point (ru_maxrss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from client.trainer import TrainConfig, step_loss
+from shared.adapters import AdapterHost, LoraSettings
+from shared.batching import PairBatch, collate
+from shared.losses import IGNORE_INDEX, WeightScheme, nextquill_loss
+from shared.modeling import BaseSpec, load_causal_lm, model_device, resolve_model_dir
+from shared.paths import atomic_write_json
+from shared.prompts import EncodedSample
+
+log = logging.getLogger(__name__)
+
+METHODS = ("context-sft", "nextquill", "authors")
+
+# Qwen2.5-0.5B's published shape (config.json of the release); weights are random, since
+# nothing can be downloaded, and the step's cost does not depend on their values.
+QWEN25_05B = {
+    "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+    "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The batch every method steps on."""
+
+    batch_size: int = 4
+    history_tokens: int = 160  # prompt with history (x, h)
+    context_tokens: int = 48  # prompt without history (x only)
+    response_tokens: int = 48
+
+
+def random_batch(vocab_size: int, shape: StepShape, seed: int = 0) -> tuple[list[EncodedSample], torch.Tensor]:
+    """Encoded samples of random tokens with the given lengths, and random expert
+    probabilities [B, R] of their response tokens (pairs: with, without)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(10, vocab_size, (n,), generator=generator).tolist()
+
+    samples = []
+    for _ in range(shape.batch_size):
+        context, history, response = ids(shape.context_tokens), ids(shape.history_tokens), ids(shape.response_tokens)
+        samples.append(EncodedSample(prompt_with=history + context, prompt_without=context, response=response))
+    probs = torch.rand((2, shape.batch_size, shape.response_tokens), generator=generator)
+    return samples, probs
+
+
+def authors_step_loss(model: torch.nn.Module, batch: PairBatch, alpha: float, scheme: WeightScheme) -> torch.Tensor:
+    """The authors' computation: both passes at full length with full-vocabulary logits at
+    every position; weights from the softmax of the model being trained, every step; the
+    weighted next-token loss plus alpha times the unweighted alignment loss."""
+    with_side = batch.with_history
+    width = with_side.input_ids.shape[1]
+    without = batch.without_history
+    pad = width - without.input_ids.shape[1]
+    # Their no-history input is padded to the with-history length (the labels are shared).
+    without_ids = F.pad(without.input_ids, (pad, 0), value=0)
+    without_mask = F.pad(without.attention_mask, (pad, 0), value=0)
+    logits0 = model(input_ids=with_side.input_ids, attention_mask=with_side.attention_mask, use_cache=False).logits
+    logits1 = model(input_ids=without_ids, attention_mask=without_mask, use_cache=False).logits
+    labels = torch.full(with_side.input_ids.shape, IGNORE_INDEX, dtype=torch.long, device=logits0.device)
+    labels[:, -batch.response_length :] = batch.labels
+    vocab = logits0.shape[-1]
+    shift0 = logits0[..., :-1, :].contiguous().view(-1, vocab)
+    shift1 = logits1[..., :-1, :].contiguous().view(-1, vocab)
+    shift_labels = labels[..., 1:].contiguous().view(-1)
+    probs0, probs1 = F.softmax(shift0, dim=-1), F.softmax(shift1, dim=-1)
+    rows = torch.arange(shift_labels.shape[0], device=shift0.device)
+    safe = shift_labels.clamp_min(0)
+    weights = scheme.weights(probs0[rows, safe].detach(), probs1[rows, safe].detach())
+    _, l_n, _ = nextquill_loss(shift0, None, shift_labels, weights, alpha=0.0)
+    l_p = F.cross_entropy(shift0 - shift1, shift_labels)
+    return l_n + alpha * l_p
+
+
+def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, out) -> None:
+    """In a child process: load, step `steps` times after one warm-up step, report."""
+    torch.manual_seed(0)
+    base = load_causal_lm(Path(model_dir), spec)
+    host = AdapterHost(base, LoraSettings())
+    model = host.new("bench", seed=0)
+    device = model_device(model)
+    samples, probs = random_batch(base.config.vocab_size, shape)
+    batch = collate(samples, pad_id=0).to(device)
+    expert = (probs[0].to(device), probs[1].to(device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    config = TrainConfig(method=method if method != "authors" else "nextquill")
+    model.train()
+
+    def step() -> None:
+        if method == "authors":
+            loss = authors_step_loss(model, batch, config.alpha, config.weights)
+        else:
+            loss, _, _ = step_loss(model, batch, config, expert if config.needs_expert else None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    baseline_rss = _rss_now_bytes()
+    if device.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline_cuda = torch.cuda.memory_allocated(device)
+    step()  # warm-up: allocator, kernels, bitsandbytes' first-call work
+    seconds = []
+    for _ in range(steps):
+        sync()
+        started = time.perf_counter()
+        step()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    tokens = sum(len(s.prompt_with) + len(s.response) for s in samples)
+    result = {
+        "method": method, "seconds_per_step": statistics.median(seconds), "seconds": seconds,
+        "tokens_per_second": tokens / statistics.median(seconds),
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - baseline_cuda) if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss,
+        "memory_kind": "CUDA allocated above model + optimizer" if device.type == "cuda"
+        else "resident set above model + optimizer (ru_maxrss)",
+    }
+    out.put(result)
+
+
+def _rss_now_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def shaped_model_dir(shape_name: str, target: Path) -> Path:
+    """A model directory of `shape_name` with random weights (saved once, like a download)."""
+    if (target / "config.json").is_file():
+        return target
+    torch.manual_seed(0)
+    config = Qwen2Config(**QWEN25_05B)
+    Qwen2ForCausalLM(config).save_pretrained(target)
+    return target
+
+
+def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out: Path,
+                   methods: tuple[str, ...] = METHODS) -> dict:
+    if model == "qwen2.5-0.5b-shape":
+        model_dir = shaped_model_dir(model, Path(tempfile.gettempdir()) / "nextquill-qwen2.5-0.5b-shape")
+    else:
+        model_dir = resolve_model_dir(model)
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for method in methods:
+        queue = context.Queue()
+        child = context.Process(target=_run_method, args=(str(model_dir), spec, method, shape, steps, queue))
+        child.start()
+        rows.append(queue.get())
+        child.join()
+        log.info("%s: %.3f s/step", method, rows[-1]["seconds_per_step"])
+    by_method = {row["method"]: row for row in rows}
+    ratios = {}
+    if {"nextquill", "context-sft"} <= set(by_method):
+        ratios["nextquill_over_context_sft_time"] = (by_method["nextquill"]["seconds_per_step"]
+                                                     / by_method["context-sft"]["seconds_per_step"])
+        ratios["nextquill_over_context_sft_memory"] = (by_method["nextquill"]["peak_memory_bytes"]
+                                                       / max(1, by_method["context-sft"]["peak_memory_bytes"]))
+    if {"nextquill", "authors"} <= set(by_method):
+        ratios["authors_over_nextquill_time"] = (by_method["authors"]["seconds_per_step"]
+                                                 / by_method["nextquill"]["seconds_per_step"])
+        ratios["authors_over_nextquill_memory"] = (by_method["authors"]["peak_memory_bytes"]
+                                                   / max(1, by_method["nextquill"]["peak_memory_bytes"]))
+    result = {
+        "benchmark": "local step", "model": model, "spec": asdict(spec), "shape": asdict(shape), "steps": steps,
+        "machine": _machine(), "rows": rows, "ratios": ratios,
+    }
+    atomic_write_json(out, result)
+    print(step_table(result))
+    return result
+
+
+def step_table(result: dict) -> str:
+    lines = [f"local step, {result['model']} ({result['spec']['quantization']}), batch {json.dumps(result['shape'])}, "
+             f"{result['machine']}", "| method | s/step | tokens/s | peak memory (MiB) |", "|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['method']} | {row['seconds_per_step']:.3f} | {row['tokens_per_second']:.0f} | "
+                     f"{row['peak_memory_bytes'] / 2**20:.0f} |")
+    lines += [f"{name}: {value:.2f}x" for name, value in result["ratios"].items()]
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def default_shape(model: str) -> StepShape:
+    if model == "qwen2.5-0.5b-shape":
+        return StepShape(batch_size=1, history_tokens=2048, context_tokens=64, response_tokens=128)
+    return StepShape()
+
+
+def with_overrides(shape: StepShape, **values: int | None) -> StepShape:
+    return replace(shape, **{k: v for k, v in values.items() if v is not None})
