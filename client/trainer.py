@@ -52,6 +52,10 @@ class TrainConfig:
     weighted_alignment: bool = field(
         default=True, metadata={"help": "weight L_p by ω (the paper); False = unweighted L_p (authors' code)"}
     )
+    lean_memory: bool = field(
+        default=False,
+        metadata={"help": "two-stage backward: the peak memory of the longer pass alone, for one more short forward"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the sample order"})
 
     def __post_init__(self) -> None:
@@ -117,19 +121,20 @@ def step_loss(
     batch: PairBatch,
     config: TrainConfig,
     expert_probs: tuple[torch.Tensor, torch.Tensor] | None,
+    logits_without: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One NextQuill step's loss: (total, l_n, l_p). expert_probs: ([B, R], [B, R]) or None."""
+    """One NextQuill step's loss: (total, l_n, l_p). expert_probs: ([B, R], [B, R]) or None.
+    `logits_without` [B·R, V]: the no-history pass when the caller has run it already."""
     method = config.spec
     length = batch.response_length
     labels = batch.labels.flatten()
 
     side = batch.with_history if method.uses_history else batch.without_history
     logits = response_logits(model, side, length).flatten(0, 1)
-    logits_without = None
     self_weights = method.expert_weights and config.weight_source == "self"
-    if method.aligns_effects:
+    if logits_without is None and method.aligns_effects:
         logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
-    elif self_weights:
+    elif logits_without is None and self_weights:
         with torch.no_grad():
             logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
 
@@ -150,6 +155,34 @@ def step_loss(
     )
 
 
+def step_backward(
+    model: torch.nn.Module,
+    batch: PairBatch,
+    config: TrainConfig,
+    expert_probs: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accumulate one step's gradients; returns (total, l_n, l_p), detached.
+
+    With `config.lean_memory` and a method that aligns effects, the two passes never hold
+    their activations at the same time: the no-history logits are computed without a graph,
+    the loss is back-propagated through the history pass (giving, on the side, its gradient
+    with respect to those logits), then the short no-history pass runs again and takes that
+    gradient. The gradients are the same (the passes are deterministic: no dropout); the peak
+    memory is the longer pass's alone, for one more short forward pass."""
+    if not (config.lean_memory and config.spec.aligns_effects):
+        total, l_n, l_p = step_loss(model, batch, config, expert_probs)
+        total.backward()
+        return total.detach(), l_n.detach(), l_p.detach()
+    length = batch.response_length
+    with torch.no_grad():
+        without = response_logits(model, batch.without_history, length).flatten(0, 1)
+    without.requires_grad_()
+    total, l_n, l_p = step_loss(model, batch, config, expert_probs, logits_without=without)
+    total.backward()
+    response_logits(model, batch.without_history, length).flatten(0, 1).backward(without.grad)
+    return total.detach(), l_n.detach(), l_p.detach()
+
+
 def train_adapter(
     model: torch.nn.Module,
     examples: Sequence[TrainExample],
@@ -165,6 +198,8 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: attach a LoRA first")
+    if config.lean_memory and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise ValueError("lean_memory recomputes the no-history pass and needs it deterministic: set dropout to 0")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     device = model_device(model)
     rng = random.Random(config.seed)
@@ -191,8 +226,7 @@ def train_adapter(
                 right_aligned([e.expert_probs.prob_with for e in chunk], width).to(device),
                 right_aligned([e.expert_probs.prob_without for e in chunk], width).to(device),
             )
-        total, l_n, l_p = step_loss(model, batch, config, expert)
-        total.backward()
+        total, l_n, l_p = step_backward(model, batch, config, expert)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Benchmark 1, the local step: seconds per step, tokens per second and peak memory of one
-NextQuill step against one ContextSFT step on the same batch (same 4-bit base, same LoRA),
-and against a faithful re-implementation of the authors' loss computation (their
-released train.py): full-vocabulary logits and softmax at every position of both passes
+NextQuill step (plain, and with the lean two-stage backward) against one ContextSFT step on
+the same batch (same 4-bit base, same LoRA), and against a faithful re-implementation of the
+authors' loss computation (their released train.py): full-vocabulary logits and softmax at every position of both passes
 (the no-history input padded to the with-history length, as their data is), token
 weights from the model being trained, recomputed every step.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from client.trainer import TrainConfig, step_loss
+from client.trainer import TrainConfig, step_backward
 from shared.adapters import AdapterHost, LoraSettings
 from shared.batching import PairBatch, collate
 from shared.losses import IGNORE_INDEX, WeightScheme, nextquill_loss
@@ -37,7 +38,7 @@ from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
 
-METHODS = ("context-sft", "nextquill", "authors")
+METHODS = ("context-sft", "nextquill", "nextquill-lean", "authors")
 
 # Qwen2.5-0.5B's published shape (config.json of the release); weights are random, since
 # nothing can be downloaded, and the step's cost does not depend on their values.
@@ -114,15 +115,15 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     expert = (probs[0].to(device), probs[1].to(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    config = TrainConfig(method=method if method != "authors" else "nextquill")
+    config = TrainConfig(method=method if method in ("context-sft", "nextquill") else "nextquill",
+                         lean_memory=method == "nextquill-lean")
     model.train()
 
     def step() -> None:
         if method == "authors":
-            loss = authors_step_loss(model, batch, config.alpha, config.weights)
+            authors_step_loss(model, batch, config.alpha, config.weights).backward()
         else:
-            loss, _, _ = step_loss(model, batch, config, expert if config.needs_expert else None)
-        loss.backward()
+            step_backward(model, batch, config, expert if config.needs_expert else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -155,6 +156,28 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     out.put(result)
 
 
+def _in_child(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, cpu_memory: bool) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    saved = os.environ.get(_MMAP_THRESHOLD)
+    if cpu_memory:
+        os.environ[_MMAP_THRESHOLD] = "65536"  # read by the child's C library at start
+    try:
+        child = context.Process(target=_run_method, args=(model_dir, spec, method, shape, steps, queue))
+        child.start()
+    finally:
+        if saved is None:
+            os.environ.pop(_MMAP_THRESHOLD, None)
+        else:
+            os.environ[_MMAP_THRESHOLD] = saved
+    result = queue.get()
+    child.join()
+    return result
+
+
+_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+
+
 def _rss_now_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize()
@@ -176,15 +199,17 @@ def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out
         model_dir = shaped_model_dir(model, Path(tempfile.gettempdir()) / "nextquill-qwen2.5-0.5b-shape")
     else:
         model_dir = resolve_model_dir(model)
-    context = multiprocessing.get_context("spawn")
     rows = []
     for method in methods:
-        queue = context.Queue()
-        child = context.Process(target=_run_method, args=(str(model_dir), spec, method, shape, steps, queue))
-        child.start()
-        rows.append(queue.get())
-        child.join()
-        log.info("%s: %.3f s/step", method, rows[-1]["seconds_per_step"])
+        row = _in_child(str(model_dir), spec, method, shape, steps, cpu_memory=False)
+        if spec.device == "cpu" or not torch.cuda.is_available():
+            # A second process measures the CPU peak: large blocks straight from mmap and returned
+            # on free make the resident set follow the live tensors (its peak is the step's, not
+            # the allocator's high-water mark), at a cost in speed the timed process does not pay.
+            row["peak_memory_bytes"] = _in_child(str(model_dir), spec, method, shape, 1,
+                                                 cpu_memory=True)["peak_memory_bytes"]
+        rows.append(row)
+        log.info("%s: %.3f s/step, peak %.0f MiB", method, row["seconds_per_step"], row["peak_memory_bytes"] / 2**20)
     by_method = {row["method"]: row for row in rows}
     ratios = {}
     if {"nextquill", "context-sft"} <= set(by_method):
@@ -192,6 +217,11 @@ def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out
                                                      / by_method["context-sft"]["seconds_per_step"])
         ratios["nextquill_over_context_sft_memory"] = (by_method["nextquill"]["peak_memory_bytes"]
                                                        / max(1, by_method["context-sft"]["peak_memory_bytes"]))
+    if {"nextquill-lean", "context-sft"} <= set(by_method):
+        ratios["nextquill_lean_over_context_sft_time"] = (by_method["nextquill-lean"]["seconds_per_step"]
+                                                          / by_method["context-sft"]["seconds_per_step"])
+        ratios["nextquill_lean_over_context_sft_memory"] = (by_method["nextquill-lean"]["peak_memory_bytes"]
+                                                            / max(1, by_method["context-sft"]["peak_memory_bytes"]))
     if {"nextquill", "authors"} <= set(by_method):
         ratios["authors_over_nextquill_time"] = (by_method["authors"]["seconds_per_step"]
                                                  / by_method["nextquill"]["seconds_per_step"])

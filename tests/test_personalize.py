@@ -160,3 +160,31 @@ def test_cli_builds_users_trains_and_evaluates_an_adapter(model_dir, tmp_path, c
     per_user = [json.loads(line) for line in lines[: len(users)]]
     assert [row["user_id"] for row in per_user] == ["synthetic-user-00", "synthetic-user-01"]
     assert "macro_average" in json.loads("\n".join(lines[len(users):]))
+
+
+@pytest.mark.parametrize("method", ["nextquill", "mce-only"])
+def test_lean_memory_backward_gives_the_same_gradients(device, stores, experts, method):
+    from client.trainer import step_backward
+    from shared.batching import collate
+
+    config = TrainConfig(method=method, **ONE_STEP)
+    examples = device.examples([stores[0]], config, experts[0])[:4]
+    model = device.host.new("lean-check", seed=3)
+    model.train()
+    batch = collate([e.encoded for e in examples], device.tokenizer.pad_token_id)
+    probs = None
+    if config.needs_expert:
+        from client.trainer import right_aligned
+
+        probs = (right_aligned([e.expert_probs.prob_with for e in examples], batch.response_length),
+                 right_aligned([e.expert_probs.prob_without for e in examples], batch.response_length))
+    grads = []
+    for lean in (False, True):
+        model.zero_grad(set_to_none=True)
+        total, _, l_p = step_backward(model, batch, TrainConfig(method=method, lean_memory=lean, **ONE_STEP), probs)
+        assert l_p > 0
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.eval()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
