@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import federated
 from shared.run_config import RunConfig
-from shared.wire import EXPERT_DELIVER, EXPERT_STATUS, HAS_EXPERT, RoundInstruction
+from shared.wire import EXPERT_DELIVER, EXPERT_STATUS, HAS_EXPERT, RoundInstruction, decode_shared, encode_shared
 
 app = ClientApp()
 
@@ -22,9 +22,9 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
-    result = federated.handle_train(instruction, msg.content["arrays"].to_torch_state_dict(), context.node_config,
-                                    config)
-    content = RecordDict({"arrays": ArrayRecord(result.shared), "metrics": MetricRecord(result.metrics)})
+    result = federated.handle_train(instruction, decode_shared(msg.content["arrays"]), context.node_config, config)
+    arrays = encode_shared(result.shared, config.transport_dtype)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -32,8 +32,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
-    metrics = federated.handle_evaluate(instruction, msg.content["arrays"].to_torch_state_dict(),
-                                        context.node_config, config)
+    metrics = federated.handle_evaluate(instruction, decode_shared(msg.content["arrays"]), context.node_config,
+                                        config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

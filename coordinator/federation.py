@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -41,7 +41,9 @@ from shared.wire import (
     PERSONALIZE_PHASE,
     QUERY_METRICS,
     RoundInstruction,
+    decode_shared,
     disallowed_metrics,
+    encode_shared,
 )
 
 # A child of Flower's logger, so that progress shows where Flower's own does (`flwr run --stream`).
@@ -130,13 +132,13 @@ def _rounds(
     for server_round in range(checkpoint.round + 1, num_rounds + 1):
         started = time.perf_counter()
         instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
-        arrays = ArrayRecord(shared)
+        arrays = encode_shared(shared, config.transport_dtype)
         random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()), grid))
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
         aggregated, metrics = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
-            shared = aggregated.to_torch_state_dict()
+            shared = decode_shared(aggregated)
         row = {
             "phase": phase, "round": server_round, "sampled": len(messages), "replies": len(replies),
             "accepted": len(strategy.accepted),
@@ -164,7 +166,7 @@ def evaluate_round(
     strategy = _strategy(config)
     server_round = checkpoint.round if not final else config.rounds
     instruction = RoundInstruction(PERSONALIZE_PHASE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
-    messages = list(strategy.configure_evaluate(server_round, ArrayRecord(checkpoint.shared),
+    messages = list(strategy.configure_evaluate(server_round, encode_shared(checkpoint.shared, config.transport_dtype),
                                                 ConfigRecord(instruction.to_config()), grid))
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     metrics = strategy.aggregate_evaluate(server_round, replies)

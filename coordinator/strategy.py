@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from coordinator.validation import reply_problems
-from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, disallowed_metrics
+from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, decode_shared, disallowed_metrics
 
 log = logging.getLogger("flwr.nextquill")
 
@@ -98,6 +98,9 @@ class ScreenedReplies(Strategy):
                 log.warning("round %d: reply from node %d excluded: %s", server_round, node, "; ".join(problems))
                 self.rejected.append((server_round, node, "; ".join(problems)))
             else:
+                if train:  # aggregate in float32, whatever the transport dtype
+                    key, record = next(iter(reply.content.array_records.items()))
+                    reply.content[key] = ArrayRecord(decode_shared(record))
                 self.accepted.append(reply)
         if len(self.accepted) < self.min_replies:
             log.warning("round %d: %d valid replies, fewer than min-replies %d: nothing aggregated",

@@ -22,6 +22,7 @@ from shared.modeling import QUANTIZATIONS, BaseSpec
 from shared.paths import data_dir
 from shared.prompts import PromptConfig
 from shared.split import SPLIT_KINDS, SplitSpec
+from shared.wire import TRANSPORT_DTYPES
 
 DATASETS = ("shakespeare", "synthetic")
 
@@ -55,6 +56,9 @@ class RunConfig:
     weighting: str = field(default="threshold", metadata={"help": f"DCE -> token weight: one of {WEIGHTINGS}"})
     split: str = field(default="dual", metadata={"help": f"shared / personal split: one of {SPLIT_KINDS}"})
     shared_layers: int = field(default=0, metadata={"help": "with split 'layers': decoder layers shared"})
+    transport_dtype: str = field(
+        default="float32", metadata={"help": f"dtype the shared parameters travel in: one of {TRANSPORT_DTYPES}"}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (of each adapter)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
     history_tokens: int = field(default=160, metadata={"help": "prompt budget of the history, in tokens"})
@@ -80,10 +84,10 @@ class RunConfig:
         if self.learning_rate <= 0 or self.alpha < 0 or self.round_timeout <= 0:
             raise ValueError("run config learning-rate and round-timeout must be positive, alpha not negative")
         choices = {"method": sorted(METHODS), "weighting": WEIGHTINGS, "split": SPLIT_KINDS,
-                   "quantization": QUANTIZATIONS}
+                   "quantization": QUANTIZATIONS, "transport_dtype": TRANSPORT_DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"run config {name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(f"run config {_key(name)} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.needs_expert and not self.expert and self.expert_rounds == 0:
             raise ValueError(f"run config method {self.method!r} needs an expert: set expert-rounds >= 1 "
                              "or expert to an existing expert adapter directory")

@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from flwr.app import ArrayRecord
+
 NUM_EXAMPLES = "num-examples"
 EXPERT_PHASE = "expert"
 PERSONALIZE_PHASE = "personalize"
@@ -29,6 +32,23 @@ EVALUATE_METRICS = frozenset({
     NUM_EXAMPLES, "eval-rouge1", "eval-rougeL", "eval-bleu", "eval-nll", "eval-history-sensitivity",
 })
 QUERY_METRICS = frozenset({HAS_EXPERT})
+
+# Shared parameters travel in float32 or float16: half the bytes, and for LoRA-sized values
+# (|w| well inside 6e-5..65504) more mantissa than bfloat16, which numpy (and so Flower's
+# ArrayRecord) cannot carry. Both sides train and aggregate in float32.
+TRANSPORT_DTYPES = ("float32", "float16")
+
+
+def encode_shared(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    """Shared parameters as the ArrayRecord that travels, in the transport dtype."""
+    if dtype not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
+    return ArrayRecord({k: v.detach().to(getattr(torch, dtype)) for k, v in state.items()})
+
+
+def decode_shared(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a received ArrayRecord of shared parameters."""
+    return {k: v.float() for k, v in record.to_torch_state_dict().items()}
 
 
 @dataclass(frozen=True)
