@@ -19,7 +19,6 @@ import os
 import platform
 import resource
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,13 +32,14 @@ from shared.adapters import AdapterHost, LoraSettings
 from shared.batching import PairBatch, collate
 from shared.losses import IGNORE_INDEX, WeightScheme, nextquill_loss
 from shared.modeling import BaseSpec, load_causal_lm, model_device, resolve_model_dir
-from shared.paths import atomic_write_json
+from shared.paths import atomic_directory, atomic_write_json, data_dir
 from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
 
 METHODS = ("context-sft", "nextquill", "nextquill-lean", "authors")
 
+QWEN_SHAPE = "qwen2.5-0.5b-shape"
 # Qwen2.5-0.5B's published shape (config.json of the release); weights are random, since
 # nothing can be downloaded, and the step's cost does not depend on their values.
 QWEN25_05B = {
@@ -183,22 +183,22 @@ def _rss_now_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
-def shaped_model_dir(shape_name: str, target: Path) -> Path:
-    """A model directory of `shape_name` with random weights (saved once, like a download)."""
-    if (target / "config.json").is_file():
-        return target
-    torch.manual_seed(0)
-    config = Qwen2Config(**QWEN25_05B)
-    Qwen2ForCausalLM(config).save_pretrained(target)
+def shaped_model_dir(shape_name: str = QWEN_SHAPE) -> Path:
+    """A model directory of Qwen2.5-0.5B's shape with random weights, saved once under the data
+    directory like a downloaded model."""
+    if shape_name != QWEN_SHAPE:
+        raise ValueError(f"unknown model shape {shape_name!r}; known: {QWEN_SHAPE}")
+    target = data_dir() / "models" / shape_name
+    if not (target / "config.json").is_file():
+        torch.manual_seed(0)
+        with atomic_directory(target, overwrite=True) as staging:
+            Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).save_pretrained(staging)
     return target
 
 
 def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out: Path,
                    methods: tuple[str, ...] = METHODS) -> dict:
-    if model == "qwen2.5-0.5b-shape":
-        model_dir = shaped_model_dir(model, Path(tempfile.gettempdir()) / "nextquill-qwen2.5-0.5b-shape")
-    else:
-        model_dir = resolve_model_dir(model)
+    model_dir = shaped_model_dir(model) if model == QWEN_SHAPE else resolve_model_dir(model)
     rows = []
     for method in methods:
         row = _in_child(str(model_dir), spec, method, shape, steps, cpu_memory=False)
@@ -253,7 +253,7 @@ def _machine() -> str:
 
 
 def default_shape(model: str) -> StepShape:
-    if model == "qwen2.5-0.5b-shape":
+    if model == QWEN_SHAPE:
         return StepShape(batch_size=1, history_tokens=2048, context_tokens=64, response_tokens=128)
     return StepShape()
 

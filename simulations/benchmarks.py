@@ -3,6 +3,10 @@ compares ratios measured in the same run.
 
   step    one NextQuill step against one ContextSFT step and the authors' computation
           (simulations/bench_step.py)
+  comm    upload bytes per client per round for each split and transport dtype
+          (simulations/bench_comm.py)
+  dce     seconds per 1,000 target tokens of the expert pass, and its amortization
+          (simulations/bench_dce.py)
   setup   per-client set-up time of a simulated client with the resident 4-bit base (what
           the ClientApp does: swap in the user's adapters) against loading the base for
           every client (what a simulation that reloads its model per client pays); both
@@ -21,7 +25,7 @@ import torch
 
 from client import federated
 from client.personalize import Device
-from shared.adapters import AdapterHost, base_fingerprint
+from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
 from shared.data import UserStore
 from shared.modeling import BaseSpec, load_base, resolve_model_dir
 from shared.paths import atomic_write_json
@@ -96,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-tokens", type=int)
     p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS), choices=bench_step.METHODS)
     p.add_argument("--out", default="runs/benchmarks/step.json")
+    p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
+    p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--out", default="runs/benchmarks/comm.json")
+    p = sub.add_parser("dce", help="expert pass per 1,000 target tokens, and its amortization over rounds")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--out", default="runs/benchmarks/dce.json")
     p = sub.add_parser("setup", help="per-client set-up: resident base vs reloading it")
     p.add_argument("--model", default="tiny")
     p.add_argument("--clients", type=int, default=6)
@@ -108,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             context_tokens=args.context_tokens, response_tokens=args.response_tokens)
         bench_step.step_benchmark(args.model, BaseSpec(args.model, args.quantization, args.device), shape,
                                   args.steps, Path(args.out), tuple(args.methods))
+        return 0
+    if args.benchmark == "comm":
+        from simulations.bench_comm import comm_benchmark
+
+        model_dir = bench_step.shaped_model_dir(args.model) if args.model == bench_step.QWEN_SHAPE else None
+        comm_benchmark(args.model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), Path(args.out), model_dir)
+        return 0
+    if args.benchmark == "dce":
+        from simulations.bench_dce import dce_benchmark
+
+        config = RunConfig(model=args.model, dataset="shakespeare")
+        paths = federated.simulation_store_paths(config, args.users)[: args.users]
+        dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
     config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
     paths = federated.simulation_store_paths(config, args.clients)[: args.clients]
