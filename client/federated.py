@@ -172,12 +172,18 @@ def train_round(
 ) -> RoundResult:
     """Train the user's adapters for one round; the personal part is saved in the store,
     the shared part and allow-listed numeric metrics are returned. `setup-seconds` counts
-    from `started` (default: now) to the first step: the base (when not yet resident), the
-    expert's token weights (when not yet cached), encoding, adapters."""
+    from `started` (default: now) to the first step: the base (when not yet resident),
+    encoding, adapters; `weights-seconds` the expert's token weights (computed when not yet
+    cached for this expert)."""
     started = time.perf_counter() if started is None else started
+    weights_seconds = 0.0
+    if config.needs_expert:  # computed once per expert digest, then read from the store's cache
+        weights_started = time.perf_counter()
+        device.expert_probs(store, expert)
+        weights_seconds = time.perf_counter() - weights_started
     examples = device.examples([store], config, expert)
     model = build_adapters(device, store, split, shared_in, run_name, config.seed)
-    setup_seconds = time.perf_counter() - started
+    setup_seconds = time.perf_counter() - started - weights_seconds
     report = train_adapter(model, examples, device.tokenizer.pad_token_id, config, progress=False)
     save_personal_state(store, run_name, split.personal_state(model))
     summary = report.summary()
@@ -191,6 +197,7 @@ def train_round(
             "train-steps": report.steps,
             "train-seconds": report.seconds,
             "setup-seconds": setup_seconds,
+            "weights-seconds": weights_seconds,
         },
     )
 

@@ -111,7 +111,8 @@ def expert_dir(config: RunConfig, run_dir: Path) -> Path:
 
 
 def _strategy(config: RunConfig) -> ScreenedReplies:
-    return ScreenedReplies(SampledFedAvg(clients_per_round=config.clients_per_round), min_replies=config.min_replies)
+    sampled = SampledFedAvg(clients_per_round=config.clients_per_round, evaluate_clients=config.evaluate_clients)
+    return ScreenedReplies(sampled, min_replies=config.min_replies)
 
 
 def _rounds(
@@ -160,8 +161,8 @@ def _rounds(
 def evaluate_round(
     grid: Grid, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path, final: bool
 ) -> dict[str, Any] | None:
-    """Every connected device evaluates its personalized model; the final evaluation writes
-    the per-user table and the macro-average."""
+    """Every connected device (or `evaluate-clients` of them) evaluates its personalized model;
+    the final evaluation writes the per-user table and the macro-average."""
     started = time.perf_counter()
     strategy = _strategy(config)
     server_round = checkpoint.round if not final else config.rounds

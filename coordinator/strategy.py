@@ -32,19 +32,30 @@ log = logging.getLogger("flwr.nextquill")
 class SampledFedAvg(FedAvg):
     """FedAvg (weighted by `num-examples`) that samples exactly `clients_per_round` clients."""
 
-    def __init__(self, clients_per_round: int, **kwargs) -> None:
-        # FedAvg samples max(int(fraction_train * connected), min_train_nodes): with the
-        # fraction set per round (below), that is exactly `clients_per_round`.
+    def __init__(self, clients_per_round: int, evaluate_clients: int = 0, **kwargs) -> None:
+        # FedAvg samples max(int(fraction * connected), min_nodes): with the fraction set per
+        # round (below), that is exactly `clients_per_round` (and `evaluate_clients`; 0: all).
         super().__init__(min_train_nodes=clients_per_round, min_available_nodes=clients_per_round,
-                         min_evaluate_nodes=clients_per_round, **kwargs)
+                         min_evaluate_nodes=evaluate_clients or clients_per_round, **kwargs)
         self.clients_per_round = clients_per_round
+        self.evaluate_clients = evaluate_clients
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        connected = max(1, len(list(grid.get_node_ids())))
-        self.fraction_train = min(1.0, self.clients_per_round / connected)
+        self.fraction_train = self._fraction(self.clients_per_round, grid)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.evaluate_clients:
+            self.fraction_evaluate = self._fraction(self.evaluate_clients, grid)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    @staticmethod
+    def _fraction(clients: int, grid: Grid) -> float:
+        return min(1.0, clients / max(1, len(list(grid.get_node_ids()))))
 
 
 class ScreenedReplies(Strategy):

@@ -19,6 +19,7 @@ input is checked before anything is written, and every store is written through
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -557,21 +558,30 @@ def build_synthetic_users(
 ) -> list[Path]:
     """Users whose replies carry known preference words (ground truth for DCE).
 
-    Each user has a signature phrase and favourite adjectives no other user has; x asks
+    Each user has a signature phrase and favourite adjectives no other user has (up to 24
+    users; beyond, each user's combination of them is unique, the words recur); x asks
     about an item with its facts, y restates the facts and adds the user's markers, whose
     character spans are the samples' `preference_spans`.
     """
-    capacity = min(len(_SIGNATURE_PHRASES), len(_FAVOURITE_ADJECTIVES) // _ADJECTIVES_PER_USER)
+    pairs = list(itertools.combinations(_FAVOURITE_ADJECTIVES, _ADJECTIVES_PER_USER))
+    disjoint = min(len(_SIGNATURE_PHRASES), len(_FAVOURITE_ADJECTIVES) // _ADJECTIVES_PER_USER)
+    capacity = len(_SIGNATURE_PHRASES) * len(pairs)
     if not 1 <= n_users <= capacity:
         raise ValueError(f"n_users must be between 1 and {capacity}, got {n_users}")
     if samples_per_user < 1:
         raise ValueError(f"samples_per_user must be at least 1, got {samples_per_user}")
     rng = random.Random(seed)
-    phrases = rng.sample(_SIGNATURE_PHRASES, n_users)
-    adjectives = rng.sample(_FAVOURITE_ADJECTIVES, n_users * _ADJECTIVES_PER_USER)
+    if n_users <= disjoint:  # no marker word shared by two users
+        phrases = rng.sample(_SIGNATURE_PHRASES, n_users)
+        adjectives = rng.sample(_FAVOURITE_ADJECTIVES, n_users * _ADJECTIVES_PER_USER)
+        favourite_sets = [adjectives[u * _ADJECTIVES_PER_USER : (u + 1) * _ADJECTIVES_PER_USER] for u in range(n_users)]
+    else:  # simulations at scale: markers recur across users, each user's combination is unique
+        rng.shuffle(pairs)
+        phrases = [_SIGNATURE_PHRASES[u % len(_SIGNATURE_PHRASES)] for u in range(n_users)]
+        favourite_sets = [list(pairs[u // len(_SIGNATURE_PHRASES)]) for u in range(n_users)]
     plans = []
     for u in range(n_users):
-        favourites = adjectives[u * _ADJECTIVES_PER_USER : (u + 1) * _ADJECTIVES_PER_USER]
+        favourites = favourite_sets[u]
         entries = []
         for i in range(samples_per_user):
             facts = {
@@ -588,7 +598,8 @@ def build_synthetic_users(
         samples = _chronological_samples(entries, test_fraction)
         history = [HistoryItem(id=s.id, time=s.time, text=s.y) for s in samples]
         extra = {"seed": seed, "signature_phrase": phrases[u], "favourite_adjectives": favourites}
-        plans.append(_UserPlan(f"synthetic-user-{u:02d}", "synthetic", samples, history, extra))
+        width = max(2, len(str(n_users - 1)))  # names sort in user order
+        plans.append(_UserPlan(f"synthetic-user-{u:0{width}d}", "synthetic", samples, history, extra))
     return _write_plans(out_dir, plans, overwrite)
 
 

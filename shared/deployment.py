@@ -275,7 +275,7 @@ class LocalDeployment:
 
     connection: str  # the `[superlink.<connection>]` entry: `flwr run <app> <connection>`
     address: str  # SuperLink host:port (Fleet, Control and Runtime APIs, HTTPS)
-    root_certificates: Path  # the development CA that signed the SuperLink's certificate
+    root_certificates: Path | None  # the development CA that signed the SuperLink's certificate (None: HTTP)
     flwr_home: Path  # FLWR_HOME of `flwr` commands (config.toml); each server process has its own below
     env: dict[str, str]  # environment for `flwr` commands: FLWR_HOME, PATH with this venv's bin first
     logs: dict[str, Path]  # "superlink", "supernode-0", ...: stdout and stderr of each process and its apps
@@ -391,6 +391,37 @@ def local_deployment(
         _stop(list(started.values()), marker, stop_timeout)
 
 
+@contextlib.contextmanager
+def local_simulation(
+    flwr_home: Path, *, connection: str = "nextquill-simulation", startup_timeout: float = 120.0,
+    stop_timeout: float = 15.0,
+) -> Iterator[LocalDeployment]:
+    """A SuperLink of our own in simulation mode on a free loopback port (plain HTTP, the way
+    `flwr run .` starts its local one, but with runtime dependency installation off and every
+    process it starts, Ray's included, stopped on exit)."""
+    flwr_home = Path(flwr_home).absolute()
+    marker = uuid.uuid4().hex
+    env = _flower_env(flwr_home, marker)
+    (port,) = _free_ports(1)
+    address = f"127.0.0.1:{port}"
+    logs = {"superlink": flwr_home / "logs" / "superlink.log"}
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        link_home = flwr_home / "superlink"
+        started["superlink"] = _start(
+            ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env={**env, "FLWR_HOME": str(link_home)}, cwd=link_home, log=logs["superlink"],
+        )
+        deadline = time.monotonic() + startup_timeout
+        _wait_for(lambda: _superlink_healthy(address, None), deadline, started, logs, "the SuperLink")
+        _write_connection(flwr_home, connection, address, None)
+        yield LocalDeployment(connection=connection, address=address, root_certificates=None, flwr_home=flwr_home,
+                              env=env, logs=logs, node_ids={}, marker=marker)
+    finally:
+        _stop(list(started.values()), marker, stop_timeout)
+
+
 @dataclass(frozen=True)
 class AppRun:
     """A finished run, as `run_app` returns it."""
@@ -402,7 +433,8 @@ class AppRun:
 
 
 def run_app(
-    deployment: LocalDeployment, app_dir: Path, run_config: Mapping[str, ConfigValue], timeout: float
+    deployment: LocalDeployment, app_dir: Path, run_config: Mapping[str, ConfigValue], timeout: float,
+    federation_config: Mapping[str, int | float | str] | None = None,
 ) -> AppRun:
     """`flwr run <app_dir> <connection> --run-config <file> --stream` against `deployment`;
     returns once the run has finished and completed.
@@ -420,7 +452,10 @@ def run_app(
     log = deployment.flwr_home / "logs" / f"flwr-run-{stamp}.log"
     deadline = time.monotonic() + timeout
     command = ["flwr", "run", str(Path(app_dir).absolute()), deployment.connection]
-    run = _start([*command, "--run-config", str(config_file), "--stream"], env=deployment.env, cwd=None, log=log)
+    command += ["--run-config", str(config_file), "--stream"]
+    if federation_config:  # simulation options, e.g. num-supernodes
+        command += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
+    run = _start(command, env=deployment.env, cwd=None, log=log)
     try:
         run.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -574,23 +609,29 @@ def _wait_for(
         time.sleep(0.5)
 
 
-def _superlink_healthy(address: str, ca_cert: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), urllib.request.ProxyHandler({}))
+def _superlink_healthy(address: str, ca_cert: Path | None) -> bool:
+    """Whether the SuperLink answers its health check (HTTPS with `ca_cert`, else plain HTTP)."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_cert is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca_cert))))
+    opener = urllib.request.build_opener(*handlers)
+    scheme = "https" if ca_cert is not None else "http"
     try:
-        with opener.open(f"https://{address}/health", timeout=2) as response:
+        with opener.open(f"{scheme}://{address}/health", timeout=2) as response:
             return response.status == 200
     except OSError:  # refused, TLS not up yet, HTTP error: all OSError (URLError included)
         return False
 
 
-def _write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> None:
-    """Add `[superlink.<name>]` to the CLI's config.toml, keeping other entries, and make it the default."""
+def _write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | None) -> None:
+    """Add `[superlink.<name>]` to the CLI's config.toml, keeping other entries, and make it the
+    default; without `ca_cert` the connection is plain HTTP (a simulation on loopback)."""
     config_file = flwr_home / "config.toml"
     config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     superlink = config.setdefault("superlink", {})
     superlink["default"] = name
-    superlink[name] = {"address": address, "root-certificates": str(ca_cert)}
+    security = {"root-certificates": str(ca_cert)} if ca_cert is not None else {"insecure": True}
+    superlink[name] = {"address": address, **security}
     atomic_write_text(config_file, tomli_w.dumps(config))
 
 

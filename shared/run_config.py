@@ -48,6 +48,7 @@ class RunConfig:
     evaluate_every: int = field(
         default=0, metadata={"help": "also evaluate every N personalization rounds (0: only after the last)"}
     )
+    evaluate_clients: int = field(default=0, metadata={"help": "devices sampled per evaluation (0: every one)"})
     local_steps: int = field(default=10, metadata={"help": "local training steps per round"})
     batch_size: int = field(default=8, metadata={"help": "samples per local step"})
     learning_rate: float = field(default=3e-4, metadata={"help": "local AdamW learning rate"})
@@ -74,7 +75,7 @@ class RunConfig:
         for name in ("clients_per_round", "local_steps", "batch_size", "min_replies", "lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run config {_key(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("expert_rounds", "rounds", "evaluate_every"):
+        for name in ("expert_rounds", "rounds", "evaluate_every", "evaluate_clients"):
             if getattr(self, name) < 0:
                 raise ValueError(f"run config {_key(name)} must not be negative, got {getattr(self, name)}")
         if self.min_replies > self.clients_per_round:

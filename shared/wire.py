@@ -27,6 +27,7 @@ HAS_EXPERT = "has-expert"
 
 TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
+    "weights-seconds",
 })
 EVALUATE_METRICS = frozenset({
     NUM_EXAMPLES, "eval-rouge1", "eval-rougeL", "eval-bleu", "eval-nll", "eval-history-sensitivity",

@@ -3,6 +3,8 @@ compares ratios measured in the same run.
 
   step    one NextQuill step against one ContextSFT step and the authors' computation
           (simulations/bench_step.py)
+  scale   simulated users per hour, set-up share and worker memory of a real Flower
+          simulation of many users (simulations/bench_scale.py)
   comm    upload bytes per client per round for each split and transport dtype
           (simulations/bench_comm.py)
   dce     seconds per 1,000 target tokens of the expert pass, and its amortization
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-tokens", type=int)
     p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS), choices=bench_step.METHODS)
     p.add_argument("--out", default="runs/benchmarks/step.json")
+    p = sub.add_parser("scale", help="a Flower simulation of many users: users/hour, set-up share, memory")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--clients-per-round", type=int, default=50)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--out", default="runs/benchmarks/scale")
     p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
     p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
     p.add_argument("--lora-r", type=int, default=8)
@@ -120,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             context_tokens=args.context_tokens, response_tokens=args.response_tokens)
         bench_step.step_benchmark(args.model, BaseSpec(args.model, args.quantization, args.device), shape,
                                   args.steps, Path(args.out), tuple(args.methods))
+        return 0
+    if args.benchmark == "scale":
+        from simulations.bench_scale import scale_benchmark
+
+        scale_benchmark(args.users, args.clients_per_round, Path(args.out), args.model)
         return 0
     if args.benchmark == "comm":
         from simulations.bench_comm import comm_benchmark

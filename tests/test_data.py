@@ -237,6 +237,13 @@ def test_synthetic_preference_spans_point_at_marker_words_and_differ_between_use
             assert not mine & theirs
 
 
+def test_synthetic_users_scale_past_the_disjoint_markers_with_unique_combinations(tmp_path):
+    paths = build_synthetic_users(tmp_path, n_users=120, samples_per_user=2)
+    metas = [UserStore.open(p).meta for p in paths]
+    combos = {(m["signature_phrase"], tuple(m["favourite_adjectives"])) for m in metas}
+    assert len(combos) == 120 and [p.name for p in paths] == sorted(p.name for p in paths)
+
+
 def test_synthetic_users_are_deterministic_from_the_seed(tmp_path):
     def contents(seed: int, folder: str) -> list[str]:
         paths = build_synthetic_users(tmp_path / folder, n_users=2, samples_per_user=5, seed=seed)

@@ -1,0 +1,128 @@
+"""Benchmark 2, simulation scale: a real Flower simulation (our SuperLink in simulation mode,
+Ray workers, `flwr run`) of many synthetic users, each trained for about one local epoch.
+Reports simulated users per hour, each client's set-up time (resident base, adapters
+swapped) against its training time, and the resident memory of the Ray workers over the
+run: with user stores and personal adapters on disk, it must not grow with the users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from shared.data import build_synthetic_users
+from shared.deployment import local_simulation, run_app
+from shared.paths import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES_PER_USER = 40  # 36 training samples: one epoch is 5 steps of 8
+
+
+class WorkerMemory(threading.Thread):
+    """Samples the resident memory of the simulation's Ray workers every `period` seconds."""
+
+    def __init__(self, marker: str, period: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.marker, self.period = marker, period
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB summed over workers)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while not self._stop_event.wait(self.period):
+            total = 0
+            for proc in psutil.process_iter(["environ", "cmdline", "memory_info"], ad_value=None):
+                environ, cmdline = proc.info["environ"] or {}, " ".join(proc.info["cmdline"] or [])
+                if "ClientAppActor" in cmdline and proc.info["memory_info"] is not None and \
+                        self.marker in environ.values():
+                    total += proc.info["memory_info"].rss
+            if total:
+                self.samples.append((time.monotonic() - started, total / 2**20))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: str = "tiny",
+                    batch_size: int = 8, timeout: float = 6 * 3600) -> dict:
+    out_dir = Path(out_dir).absolute()
+    users_dir = out_dir / "users"
+    started = time.perf_counter()
+    build_synthetic_users(users_dir, n_users=users, samples_per_user=SAMPLES_PER_USER)
+    log.info("%d synthetic user stores ready in %.0f s", users, time.perf_counter() - started)
+    rounds = math.ceil(users / clients_per_round)
+    run_dir = out_dir / "run"
+    run_config = {
+        "model": model, "dataset": "synthetic", "users-dir": str(users_dir), "method": "nextquill",
+        "expert-rounds": 1, "rounds": rounds, "clients-per-round": clients_per_round,
+        "local-steps": math.ceil(0.9 * SAMPLES_PER_USER / batch_size), "batch-size": batch_size,
+        "evaluate-clients": min(users, 8), "run-dir": str(run_dir),
+    }
+    with local_simulation(out_dir / "flwr") as simulation:
+        memory = WorkerMemory(simulation.marker)
+        memory.start()
+        try:
+            run = run_app(simulation, REPO, run_config, timeout, federation_config={"num-supernodes": users})
+        finally:
+            memory.stop()
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    personalize = [r for r in rows if r["phase"] == "personalize" and r.get("aggregated")]
+    trained = sum(r["accepted"] for r in personalize)
+    seconds = sum(r["seconds"] for r in personalize)
+
+    def mean(key: str) -> float:  # per client, each round's aggregate weighted by its clients
+        return sum(r[key] * r["accepted"] for r in personalize) / max(1, trained)
+
+    tenth = max(1, len(memory.samples) // 10)
+    result = {
+        "benchmark": "simulation scale", "model": model, "users": users, "clients_per_round": clients_per_round,
+        "rounds": rounds, "run_id": run.run_id, "clients_trained": trained, "personalization_seconds": seconds,
+        "users_per_hour": 3600 * trained / seconds,
+        "setup_seconds_per_client": mean("setup-seconds"), "weights_seconds_per_client": mean("weights-seconds"),
+        "train_seconds_per_client": mean("train-seconds"),
+        "setup_share_of_round": mean("setup-seconds") / (mean("setup-seconds") + mean("weights-seconds")
+                                                         + mean("train-seconds")),
+        "worker_rss_mib_first_tenth": max(m for _, m in memory.samples[:tenth]) if memory.samples else None,
+        "worker_rss_mib_last_tenth": max(m for _, m in memory.samples[-tenth:]) if memory.samples else None,
+        "worker_rss_mib": memory.samples,
+    }
+    atomic_write_json(out_dir / "scale.json", result)
+    _plot_memory(memory.samples, out_dir / "worker_memory.png", users)
+    print(f"{users} users, {clients_per_round} per round, {rounds} rounds: {result['users_per_hour']:.0f} users/hour; "
+          f"set-up {result['setup_seconds_per_client']:.3f} s, token weights {result['weights_seconds_per_client']:.3f}"
+          f" s, training {result['train_seconds_per_client']:.2f} s per client (set-up "
+          f"{result['setup_share_of_round']:.1%} of a client's round); Ray worker memory "
+          f"{result['worker_rss_mib_first_tenth']} -> {result['worker_rss_mib_last_tenth']} MiB")
+    return result
+
+
+def _plot_memory(samples: list[tuple[float, float]], path: Path, users: int) -> None:
+    if not samples:
+        return
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([t / 60 for t, _ in samples], [m for _, m in samples], color="#4c72b0")
+    ax.set_xlabel("minutes into the run")
+    ax.set_ylabel("Ray worker RSS (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{users} simulated users")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
