@@ -54,6 +54,9 @@ class RunConfig:
     learning_rate: float = field(default=3e-4, metadata={"help": "local AdamW learning rate"})
     method: str = field(default="nextquill", metadata={"help": f"one of {sorted(METHODS)}"})
     alpha: float = field(default=0.1, metadata={"help": "weight of L_p"})
+    lean_memory: bool = field(
+        default=False, metadata={"help": "two-stage NextQuill backward: same gradients, peak memory of one pass"}
+    )
     weighting: str = field(default="threshold", metadata={"help": f"DCE -> token weight: one of {WEIGHTINGS}"})
     split: str = field(default="dual", metadata={"help": f"shared / personal split: one of {SPLIT_KINDS}"})
     shared_layers: int = field(default=0, metadata={"help": "with split 'layers': decoder layers shared"})

@@ -52,6 +52,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                         help="'self' = weights from the model being trained (the authors' released code)")
     parser.add_argument("--unweighted-alignment", action="store_true",
                         help="unweighted L_p (the authors' released code)")
+    parser.add_argument("--lean-memory", action="store_true",
+                        help="two-stage NextQuill backward: same gradients, peak memory of one pass")
     _add_weight_options(parser, weights)
 
 
@@ -82,7 +84,8 @@ def _train_config(args, method: str):
         method=method, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, alpha=args.alpha,
         weights=WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low),
-        weight_source=args.weight_source, weighted_alignment=not args.unweighted_alignment, seed=args.seed,
+        weight_source=args.weight_source, weighted_alignment=not args.unweighted_alignment,
+        lean_memory=args.lean_memory, seed=args.seed,
     )
 
 
