@@ -83,8 +83,9 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    panels = [("train-loss", "train loss (aggregated)"), ("eval-nll", "held-out NLL"),
+    panels = [("train-loss", "train loss L_n + α·L_p (mean over clients)"), ("eval-nll", "held-out NLL"),
               ("eval-rougeL", "ROUGE-L"), ("eval-history-sensitivity", "history sensitivity")]
     panels = [(key, title) for key, title in panels if any(_finite(r.get(key)) for r in rows)]
     if not panels:
@@ -97,6 +98,7 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
                 ax.plot(*zip(*points, strict=True), "o-", color=colour, label=phase)
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

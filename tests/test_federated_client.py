@@ -75,4 +75,4 @@ def test_simulated_nodes_map_partitions_to_user_stores_built_on_first_use(tmp_pa
     stores = [user_store({"partition-id": i, "num-partitions": 3}, config) for i in range(3)]
     assert len({s.user_id for s in stores}) == 3
     with pytest.raises(ValueError, match="lower num-supernodes"):
-        user_store({"partition-id": 0, "num-partitions": 99}, config)
+        user_store({"partition-id": 0, "num-partitions": 30000}, config)
