@@ -1,13 +1,6 @@
 """The local trainer: one LoRA, one loop, five methods that differ only in which prompt they
-read, whether the no-history pass is aligned (L_p), and where token weights come from.
-
-    method        prompt        L_p (alpha)   token weights ω
-    sft           no history    no            1
-    context-sft   history       no            1
-    nextquill     history       yes           expert DCE
-    mce-only      history       yes           1
-    dce-only      history       no            expert DCE
-"""
+read, whether the no-history pass is aligned (L_p), and where token weights come from (the
+table is in `shared/methods.py`)."""
 
 from __future__ import annotations
 
