@@ -22,6 +22,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,15 @@ def _in_child(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, ste
             os.environ.pop(_MMAP_THRESHOLD, None)
         else:
             os.environ[_MMAP_THRESHOLD] = saved
-    result = queue.get()
+    # A child that dies (out of memory, a crash) never reports: poll, so that this says so.
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"the {method} step process died (exit code {child.exitcode}); "
+                                   "out of memory is the usual cause at large shapes") from None
     child.join()
     return result
 
