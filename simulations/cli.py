@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", help="single-device comparison of methods (the main job)")
+    p = sub.add_parser("compare", help="single-device comparison of methods on a handful of users")
     p.add_argument("--dataset", default="shakespeare", choices=["shakespeare", "synthetic"])
     p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
     compare = CompareConfig()

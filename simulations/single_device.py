@@ -1,4 +1,4 @@
-"""Single-device comparison (the main job until the federation lands): an expert trained
+"""Single-device comparison (one machine, no federation): an expert trained
 with ContextSFT on other users, then, for each evaluated user, one LoRA per method on the
 4-bit base, evaluated on that user's held-out samples; per-user CSV, macro-averaged table,
 JSON and a PNG plot in the run directory."""
