@@ -29,7 +29,7 @@ from shared.methods import METHODS
 from shared.modeling import load_base, resolve_model_dir
 from shared.paths import file_lock
 from shared.run_config import DATASETS, RunConfig
-from shared.split import SplitSpec
+from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.wire import (
     EXPERT_PHASE,
     NUM_EXAMPLES,
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 USER_DIR_KEY = "user-dir"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
-EXPERT_SPLIT = SplitSpec("full")
 
 # The process's resident device: a base model is loaded once and serves every virtual
 # client and round that this worker runs.
@@ -176,12 +175,14 @@ def train_round(
     encoding, adapters; `weights-seconds` the expert's token weights (computed when not yet
     cached for this expert)."""
     started = time.perf_counter() if started is None else started
-    weights_seconds = 0.0
+    probs, weights_seconds = {}, 0.0
     if config.needs_expert:  # computed once per expert digest, then read from the store's cache
+        if expert is None:
+            raise ValueError(f"method {config.method!r} needs an expert adapter")
         weights_started = time.perf_counter()
-        device.expert_probs(store, expert)
+        probs = device.expert_probs(store, expert)
         weights_seconds = time.perf_counter() - weights_started
-    examples = device.examples([store], config, expert)
+    examples = device.store_examples(store, probs)
     model = build_adapters(device, store, split, shared_in, run_name, config.seed)
     setup_seconds = time.perf_counter() - started - weights_seconds
     report = train_adapter(model, examples, device.tokenizer.pad_token_id, config, progress=False)

@@ -57,12 +57,13 @@ class Device:
             raise ValueError(f"method {config.method!r} needs an expert adapter (--expert)")
         examples = []
         for store in stores:
-            probs = self.expert_probs(store, expert) if config.needs_expert else {}
-            examples += [
-                TrainExample(encoded, probs.get(sample.id))
-                for sample, encoded in encode_store_samples(store, self.tokenizer, self.prompt, "train")
-            ]
+            examples += self.store_examples(store, self.expert_probs(store, expert) if config.needs_expert else {})
         return examples
+
+    def store_examples(self, store: UserStore, probs: dict[str, TokenProbs]) -> list[TrainExample]:
+        """The store's training samples, encoded, with the expert's probabilities where given."""
+        return [TrainExample(encoded, probs.get(sample.id))
+                for sample, encoded in encode_store_samples(store, self.tokenizer, self.prompt, "train")]
 
     def train(
         self,

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from shared.paths import atomic_write_bytes
 
@@ -50,17 +50,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not path.is_file():
         return None
     try:
-        payload = path.read_bytes()
-        meta = json.loads(_header_metadata(payload)[_META_KEY])
-        return Checkpoint(shared=load(payload), **meta)
+        with safe_open(path, framework="pt") as handle:  # one open file: state and metadata together
+            meta = json.loads((handle.metadata() or {})[_META_KEY])
+            shared = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        return Checkpoint(shared=shared, **meta)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise ValueError(f"checkpoint {path} is unreadable ({error}); move it away to start afresh") from None
-
-
-def _header_metadata(payload: bytes) -> dict[str, str]:
-    # safetensors layout: 8-byte little-endian header length, then the JSON header.
-    if len(payload) < 8:
-        raise ValueError("file too short")
-    length = int.from_bytes(payload[:8], "little")
-    header = json.loads(payload[8 : 8 + length])
-    return header.get("__metadata__", {})

@@ -32,7 +32,7 @@ from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapters import adapter_digest
 from shared.expert_package import pack_expert
 from shared.run_config import RunConfig
-from shared.split import SplitSpec
+from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.wire import (
     EXPERT_DELIVER,
     EXPERT_PHASE,
@@ -51,7 +51,6 @@ log = logging.getLogger("flwr.nextquill")
 
 EXPERT_DIR = "expert"
 SHARED_ADAPTER_DIR = "shared_adapter"
-EXPERT_SPLIT = SplitSpec("full")
 
 
 @dataclass
@@ -94,7 +93,7 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
         shared = _rounds(grid, config, checkpoint, rounds, adapters, config.split_spec, config.rounds, run_dir)
         checkpoint = Checkpoint("evaluate", 0, checkpoint.run_id, checkpoint.expert_digest, shared)
         save_checkpoint(run_dir, checkpoint)
-        if config.split_spec.kind in ("full", "dual"):
+        if config.split_spec.shares_whole_adapter:
             adapters.save(config.split_spec, shared, run_dir / SHARED_ADAPTER_DIR, {"run_id": checkpoint.run_id})
 
     if checkpoint.phase == "evaluate":

@@ -28,7 +28,7 @@ class GlobalAdapters:
              metadata: dict[str, Any] | None = None) -> str:
         """Write the shared adapter of `split` holding `shared` as a PEFT adapter directory;
         returns its content digest. Only splits whose shared part is a whole adapter qualify."""
-        if split.kind not in ("full", "dual"):
+        if not split.shares_whole_adapter:
             raise ValueError(f"the shared part of split {split.kind!r} is not a whole adapter")
         model = self.host.new(*split.adapters)
         split.load_shared(model, shared)

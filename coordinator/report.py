@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator.checkpoint import PHASES
 from shared.metrics import macro_average
 from shared.paths import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shared.wire import EVALUATE_METRICS, NUM_EXAMPLES
@@ -27,7 +28,7 @@ ROUNDS_FILE = "rounds.jsonl"
 EVALUATION_FILE = "evaluation.csv"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "rounds.png"
-_PHASE_ORDER = {"expert": 0, "personalize": 1, "evaluate": 2, "done": 3}
+_PHASE_ORDER = {phase: order for order, phase in enumerate(PHASES)}
 
 
 def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:

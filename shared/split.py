@@ -45,6 +45,11 @@ class SplitSpec:
         return (SHARED_ADAPTER, PERSONAL_ADAPTER) if self.kind == "dual" else (SINGLE_ADAPTER,)
 
     @property
+    def shares_whole_adapter(self) -> bool:
+        """Whether the shared parameters form a complete adapter (writable as a PEFT adapter)."""
+        return self.kind in ("full", "dual")
+
+    @property
     def shared_adapter(self) -> str:
         """The adapter that holds the shared parameters."""
         return SHARED_ADAPTER if self.kind == "dual" else SINGLE_ADAPTER
@@ -98,3 +103,7 @@ def _set(model: PeftModel, state: dict[str, torch.Tensor], adapter: str) -> None
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
         raise ValueError(f"parameters not in adapter {adapter!r}: {unexpected[:3]}")
+
+
+# The expert phase trains one LoRA and shares all of it (FedAvg of a whole adapter).
+EXPERT_SPLIT = SplitSpec("full")

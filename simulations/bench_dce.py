@@ -13,7 +13,7 @@ from pathlib import Path
 from client import federated
 from client.personalize import Expert
 from client.token_weights import cached_token_probs, compute_token_probs, encode_store_samples
-from client.trainer import TrainConfig
+from client.trainer import TrainConfig, train_adapter
 from shared.adapters import save_adapter
 from shared.data import UserStore
 from shared.paths import atomic_write_json
@@ -44,7 +44,7 @@ def dce_benchmark(config: RunConfig, stores: list[UserStore], out: Path, rounds:
     started = time.perf_counter()
     for store in stores:
         examples = device.examples([store], train, expert)
-        federated.train_adapter(device.host.new("bench-train", seed=0), examples, device.tokenizer.pad_token_id,
+        train_adapter(device.host.new("bench-train", seed=0), examples, device.tokenizer.pad_token_id,
                                 replace(train, seed=0), progress=False)
     epoch_seconds = time.perf_counter() - started
 
