@@ -14,7 +14,7 @@ from shared import corpus
 from shared.batching import left_pad
 from shared.data import UserStore
 from shared.metrics import bleu, rouge
-from shared.modeling import model_device
+from shared.modeling import compute_autocast, model_device
 from shared.prompts import PromptConfig, render_prompt
 from shared.scoring import ScoringExample, history_nll
 
@@ -46,16 +46,17 @@ def generate(
         chunk = prompts[start : start + settings.batch_size]
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
         side = left_pad(ids, tokenizer.pad_token_id).to(device)
-        generated = model.generate(
-            input_ids=side.input_ids,
-            attention_mask=side.attention_mask,
-            max_new_tokens=settings.max_new_tokens or prompt_config.response_tokens,
-            do_sample=settings.do_sample,
-            num_beams=settings.num_beams,
-            repetition_penalty=settings.repetition_penalty,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with compute_autocast(model):
+            generated = model.generate(
+                input_ids=side.input_ids,
+                attention_mask=side.attention_mask,
+                max_new_tokens=settings.max_new_tokens or prompt_config.response_tokens,
+                do_sample=settings.do_sample,
+                num_beams=settings.num_beams,
+                repetition_penalty=settings.repetition_penalty,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         new_tokens = generated[:, side.input_ids.shape[1] :]
         outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return outputs

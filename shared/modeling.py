@@ -3,6 +3,7 @@ response positions only."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,17 +121,33 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Mixed precision for a 4-bit base on CUDA: autocast to its compute dtype (bf16).
+
+    PEFT's k-bit preparation keeps norms and embeddings in float32, and the LoRA weights are
+    float32; without autocast the hidden states are float32, every 4-bit layer dequantizes
+    to float32 and every product (attention too) runs in float32, off the tensor cores'
+    bf16 path. On the CPU, float32 stays (bf16 there is slower on most processors)."""
+    if model_device(model).type != "cuda":
+        return contextlib.nullcontext()
+    layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    if layer is None or layer.compute_dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=layer.compute_dtype)
+
+
 def response_logits(model: torch.nn.Module, side: SideBatch, response_length: int) -> torch.Tensor:
-    """Logits predicting the last `response_length` tokens of each (left-padded) row:
-    [B, R, V]. The LM head runs on those R positions only."""
-    out = model(
-        input_ids=side.input_ids,
-        attention_mask=side.attention_mask,
-        position_ids=side.position_ids,
-        logits_to_keep=response_length + 1,
-        use_cache=False,
-    )
-    return out.logits[:, :-1, :]
+    """Float32 logits predicting the last `response_length` tokens of each (left-padded)
+    row: [B, R, V]. The LM head runs on those R positions only."""
+    with compute_autocast(model):
+        out = model(
+            input_ids=side.input_ids,
+            attention_mask=side.attention_mask,
+            position_ids=side.position_ids,
+            logits_to_keep=response_length + 1,
+            use_cache=False,
+        )
+    return out.logits[:, :-1, :].float()
 
 
 @torch.no_grad()

@@ -1,8 +1,14 @@
-"""Benchmark 2, simulation scale: a real Flower simulation (our SuperLink in simulation mode,
-Ray workers, `flwr run`) of many synthetic users, each trained for about one local epoch.
-Reports simulated users per hour, each client's set-up time (resident base, adapters
-swapped) against its training time, and the resident memory of the Ray workers over the
-run: with user stores and personal adapters on disk, it must not grow with the users.
+"""Benchmark 2, simulation scale: a Flower simulation of many synthetic users, each trained
+for about one local epoch. Reports simulated users per hour, each client's set-up time
+(resident base, adapters swapped) against its training time, and the resident memory of the
+process that runs the clients over the run: with user stores and personal adapters on disk,
+it must not grow with the users.
+
+Two runtimes:
+  flower     our SuperLink in simulation mode, one Ray worker, `flwr run` (the default)
+  inprocess  the same ServerApp and ClientApp code and messages in this one process
+             (simulations/inprocess.py): no transport, for machines without Ray (a lent
+             GPU machine); on CUDA it also samples the GPU memory the clients hold.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from shared.data import build_synthetic_users
 from shared.deployment import local_simulation, run_app
 from shared.paths import atomic_write_bytes, atomic_write_json
+from shared.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -26,33 +34,50 @@ SAMPLES_PER_USER = 40  # 36 training samples: one epoch is 5 steps of 8
 
 
 class WorkerMemory(threading.Thread):
-    """Samples the resident memory of the simulation's Ray workers every `period` seconds."""
+    """Samples, every `period` seconds, the resident memory of the processes that run the
+    clients: the simulation's Ray workers (those whose environment holds `marker`), or this
+    process when `marker` is None; and, on CUDA, the GPU memory this process has allocated."""
 
-    def __init__(self, marker: str, period: float = 2.0) -> None:
+    def __init__(self, marker: str | None, period: float = 2.0) -> None:
         super().__init__(daemon=True)
         self.marker, self.period = marker, period
         self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB summed over workers)
+        self.cuda_samples: list[tuple[float, float]] = []  # (seconds since start, MiB allocated on the GPU)
         self._stop_event = threading.Event()
+
+    def _rss(self) -> int:
+        if self.marker is None:
+            return psutil.Process().memory_info().rss
+        total = 0
+        for proc in psutil.process_iter(["environ", "cmdline", "memory_info"], ad_value=None):
+            environ, cmdline = proc.info["environ"] or {}, " ".join(proc.info["cmdline"] or [])
+            if "ClientAppActor" in cmdline and proc.info["memory_info"] is not None and \
+                    self.marker in environ.values():
+                total += proc.info["memory_info"].rss
+        return total
 
     def run(self) -> None:
         started = time.monotonic()
         while not self._stop_event.wait(self.period):
-            total = 0
-            for proc in psutil.process_iter(["environ", "cmdline", "memory_info"], ad_value=None):
-                environ, cmdline = proc.info["environ"] or {}, " ".join(proc.info["cmdline"] or [])
-                if "ClientAppActor" in cmdline and proc.info["memory_info"] is not None and \
-                        self.marker in environ.values():
-                    total += proc.info["memory_info"].rss
+            now, total = time.monotonic() - started, self._rss()
             if total:
-                self.samples.append((time.monotonic() - started, total / 2**20))
+                self.samples.append((now, total / 2**20))
+            if self.marker is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                self.cuda_samples.append((now, torch.cuda.memory_allocated() / 2**20))
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
 
 
+RUNTIMES = ("flower", "inprocess")
+
+
 def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: str = "tiny",
-                    batch_size: int = 8, timeout: float = 6 * 3600) -> dict:
+                    batch_size: int = 8, timeout: float = 6 * 3600, runtime: str = "flower",
+                    device: str = "auto") -> dict:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
     out_dir = Path(out_dir).absolute()
     users_dir = out_dir / "users"
     started = time.perf_counter()
@@ -64,15 +89,20 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
         "model": model, "dataset": "synthetic", "users-dir": str(users_dir), "method": "nextquill",
         "expert-rounds": 1, "rounds": rounds, "clients-per-round": clients_per_round,
         "local-steps": math.ceil(0.9 * SAMPLES_PER_USER / batch_size), "batch-size": batch_size,
-        "evaluate-clients": min(users, 8), "run-dir": str(run_dir),
+        "evaluate-clients": min(users, 8), "run-dir": str(run_dir), "device": device,
     }
-    with local_simulation(out_dir / "flwr") as simulation:
-        memory = WorkerMemory(simulation.marker)
-        memory.start()
-        try:
-            run = run_app(simulation, REPO, run_config, timeout, federation_config={"num-supernodes": users})
-        finally:
-            memory.stop()
+    if runtime == "flower":
+        with local_simulation(out_dir / "flwr") as simulation:
+            memory = WorkerMemory(simulation.marker)
+            memory.start()
+            try:
+                run_id = run_app(simulation, REPO, run_config, timeout,
+                                 federation_config={"num-supernodes": users}).run_id
+            finally:
+                memory.stop()
+    else:
+        run_id = None
+        memory = _run_in_process(run_config, users)
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     personalize = [r for r in rows if r["phase"] == "personalize" and r.get("aggregated")]
     trained = sum(r["accepted"] for r in personalize)
@@ -83,8 +113,10 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
 
     tenth = max(1, len(memory.samples) // 10)
     result = {
-        "benchmark": "simulation scale", "model": model, "users": users, "clients_per_round": clients_per_round,
-        "rounds": rounds, "run_id": run.run_id, "clients_trained": trained, "personalization_seconds": seconds,
+        "benchmark": "simulation scale", "runtime": runtime, "model": model, "users": users,
+        "clients_per_round": clients_per_round, "rounds": rounds, "run_id": run_id,
+        "device": "cuda: " + torch.cuda.get_device_name(0) if runtime == "inprocess" and torch.cuda.is_available()
+        and device in ("auto", "cuda") else "cpu", "clients_trained": trained, "personalization_seconds": seconds,
         "users_per_hour": 3600 * trained / seconds,
         "setup_seconds_per_client": mean("setup-seconds"), "weights_seconds_per_client": mean("weights-seconds"),
         "train_seconds_per_client": mean("train-seconds"),
@@ -93,15 +125,40 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
         "worker_rss_mib_first_tenth": max(m for _, m in memory.samples[:tenth]) if memory.samples else None,
         "worker_rss_mib_last_tenth": max(m for _, m in memory.samples[-tenth:]) if memory.samples else None,
         "worker_rss_mib": memory.samples,
+        "cuda_allocated_mib_first_tenth": max(m for _, m in memory.cuda_samples[:tenth])
+        if memory.cuda_samples else None,
+        "cuda_allocated_mib_last_tenth": max(m for _, m in memory.cuda_samples[-tenth:])
+        if memory.cuda_samples else None,
+        "cuda_allocated_mib": memory.cuda_samples,
     }
     atomic_write_json(out_dir / "scale.json", result)
     _plot_memory(memory.samples, out_dir / "worker_memory.png", users)
     print(f"{users} users, {clients_per_round} per round, {rounds} rounds: {result['users_per_hour']:.0f} users/hour; "
           f"set-up {result['setup_seconds_per_client']:.3f} s, token weights {result['weights_seconds_per_client']:.3f}"
           f" s, training {result['train_seconds_per_client']:.2f} s per client (set-up "
-          f"{result['setup_share_of_round']:.1%} of a client's round); Ray worker memory "
-          f"{result['worker_rss_mib_first_tenth']} -> {result['worker_rss_mib_last_tenth']} MiB")
+          f"{result['setup_share_of_round']:.1%} of a client's round); client process memory "
+          f"{result['worker_rss_mib_first_tenth']:.0f} -> {result['worker_rss_mib_last_tenth']:.0f} MiB"
+          + (f"; GPU allocated {result['cuda_allocated_mib_first_tenth']:.0f} -> "
+             f"{result['cuda_allocated_mib_last_tenth']:.0f} MiB" if memory.cuda_samples else ""))
     return result
+
+
+def _run_in_process(run_config: dict, users: int) -> WorkerMemory:
+    """The federation in this process: real ServerApp and ClientApp code, no transport."""
+    from client.client_app import app as client_app
+    from coordinator.federation import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    config = RunConfig.from_flower(run_config)
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": users} for i in range(users)],
+                         config.to_flower())
+    memory = WorkerMemory(None)
+    memory.start()
+    try:
+        run_federation(grid, config)
+    finally:
+        memory.stop()
+    return memory
 
 
 def _plot_memory(samples: list[tuple[float, float]], path: Path, users: int) -> None:
@@ -117,7 +174,7 @@ def _plot_memory(samples: list[tuple[float, float]], path: Path, users: int) -> 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot([t / 60 for t, _ in samples], [m for _, m in samples], color="#4c72b0")
     ax.set_xlabel("minutes into the run")
-    ax.set_ylabel("Ray worker RSS (MiB)")
+    ax.set_ylabel("client process RSS (MiB)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{users} simulated users")
     ax.grid(alpha=0.3)

@@ -8,6 +8,11 @@ weights from the model being trained, recomputed every step.
 Each method runs in a process of its own, so that its peak memory is its own: on CUDA the
 peak allocated bytes above what the model and optimizer hold before the first step; on the
 CPU the peak resident set above the same point (ru_maxrss).
+
+On CUDA it also reports model FLOP utilization: the floating-point operations of one step,
+forward and backward, as PyTorch's FlopCounterMode counts them (matrix products and
+attention, the dequantized 4-bit products included), per second, over this GPU's bf16
+matrix-product rate measured in the same run (8192^3 products).
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from queue import Empty
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from client.trainer import TrainConfig, step_backward
 from shared.adapters import AdapterHost, LoraSettings
 from shared.batching import PairBatch, collate
 from shared.losses import IGNORE_INDEX, WeightScheme, nextquill_loss
-from shared.modeling import BaseSpec, load_causal_lm, model_device, resolve_model_dir
+from shared.modeling import BaseSpec, compute_autocast, load_causal_lm, model_device, resolve_model_dir
 from shared.paths import atomic_directory, atomic_write_json, data_dir
 from shared.prompts import EncodedSample
 
@@ -87,8 +94,11 @@ def authors_step_loss(model: torch.nn.Module, batch: PairBatch, alpha: float, sc
     # Their no-history input is padded to the with-history length (the labels are shared).
     without_ids = F.pad(without.input_ids, (pad, 0), value=0)
     without_mask = F.pad(without.attention_mask, (pad, 0), value=0)
-    logits0 = model(input_ids=with_side.input_ids, attention_mask=with_side.attention_mask, use_cache=False).logits
-    logits1 = model(input_ids=without_ids, attention_mask=without_mask, use_cache=False).logits
+    # Same mixed precision as ours; float32 logits, as the transformers of their release returned.
+    with compute_autocast(model):
+        logits0 = model(input_ids=with_side.input_ids, attention_mask=with_side.attention_mask,
+                        use_cache=False).logits.float()
+        logits1 = model(input_ids=without_ids, attention_mask=without_mask, use_cache=False).logits.float()
     labels = torch.full(with_side.input_ids.shape, IGNORE_INDEX, dtype=torch.long, device=logits0.device)
     labels[:, -batch.response_length :] = batch.labels
     vocab = logits0.shape[-1]
@@ -104,7 +114,8 @@ def authors_step_loss(model: torch.nn.Module, batch: PairBatch, alpha: float, sc
     return l_n + alpha * l_p
 
 
-def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, out) -> None:
+def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, out,
+                profile_dir: str | None = None) -> None:
     """In a child process: load, step `steps` times after one warm-up step, report."""
     torch.manual_seed(0)
     base = load_causal_lm(Path(model_dir), spec)
@@ -146,7 +157,17 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
         sync()
         seconds.append(time.perf_counter() - started)
     tokens = sum(len(s.prompt_with) + len(s.response) for s in samples)
+    if profile_dir:
+        _profile(step, sync, Path(profile_dir) / f"profile-{method}.txt")
+    flops = None
+    if device.type == "cuda":
+        # Counted on the math attention path: the counter has no formula for the fused
+        # kernels with grouped key/value heads; the math path does the same products.
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     result = {
+        "flops_per_step": flops,
         "method": method, "seconds_per_step": statistics.median(seconds), "seconds": seconds,
         "tokens_per_second": tokens / statistics.median(seconds),
         "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - baseline_cuda) if device.type == "cuda"
@@ -157,14 +178,33 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     out.put(result)
 
 
-def _in_child(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, cpu_memory: bool) -> dict:
+def _profile(step, sync, path: Path, steps: int = 3) -> None:
+    """PyTorch profiler over `steps` steps: the operators' table by device and CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    averages = prof.key_averages()
+    tables = [f"# {path.stem}, {steps} steps"]
+    if torch.cuda.is_available():
+        tables += ["## by device time", averages.table(sort_by="self_device_time_total", row_limit=25)]
+    tables += ["## by CPU time", averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(tables) + "\n")
+
+
+def _in_child(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, cpu_memory: bool,
+              profile_dir: str | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     saved = os.environ.get(_MMAP_THRESHOLD)
     if cpu_memory:
         os.environ[_MMAP_THRESHOLD] = "65536"  # read by the child's C library at start
     try:
-        child = context.Process(target=_run_method, args=(model_dir, spec, method, shape, steps, queue))
+        child = context.Process(target=_run_method, args=(model_dir, spec, method, shape, steps, queue, profile_dir))
         child.start()
     finally:
         if saved is None:
@@ -205,18 +245,42 @@ def shaped_model_dir(shape_name: str = QWEN_SHAPE) -> Path:
     return target
 
 
+def bf16_matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """This GPU's measured bf16 matrix-product rate (random data, after warm-up)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    tflops = 2 * size**3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return tflops
+
+
 def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out: Path,
-                   methods: tuple[str, ...] = METHODS) -> dict:
+                   methods: tuple[str, ...] = METHODS, profile_dir: Path | None = None) -> dict:
+    """Time (and, with `profile_dir`, profile) each method; write the result to `out`."""
     model_dir = shaped_model_dir(model) if model == QWEN_SHAPE else resolve_model_dir(model)
+    on_cuda = spec.device != "cpu" and torch.cuda.is_available()
+    peak_tflops = bf16_matmul_tflops() if on_cuda else None
     rows = []
     for method in methods:
-        row = _in_child(str(model_dir), spec, method, shape, steps, cpu_memory=False)
-        if spec.device == "cpu" or not torch.cuda.is_available():
+        row = _in_child(str(model_dir), spec, method, shape, steps, cpu_memory=False,
+                        profile_dir=str(profile_dir) if profile_dir else None)
+        if not on_cuda:
             # A second process measures the CPU peak: large blocks straight from mmap and returned
             # on free make the resident set follow the live tensors (its peak is the step's, not
             # the allocator's high-water mark), at a cost in speed the timed process does not pay.
             row["peak_memory_bytes"] = _in_child(str(model_dir), spec, method, shape, 1,
                                                  cpu_memory=True)["peak_memory_bytes"]
+        if peak_tflops and row["flops_per_step"]:
+            row["mfu"] = row["flops_per_step"] / row["seconds_per_step"] / (peak_tflops * 1e12)
         rows.append(row)
         log.info("%s: %.3f s/step, peak %.0f MiB", method, row["seconds_per_step"], row["peak_memory_bytes"] / 2**20)
     by_method = {row["method"]: row for row in rows}
@@ -238,7 +302,8 @@ def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out
                                                    / max(1, by_method["nextquill"]["peak_memory_bytes"]))
     result = {
         "benchmark": "local step", "model": model, "spec": asdict(spec), "shape": asdict(shape), "steps": steps,
-        "machine": _machine(), "rows": rows, "ratios": ratios,
+        "machine": _machine(), "software": _software(), "bf16_matmul_tflops": peak_tflops,
+        "rows": rows, "ratios": ratios,
     }
     atomic_write_json(out, result)
     print(step_table(result))
@@ -247,10 +312,18 @@ def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out
 
 def step_table(result: dict) -> str:
     lines = [f"local step, {result['model']} ({result['spec']['quantization']}), batch {json.dumps(result['shape'])}, "
-             f"{result['machine']}", "| method | s/step | tokens/s | peak memory (MiB) |", "|---|---|---|---|"]
+             f"{result['machine']}"]
+    mfu = result.get("bf16_matmul_tflops") is not None
+    if mfu:
+        lines.append(f"measured bf16 matrix-product rate: {result['bf16_matmul_tflops']:.0f} TFLOP/s")
+    lines += ["| method | s/step | tokens/s | peak memory (MiB) |" + (" TFLOP/step | MFU |" if mfu else ""),
+              "|---|---|---|---|" + ("---|---|" if mfu else "")]
     for row in result["rows"]:
-        lines.append(f"| {row['method']} | {row['seconds_per_step']:.3f} | {row['tokens_per_second']:.0f} | "
-                     f"{row['peak_memory_bytes'] / 2**20:.0f} |")
+        line = (f"| {row['method']} | {row['seconds_per_step']:.3f} | {row['tokens_per_second']:.0f} | "
+                f"{row['peak_memory_bytes'] / 2**20:.0f} |")
+        if mfu:
+            line += f" {row['flops_per_step'] / 1e12:.2f} | {row.get('mfu', 0):.1%} |"
+        lines.append(line)
     lines += [f"{name}: {value:.2f}x" for name, value in result["ratios"].items()]
     return "\n".join(lines)
 
@@ -259,6 +332,15 @@ def _machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _software() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "cuda": str(torch.version.cuda), "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
 
 
 def default_shape(model: str) -> StepShape:

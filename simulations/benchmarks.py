@@ -102,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-tokens", type=int)
     p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS), choices=bench_step.METHODS)
     p.add_argument("--out", default="runs/benchmarks/step.json")
+    p.add_argument("--profile", metavar="DIR", help="also write a PyTorch profiler table per method into DIR")
     p = sub.add_parser("scale", help="a Flower simulation of many users: users/hour, set-up share, memory")
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--clients-per-round", type=int, default=50)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--runtime", default="flower", choices=["flower", "inprocess"],
+                   help="flower: SuperLink + Ray simulation; inprocess: the same apps in this process (no Ray)")
+    p.add_argument("--device", default="auto", help="where the clients compute (inprocess): auto, cpu, cuda")
     p.add_argument("--out", default="runs/benchmarks/scale")
     p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
     p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
@@ -126,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             bench_step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,
             context_tokens=args.context_tokens, response_tokens=args.response_tokens)
         bench_step.step_benchmark(args.model, BaseSpec(args.model, args.quantization, args.device), shape,
-                                  args.steps, Path(args.out), tuple(args.methods))
+                                  args.steps, Path(args.out), tuple(args.methods),
+                                  Path(args.profile) if args.profile else None)
         return 0
     if args.benchmark == "scale":
         from simulations.bench_scale import scale_benchmark
 
-        scale_benchmark(args.users, args.clients_per_round, Path(args.out), args.model)
+        scale_benchmark(args.users, args.clients_per_round, Path(args.out), args.model, runtime=args.runtime,
+                        device=args.device)
         return 0
     if args.benchmark == "comm":
         from simulations.bench_comm import comm_benchmark

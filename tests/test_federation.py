@@ -78,14 +78,14 @@ def test_replies_carry_the_shared_parameters_and_allow_listed_metrics_only(model
     config = _config(model_dir, tmp_path / "run", **{"rounds": 1, "method": "mce-only"})
     grid = _grid(config, users)
     replies = []
-    original = grid._deliver
+    original = grid.deliver
 
     def record(message):
         reply = original(message)
         replies.append((message, reply))
         return reply
 
-    grid._deliver = record
+    grid.deliver = record
     run_federation(grid, config)
     train = [(m, r) for m, r in replies if m.metadata.message_type == "train"]
     assert train
