@@ -176,13 +176,14 @@ def train_round(
     cached for this expert)."""
     started = time.perf_counter() if started is None else started
     probs, weights_seconds = {}, 0.0
+    encoded = device.encoded(store)
     if config.needs_expert:  # computed once per expert digest, then read from the store's cache
         if expert is None:
             raise ValueError(f"method {config.method!r} needs an expert adapter")
         weights_started = time.perf_counter()
-        probs = device.expert_probs(store, expert)
+        probs = device.expert_probs(store, expert, encoded=encoded)
         weights_seconds = time.perf_counter() - weights_started
-    examples = device.store_examples(store, probs)
+    examples = device.store_examples(store, probs, encoded)
     model = build_adapters(device, store, split, shared_in, run_name, config.seed)
     setup_seconds = time.perf_counter() - started - weights_seconds
     report = train_adapter(model, examples, device.tokenizer.pad_token_id, config, progress=False)

@@ -14,8 +14,8 @@ from client.evaluation import GenerationSettings, evaluate_user
 from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
 from client.trainer import TrainConfig, TrainExample, TrainReport, train_adapter
 from shared.adapters import AdapterHost, adapter_digest, save_adapter
-from shared.data import UserStore
-from shared.prompts import PromptConfig
+from shared.data import Sample, UserStore
+from shared.prompts import EncodedSample, PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,20 @@ class Device:
     base_id: str
     prompt: PromptConfig
 
-    def expert_probs(self, store: UserStore, expert: Expert, split: str | None = "train") -> dict[str, TokenProbs]:
+    def encoded(self, store: UserStore, split: str | None = "train") -> list[tuple[Sample, EncodedSample]]:
+        """The store's samples of `split` with both prompt variants encoded."""
+        return encode_store_samples(store, self.tokenizer, self.prompt, split)
+
+    def expert_probs(self, store: UserStore, expert: Expert, split: str | None = "train",
+                     encoded: list[tuple[Sample, EncodedSample]] | None = None) -> dict[str, TokenProbs]:
         """The expert's token probabilities for the store's samples of `split` (cached on the
-        store by expert digest; the expert is loaded only when the cache misses)."""
+        store by expert digest; the expert is loaded only when the cache misses); `encoded`
+        when the caller has encoded them already."""
         def load_expert() -> torch.nn.Module:
             return self.host.load(EXPERT_ADAPTER, expert.path)
 
-        return cached_token_probs(store, load_expert, self.tokenizer, expert.digest, self.base_id, self.prompt, split)
+        return cached_token_probs(store, load_expert, self.tokenizer, expert.digest, self.base_id, self.prompt, split,
+                                  encoded=encoded)
 
     def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:
         if config.needs_expert and expert is None:
@@ -60,10 +67,12 @@ class Device:
             examples += self.store_examples(store, self.expert_probs(store, expert) if config.needs_expert else {})
         return examples
 
-    def store_examples(self, store: UserStore, probs: dict[str, TokenProbs]) -> list[TrainExample]:
-        """The store's training samples, encoded, with the expert's probabilities where given."""
-        return [TrainExample(encoded, probs.get(sample.id))
-                for sample, encoded in encode_store_samples(store, self.tokenizer, self.prompt, "train")]
+    def store_examples(self, store: UserStore, probs: dict[str, TokenProbs],
+                       encoded: list[tuple[Sample, EncodedSample]] | None = None) -> list[TrainExample]:
+        """The store's training samples, encoded (unless `encoded` holds them already), with
+        the expert's probabilities where given."""
+        encoded = self.encoded(store) if encoded is None else encoded
+        return [TrainExample(sample_encoding, probs.get(sample.id)) for sample, sample_encoding in encoded]
 
     def train(
         self,

@@ -99,11 +99,15 @@ def cached_token_probs(
     prompt: PromptConfig,
     split: str | None = "train",
     batch_size: int = 16,
+    encoded: list[tuple[Sample, EncodedSample]] | None = None,
 ) -> dict[str, TokenProbs]:
     """Token probabilities of the store's samples under the expert, from the cache when it
     holds this (expert digest, base, prompt) and every sample; otherwise computed with the
-    model `load_expert()` returns (called only then) and cached. Sample id -> TokenProbs."""
-    encoded = encode_store_samples(store, tokenizer, prompt, split)
+    model `load_expert()` returns (called only then) and cached. Sample id -> TokenProbs.
+    `encoded`: the samples of `split` as `encode_store_samples` gives them, when the caller
+    has them already."""
+    if encoded is None:
+        encoded = encode_store_samples(store, tokenizer, prompt, split)
     key = cache_key(expert_digest, base_id, prompt)
     path = _cache_dir(store) / f"{key}.json"
     cached: dict[str, TokenProbs] = {}

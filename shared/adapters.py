@@ -59,21 +59,27 @@ class AdapterHost:
         return list(self.model.peft_config) if self.model is not None else []
 
     def new(self, *names: str, seed: int = 0) -> PeftModel:
-        """Add freshly initialised trainable adapters `names` (deterministic from `seed`) and
-        make them the active ones (several at once for a shared + personal pair)."""
+        """Freshly initialised trainable adapters `names` (deterministic from `seed`), made the
+        active ones (several at once for a shared + personal pair). An adapter of that name
+        that exists already is re-initialised in place: a simulated client per user would
+        otherwise delete and rebuild every LoRA module of the model, the larger part of its
+        set-up."""
         if not names:
             raise ValueError("name at least one adapter")
-        torch.manual_seed(seed)
         for name in names:
-            self.drop(name)
             if self.model is None:
                 self.model = get_peft_model(self._base, self.settings.to_peft(), adapter_name=name)
-            elif name in self.adapters:  # the only adapter, so it could not be dropped: re-initialise it
-                for module in self.model.modules():
-                    if isinstance(module, LoraLayer) and name in module.lora_A:
-                        module.reset_lora_parameters(name, init_lora_weights=True)
-            else:
+            elif name not in self.adapters:
                 self.model.add_adapter(name, self.settings.to_peft())
+        # One initialisation for created and reused adapters alike, so that the values depend
+        # on the seed alone.
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer):
+                    for name in names:
+                        if name in module.lora_A:
+                            module.reset_lora_parameters(name, init_lora_weights=True)
         return self.activate(*names, trainable=True)
 
     def load(self, name: str, adapter_dir: Path, trainable: bool = False) -> PeftModel:

@@ -94,6 +94,25 @@ def test_a_new_adapter_starts_from_zero_effect_and_is_deterministic(nf4_base, to
     assert all(v.abs().sum() == 0 for k, v in first.items() if "lora_B" in k)
 
 
+def test_renewing_an_adapter_reinitialises_it_in_place(nf4_base, tokenizer):
+    """A simulated client per user renews the same adapters: same modules, the seed's values."""
+    model, _ = nf4_base
+    host = AdapterHost(model, LoraSettings(r=4, alpha=8))
+    peft_model = host.new("shared", "personal", seed=5)
+    ours = (".shared.", ".personal.")  # the module-scoped base may carry other tests' adapters
+    fresh = {k: v.clone() for k, v in peft_model.named_parameters() if any(n in k for n in ours)}
+    modules = {name: id(m) for name, m in peft_model.named_modules() if "lora_A" in name}
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name in fresh:
+                param.add_(1.0)  # a user's trained values
+    renewed = host.new("shared", "personal", seed=5)
+    assert {name: id(m) for name, m in renewed.named_modules() if "lora_A" in name} == modules
+    current = dict(renewed.named_parameters())
+    assert fresh and all(torch.equal(current[k], v) for k, v in fresh.items())
+    assert all(current[k].requires_grad for k in fresh)
+
+
 def test_training_still_works_after_evaluating_the_4bit_base(model_dir, tokenizer):
     from client.evaluation import GenerationSettings, generate
 
