@@ -18,7 +18,7 @@ from client.token_weights import TokenProbs
 from shared.batching import PairBatch, collate
 from shared.losses import WeightScheme, nextquill_loss, token_probabilities
 from shared.methods import METHODS, Method
-from shared.modeling import model_device, response_logits
+from shared.modeling import model_device, paired_response_logits, response_logits, supports_paired_pass
 from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ class TrainConfig:
     )
     weighted_alignment: bool = field(
         default=True, metadata={"help": "weight L_p by ω (the paper); False = unweighted L_p (authors' code)"}
+    )
+    paired_pass: bool = field(
+        default=True,
+        metadata={"help": "NextQuill's with- and no-history passes as one forward (block-diagonal mask); "
+                          "False: two forwards"},
     )
     lean_memory: bool = field(
         default=False,
@@ -122,9 +127,13 @@ def step_loss(
     length = batch.response_length
     labels = batch.labels.flatten()
 
-    side = batch.with_history if method.uses_history else batch.without_history
-    logits = response_logits(model, side, length).flatten(0, 1)
     self_weights = method.expert_weights and config.weight_source == "self"
+    if (logits_without is None and method.aligns_effects and method.uses_history and config.paired_pass
+            and supports_paired_pass(model)):
+        logits, logits_without = (t.flatten(0, 1) for t in paired_response_logits(model, batch))
+    else:
+        side = batch.with_history if method.uses_history else batch.without_history
+        logits = response_logits(model, side, length).flatten(0, 1)
     if logits_without is None and method.aligns_effects:
         logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
     elif logits_without is None and self_weights:

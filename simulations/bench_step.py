@@ -45,7 +45,11 @@ from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
 
-METHODS = ("context-sft", "nextquill", "nextquill-lean", "authors")
+# nextquill: both passes in one forward (the default); nextquill-two-pass: two forwards;
+# nextquill-lean: the two-stage backward.
+METHODS = ("context-sft", "nextquill", "nextquill-two-pass", "nextquill-lean", "authors")
+RATIOS = (("nextquill", "context-sft"), ("nextquill-two-pass", "context-sft"), ("nextquill-lean", "context-sft"),
+          ("nextquill-two-pass", "nextquill"), ("authors", "nextquill"))
 
 QWEN_SHAPE = "qwen2.5-0.5b-shape"
 # Qwen2.5-0.5B's published shape (config.json of the release); weights are random, since
@@ -128,7 +132,7 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     config = TrainConfig(method=method if method in ("context-sft", "nextquill") else "nextquill",
-                         lean_memory=method == "nextquill-lean")
+                         lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill")
     model.train()
 
     def step() -> None:
@@ -285,21 +289,12 @@ def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out
         log.info("%s: %.3f s/step, peak %.0f MiB", method, row["seconds_per_step"], row["peak_memory_bytes"] / 2**20)
     by_method = {row["method"]: row for row in rows}
     ratios = {}
-    if {"nextquill", "context-sft"} <= set(by_method):
-        ratios["nextquill_over_context_sft_time"] = (by_method["nextquill"]["seconds_per_step"]
-                                                     / by_method["context-sft"]["seconds_per_step"])
-        ratios["nextquill_over_context_sft_memory"] = (by_method["nextquill"]["peak_memory_bytes"]
-                                                       / max(1, by_method["context-sft"]["peak_memory_bytes"]))
-    if {"nextquill-lean", "context-sft"} <= set(by_method):
-        ratios["nextquill_lean_over_context_sft_time"] = (by_method["nextquill-lean"]["seconds_per_step"]
-                                                          / by_method["context-sft"]["seconds_per_step"])
-        ratios["nextquill_lean_over_context_sft_memory"] = (by_method["nextquill-lean"]["peak_memory_bytes"]
-                                                            / max(1, by_method["context-sft"]["peak_memory_bytes"]))
-    if {"nextquill", "authors"} <= set(by_method):
-        ratios["authors_over_nextquill_time"] = (by_method["authors"]["seconds_per_step"]
-                                                 / by_method["nextquill"]["seconds_per_step"])
-        ratios["authors_over_nextquill_memory"] = (by_method["authors"]["peak_memory_bytes"]
-                                                   / max(1, by_method["nextquill"]["peak_memory_bytes"]))
+    for numerator, denominator in RATIOS:
+        if {numerator, denominator} <= set(by_method):
+            name = f"{numerator}_over_{denominator}".replace("-", "_")
+            top, bottom = by_method[numerator], by_method[denominator]
+            ratios[f"{name}_time"] = top["seconds_per_step"] / bottom["seconds_per_step"]
+            ratios[f"{name}_memory"] = top["peak_memory_bytes"] / max(1, bottom["peak_memory_bytes"])
     result = {
         "benchmark": "local step", "model": model, "spec": asdict(spec), "shape": asdict(shape), "steps": steps,
         "machine": _machine(), "software": _software(), "bf16_matmul_tflops": peak_tflops,

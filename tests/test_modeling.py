@@ -6,10 +6,10 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from client.trainer import TrainConfig, TrainExample, train_adapter
+from client.trainer import TrainConfig, TrainExample, step_backward, train_adapter
 from shared.adapters import ADAPTER_FILES, AdapterHost, LoraSettings, adapter_digest, save_adapter
 from shared.batching import collate
-from shared.modeling import BaseSpec, load_base, response_logits
+from shared.modeling import BaseSpec, load_base, paired_response_logits, response_logits
 from shared.prompts import PromptConfig, encode_sample
 
 CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
@@ -54,6 +54,54 @@ def test_response_logits_equal_the_full_forward_at_response_positions(model_dir,
         n = len(sample.response)
         # Logits at positions T-n-1 .. T-2 predict the n response tokens.
         torch.testing.assert_close(kept[row, -n:], full[-n - 1 : -1], rtol=1e-4, atol=1e-4)
+
+
+def _uneven_batch(tokenizer):
+    """Samples of different history, context and response lengths, so both variants pad."""
+    encoded = []
+    for i in range(3):
+        history = [f"my old line {i} " * (i + 1), "and older"][: i + 1]
+        encoded.append(encode_sample(tokenizer, f"cue {i} " * (2 - i + 1), history, "my reply " * (i + 1), CONFIG))
+    return collate(encoded, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_paired_pass_equals_the_two_passes(model_dir, tokenizer, attention):
+    model, _ = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+    model.config._attn_implementation = attention
+    host = AdapterHost(model, LoraSettings(r=4, alpha=8))
+    peft_model = host.new("a", seed=1)
+    with torch.no_grad():  # a LoRA with an effect, so the adapter's path is compared as well
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = _uneven_batch(tokenizer)
+    assert len(set(batch.with_history.attention_mask.sum(1).tolist())) == 3  # three lengths: padding in play
+    paired_with, paired_without = paired_response_logits(peft_model, batch)
+    torch.testing.assert_close(paired_with, response_logits(peft_model, batch.with_history, batch.response_length),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(paired_without,
+                               response_logits(peft_model, batch.without_history, batch.response_length),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_paired_step_gives_the_two_pass_gradients(model_dir, tokenizer):
+    # Float32 throughout (the 4-bit layers compute in bf16), so that only the layout differs.
+    model, _ = load_base(BaseSpec(str(model_dir), quantization="none", device="cpu"))
+    peft_model = AdapterHost(model, LoraSettings(r=4, alpha=8)).new("a", seed=1)
+    batch = _uneven_batch(tokenizer)
+    probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
+    results = {}
+    for paired in (True, False):
+        peft_model.zero_grad(set_to_none=True)
+        total, _, l_p = step_backward(peft_model, batch, TrainConfig(method="nextquill", paired_pass=paired), probs)
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        results[paired] = (total, l_p, grads)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-5)
+    assert results[True][2].keys() == results[False][2].keys() and results[True][2]
+    for name, grad in results[True][2].items():
+        torch.testing.assert_close(grad, results[False][2][name], rtol=1e-4, atol=1e-7)
 
 
 def test_qlora_trains_on_cpu_and_round_trips_through_plain_peft(nf4_base, tokenizer, tmp_path):
