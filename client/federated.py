@@ -131,7 +131,7 @@ def phase_setup(config: RunConfig, instruction: RoundInstruction) -> tuple[Split
     if instruction.phase == EXPERT_PHASE:
         return EXPERT_SPLIT, TrainConfig(method="context-sft", **common)
     return config.split_spec, TrainConfig(method=config.method, alpha=config.alpha, weights=config.weight_scheme,
-                                          lean_memory=config.lean_memory, **common)
+                                          lean_memory=config.lean_memory, paired_pass=config.paired_pass, **common)
 
 
 def device_expert(instruction: RoundInstruction, train_config: TrainConfig) -> Expert | None:

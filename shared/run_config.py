@@ -57,6 +57,9 @@ class RunConfig:
     lean_memory: bool = field(
         default=False, metadata={"help": "two-stage NextQuill backward: same gradients, peak memory of one pass"}
     )
+    paired_pass: bool = field(
+        default=True, metadata={"help": "NextQuill's two passes as one forward (block-diagonal mask); false: two"}
+    )
     weighting: str = field(default="threshold", metadata={"help": f"DCE -> token weight: one of {WEIGHTINGS}"})
     split: str = field(default="dual", metadata={"help": f"shared / personal split: one of {SPLIT_KINDS}"})
     shared_layers: int = field(default=0, metadata={"help": "with split 'layers': decoder layers shared"})

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import platform
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--out", default="runs/benchmarks/setup.json")
     args = parser.parse_args(argv)
+    # SIGTERM (a `kill`, a job scheduler) unwinds like an exception, so that the SuperLink,
+    # SuperExec and Ray processes a benchmark started are stopped by its cleanup, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.benchmark == "step":
         shape = bench_step.with_overrides(
