@@ -132,7 +132,7 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
         "cuda_allocated_mib": memory.cuda_samples,
     }
     atomic_write_json(out_dir / "scale.json", result)
-    _plot_memory(memory.samples, out_dir / "worker_memory.png", users)
+    _plot_memory(memory.samples, memory.cuda_samples, out_dir / "worker_memory.png", users)
     print(f"{users} users, {clients_per_round} per round, {rounds} rounds: {result['users_per_hour']:.0f} users/hour; "
           f"set-up {result['setup_seconds_per_client']:.3f} s, token weights {result['weights_seconds_per_client']:.3f}"
           f" s, training {result['train_seconds_per_client']:.2f} s per client (set-up "
@@ -161,7 +161,8 @@ def _run_in_process(run_config: dict, users: int) -> WorkerMemory:
     return memory
 
 
-def _plot_memory(samples: list[tuple[float, float]], path: Path, users: int) -> None:
+def _plot_memory(samples: list[tuple[float, float]], cuda_samples: list[tuple[float, float]], path: Path,
+                 users: int) -> None:
     if not samples:
         return
     import io
@@ -176,6 +177,12 @@ def _plot_memory(samples: list[tuple[float, float]], path: Path, users: int) -> 
     ax.set_xlabel("minutes into the run")
     ax.set_ylabel("client process RSS (MiB)")
     ax.set_ylim(bottom=0)
+    if cuda_samples:
+        ax.plot([t / 60 for t, _ in cuda_samples], [m for _, m in cuda_samples], color="#dd8452", linewidth=0.8,
+                label="GPU memory allocated (MiB)")
+        ax.set_ylabel("MiB")
+        ax.lines[0].set_label("client process RSS (MiB)")
+        ax.legend(loc="center right", fontsize=8)
     ax.set_title(f"{users} simulated users")
     ax.grid(alpha=0.3)
     fig.tight_layout()
