@@ -125,9 +125,10 @@ def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManage
     """Mixed precision for a 4-bit base on CUDA: autocast to its compute dtype (bf16).
 
     PEFT's k-bit preparation keeps norms and embeddings in float32, and the LoRA weights are
-    float32; without autocast the hidden states are float32, every 4-bit layer dequantizes
-    to float32 and every product (attention too) runs in float32, off the tensor cores'
-    bf16 path. On the CPU, float32 stays (bf16 there is slower on most processors)."""
+    float32; without autocast the hidden states are float32: the 4-bit layers cast their
+    input to bf16 themselves, but attention, the LoRA products and the LM head run in
+    float32, off the tensor cores' bf16 path. On the CPU, float32 stays (bf16 there is
+    slower on most processors)."""
     if model_device(model).type != "cuda":
         return contextlib.nullcontext()
     layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
