@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from shared.batching import collate
 from shared.data import Sample, UserStore
 from shared.losses import token_probabilities
-from shared.modeling import model_device, paired_response_logits, response_logits, supports_paired_pass
+from shared.modeling import model_device, response_logits
 from shared.paths import atomic_write_json
 from shared.prompts import EncodedSample, PromptConfig, encode_sample
 
@@ -69,11 +69,8 @@ def compute_token_probs(
         chunk = encoded[start : start + batch_size]
         batch = collate(chunk, pad_id).to(device)
         length = batch.response_length
-        if supports_paired_pass(model):
-            logits_with, logits_without = paired_response_logits(model, batch)
-        else:
-            logits_with = response_logits(model, batch.with_history, length)
-            logits_without = response_logits(model, batch.without_history, length)
+        logits_with = response_logits(model, batch.with_history, length)
+        logits_without = response_logits(model, batch.without_history, length)
         p_with = token_probabilities(logits_with.flatten(0, 1), batch.labels.flatten()).view(len(chunk), length)
         p_without = token_probabilities(logits_without.flatten(0, 1), batch.labels.flatten()).view(len(chunk), length)
         for row, sample in enumerate(chunk):

@@ -58,7 +58,7 @@ class RunConfig:
         default=False, metadata={"help": "two-stage NextQuill backward: same gradients, peak memory of one pass"}
     )
     paired_pass: bool = field(
-        default=True, metadata={"help": "NextQuill's two passes as one forward (block-diagonal mask); false: two"}
+        default=False, metadata={"help": "NextQuill's two passes as one forward (block-diagonal mask); same gradients"}
     )
     weighting: str = field(default="threshold", metadata={"help": f"DCE -> token weight: one of {WEIGHTINGS}"})
     split: str = field(default="dual", metadata={"help": f"shared / personal split: one of {SPLIT_KINDS}"})

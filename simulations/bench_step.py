@@ -45,11 +45,11 @@ from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
 
-# nextquill: both passes in one forward (the default); nextquill-two-pass: two forwards;
-# nextquill-lean: the two-stage backward.
-METHODS = ("context-sft", "nextquill", "nextquill-two-pass", "nextquill-lean", "authors")
-RATIOS = (("nextquill", "context-sft"), ("nextquill-two-pass", "context-sft"), ("nextquill-lean", "context-sft"),
-          ("nextquill-two-pass", "nextquill"), ("authors", "nextquill"))
+# nextquill: two forwards (the default); nextquill-paired: both passes in one forward
+# (`paired-pass`); nextquill-lean: the two-stage backward (`lean-memory`).
+METHODS = ("context-sft", "nextquill", "nextquill-paired", "nextquill-lean", "authors")
+RATIOS = (("nextquill", "context-sft"), ("nextquill-paired", "context-sft"), ("nextquill-lean", "context-sft"),
+          ("nextquill-paired", "nextquill"), ("authors", "nextquill"))
 
 QWEN_SHAPE = "qwen2.5-0.5b-shape"
 # Qwen2.5-0.5B's published shape (config.json of the release); weights are random, since
@@ -132,7 +132,7 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     config = TrainConfig(method=method if method in ("context-sft", "nextquill") else "nextquill",
-                         lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill")
+                         lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill-paired")
     model.train()
 
     def step() -> None:

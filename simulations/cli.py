@@ -54,8 +54,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                         help="unweighted L_p (the authors' released code)")
     parser.add_argument("--lean-memory", action="store_true",
                         help="two-stage NextQuill backward: same gradients, peak memory of one pass")
-    parser.add_argument("--two-pass", action="store_true",
-                        help="run NextQuill's with- and no-history passes as two forwards instead of one")
+    parser.add_argument("--paired-pass", action="store_true",
+                        help="NextQuill's with- and no-history passes as one forward (block-diagonal mask)")
     _add_weight_options(parser, weights)
 
 
@@ -87,7 +87,7 @@ def _train_config(args, method: str):
         learning_rate=args.learning_rate, alpha=args.alpha,
         weights=WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low),
         weight_source=args.weight_source, weighted_alignment=not args.unweighted_alignment,
-        lean_memory=args.lean_memory, paired_pass=not args.two_pass, seed=args.seed,
+        lean_memory=args.lean_memory, paired_pass=args.paired_pass, seed=args.seed,
     )
 
 
