@@ -202,6 +202,9 @@ def train_adapter(
         raise ValueError("the model has no trainable parameters: attach a LoRA first")
     if config.lean_memory and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         raise ValueError("lean_memory recomputes the no-history pass and needs it deterministic: set dropout to 0")
+    if config.paired_pass and config.spec.aligns_effects and not supports_paired_pass(model):
+        log.warning("paired_pass asked for, but attention implementation %r takes no 4D mask: "
+                    "running the two passes separately", getattr(model.config, "_attn_implementation", None))
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     device = model_device(model)
     rng = random.Random(config.seed)
