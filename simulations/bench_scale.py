@@ -25,6 +25,7 @@ import torch
 
 from shared.data import build_synthetic_users
 from shared.deployment import local_simulation, run_app
+from shared.modeling import resolve_device
 from shared.paths import atomic_write_bytes, atomic_write_json
 from shared.run_config import RunConfig
 
@@ -111,24 +112,21 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
     def mean(key: str) -> float:  # per client, each round's aggregate weighted by its clients
         return sum(r[key] * r["accepted"] for r in personalize) / max(1, trained)
 
-    tenth = max(1, len(memory.samples) // 10)
+    rss_first, rss_last = _first_and_last_tenth_peaks(memory.samples)
+    cuda_first, cuda_last = _first_and_last_tenth_peaks(memory.cuda_samples)
     result = {
         "benchmark": "simulation scale", "runtime": runtime, "model": model, "users": users,
         "clients_per_round": clients_per_round, "rounds": rounds, "run_id": run_id,
-        "device": "cuda: " + torch.cuda.get_device_name(0) if runtime == "inprocess" and torch.cuda.is_available()
-        and device in ("auto", "cuda") else "cpu", "clients_trained": trained, "personalization_seconds": seconds,
+        "device": _device_name(device) if runtime == "inprocess" else f"Ray worker, device={device!r}",
+        "clients_trained": trained, "personalization_seconds": seconds,
         "users_per_hour": 3600 * trained / seconds,
         "setup_seconds_per_client": mean("setup-seconds"), "weights_seconds_per_client": mean("weights-seconds"),
         "train_seconds_per_client": mean("train-seconds"),
         "setup_share_of_round": mean("setup-seconds") / (mean("setup-seconds") + mean("weights-seconds")
                                                          + mean("train-seconds")),
-        "worker_rss_mib_first_tenth": max(m for _, m in memory.samples[:tenth]) if memory.samples else None,
-        "worker_rss_mib_last_tenth": max(m for _, m in memory.samples[-tenth:]) if memory.samples else None,
+        "worker_rss_mib_first_tenth": rss_first, "worker_rss_mib_last_tenth": rss_last,
         "worker_rss_mib": memory.samples,
-        "cuda_allocated_mib_first_tenth": max(m for _, m in memory.cuda_samples[:tenth])
-        if memory.cuda_samples else None,
-        "cuda_allocated_mib_last_tenth": max(m for _, m in memory.cuda_samples[-tenth:])
-        if memory.cuda_samples else None,
+        "cuda_allocated_mib_first_tenth": cuda_first, "cuda_allocated_mib_last_tenth": cuda_last,
         "cuda_allocated_mib": memory.cuda_samples,
     }
     atomic_write_json(out_dir / "scale.json", result)
@@ -141,6 +139,19 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
           + (f"; GPU allocated {result['cuda_allocated_mib_first_tenth']:.0f} -> "
              f"{result['cuda_allocated_mib_last_tenth']:.0f} MiB" if memory.cuda_samples else ""))
     return result
+
+
+def _first_and_last_tenth_peaks(samples: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """The highest sample in the first and in the last tenth of a run (None without samples)."""
+    if not samples:
+        return None, None
+    tenth = max(1, len(samples) // 10)
+    return max(m for _, m in samples[:tenth]), max(m for _, m in samples[-tenth:])
+
+
+def _device_name(device: str) -> str:
+    resolved = resolve_device(device)
+    return f"{resolved}: {torch.cuda.get_device_name(resolved)}" if resolved.type == "cuda" else str(resolved)
 
 
 def _run_in_process(run_config: dict, users: int) -> WorkerMemory:

@@ -40,7 +40,7 @@ from shared.adapters import AdapterHost, LoraSettings
 from shared.batching import PairBatch, collate
 from shared.losses import IGNORE_INDEX, WeightScheme, nextquill_loss
 from shared.modeling import BaseSpec, compute_autocast, load_causal_lm, model_device, resolve_model_dir
-from shared.paths import atomic_directory, atomic_write_json, data_dir
+from shared.paths import atomic_directory, atomic_write_json, atomic_write_text, data_dir
 from shared.prompts import EncodedSample
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def _profile(step, sync, path: Path, steps: int = 3) -> None:
     if torch.cuda.is_available():
         tables += ["## by device time", averages.table(sort_by="self_device_time_total", row_limit=25)]
     tables += ["## by CPU time", averages.table(sort_by="self_cpu_time_total", row_limit=25)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(tables) + "\n")
+    atomic_write_text(path, "\n".join(tables) + "\n")
 
 
 def _in_child(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, steps: int, cpu_memory: bool,

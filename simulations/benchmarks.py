@@ -88,7 +88,7 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from simulations import bench_step
+    from simulations import bench_scale, bench_step
 
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--clients-per-round", type=int, default=50)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--runtime", default="flower", choices=["flower", "inprocess"],
+    p.add_argument("--runtime", default="flower", choices=bench_scale.RUNTIMES,
                    help="flower: SuperLink + Ray simulation; inprocess: the same apps in this process (no Ray)")
     p.add_argument("--device", default="auto", help="where the clients compute (inprocess): auto, cpu, cuda")
     p.add_argument("--out", default="runs/benchmarks/scale")
@@ -139,10 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                   Path(args.profile) if args.profile else None)
         return 0
     if args.benchmark == "scale":
-        from simulations.bench_scale import scale_benchmark
-
-        scale_benchmark(args.users, args.clients_per_round, Path(args.out), args.model, runtime=args.runtime,
-                        device=args.device)
+        bench_scale.scale_benchmark(args.users, args.clients_per_round, Path(args.out), args.model,
+                                    runtime=args.runtime, device=args.device)
         return 0
     if args.benchmark == "comm":
         from simulations.bench_comm import comm_benchmark
