@@ -4,6 +4,8 @@
             shared parameters and numeric metrics out (the personal part stays on disk)
   evaluate  the personalized model on the user's held-out samples: metrics only
   query     the expert's distribution: does this device hold it, and here it is
+
+A handler that fails replies with a fixed code and category only (`client.failures`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import federated
+from client.failures import replies_without_details
 from shared.run_config import RunConfig
 from shared.wire import EXPERT_DELIVER, EXPERT_STATUS, HAS_EXPERT, RoundInstruction, decode_shared, encode_shared
 
@@ -19,6 +22,7 @@ app = ClientApp()
 
 
 @app.train()
+@replies_without_details
 def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
@@ -29,6 +33,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@replies_without_details
 def evaluate(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
@@ -38,6 +43,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query()
+@replies_without_details
 def query(msg: Message, context: Context) -> Message:
     request = msg.content["config"]
     action = request["action"]

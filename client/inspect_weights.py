@@ -13,7 +13,7 @@ import torch
 from client.personalize import Device, Expert
 from shared.data import UserStore
 from shared.losses import WeightScheme
-from shared.paths import atomic_write_jsonl, atomic_write_text
+from shared.paths import atomic_directory, atomic_write_jsonl, atomic_write_text, refuse_to_replace
 
 
 def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme) -> list[dict]:
@@ -89,11 +89,15 @@ def render_html(rows: list[dict], title: str) -> str:
     return "\n".join(parts)
 
 
-def write_inspection(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme, out: Path) -> dict:
-    """Write <out>/token_weights.jsonl and <out>/token_weights.html; returns the summary."""
+def write_inspection(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme, out: Path,
+                     overwrite: bool = False) -> dict:
+    """Write the folder `out` with token_weights.jsonl and token_weights.html (in one rename; an
+    `out` that holds something is replaced only when `overwrite`); returns the summary."""
+    refuse_to_replace(out, overwrite)
     rows = token_rows(device, store, expert, scheme)
-    atomic_write_jsonl(out / "token_weights.jsonl", rows)
-    atomic_write_text(out / "token_weights.html", render_html(rows, f"Token weights of {store.user_id}"))
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        atomic_write_jsonl(staging / "token_weights.jsonl", rows)
+        atomic_write_text(staging / "token_weights.html", render_html(rows, f"Token weights of {store.user_id}"))
     summary = detection_summary(rows, scheme)
     summary["files"] = [str(out / "token_weights.jsonl"), str(out / "token_weights.html")]
     return summary

@@ -13,8 +13,9 @@ from transformers import PreTrainedTokenizerBase
 from client.evaluation import GenerationSettings, evaluate_user
 from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
 from client.trainer import TrainConfig, TrainExample, TrainReport, train_adapter
-from shared.adapters import AdapterHost, adapter_digest, save_adapter
+from shared.adapters import AdapterHost, adapter_digest, check_adapter_base, save_adapter
 from shared.data import Sample, UserStore
+from shared.paths import refuse_to_replace
 from shared.prompts import EncodedSample, PromptConfig
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,15 @@ class Device:
         store by expert digest; the expert is loaded only when the cache misses); `encoded`
         when the caller has encoded them already."""
         def load_expert() -> torch.nn.Module:
-            return self.host.load(EXPERT_ADAPTER, expert.path)
+            return self.load_adapter(EXPERT_ADAPTER, expert.path)
 
         return cached_token_probs(store, load_expert, self.tokenizer, expert.digest, self.base_id, self.prompt, split,
                                   encoded=encoded)
+
+    def load_adapter(self, name: str, adapter_dir: Path) -> torch.nn.Module:
+        """Load a saved adapter as `name`, refusing one made for another base."""
+        check_adapter_base(adapter_dir, self.base_id)
+        return self.host.load(name, adapter_dir)
 
     def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:
         if config.needs_expert and expert is None:
@@ -81,14 +87,18 @@ class Device:
         expert: Expert | None = None,
         save_to: Path | None = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> TrainReport:
         """Train a fresh adapter on the pooled training samples of `stores`; save it with
-        PEFT's format to `save_to` when given."""
+        PEFT's format to `save_to` when given (a `save_to` that holds something is refused
+        before training, unless `overwrite`)."""
+        if save_to is not None:
+            refuse_to_replace(save_to, overwrite)
         examples = self.examples(stores, config, expert)
         model = self.host.new(LOCAL_ADAPTER, seed=config.seed)
         report = train_adapter(model, examples, self.tokenizer.pad_token_id, config, progress=progress)
         if save_to is not None:
-            save_adapter(model, save_to, adapter_name=LOCAL_ADAPTER, metadata={
+            save_adapter(model, save_to, adapter_name=LOCAL_ADAPTER, overwrite=overwrite, metadata={
                 "method": config.method,
                 "users": [s.user_id for s in stores],
                 "base": self.base_id,

@@ -20,6 +20,7 @@ from shared.losses import WeightScheme, nextquill_loss, token_probabilities
 from shared.methods import METHODS, Method
 from shared.modeling import model_device, paired_response_logits, response_logits, supports_paired_pass
 from shared.prompts import EncodedSample
+from shared.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -31,38 +32,29 @@ WEIGHT_SOURCES = ("expert", "self")
 class TrainConfig:
     """Local training settings."""
 
-    method: str = field(default="nextquill", metadata={"help": f"one of {sorted(METHODS)}"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the training samples"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (overrides epochs)"})
-    batch_size: int = field(default=8, metadata={"help": "samples per step"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate of the LoRA"})
-    alpha: float = field(default=0.1, metadata={"help": "weight of the causal preference alignment loss L_p"})
-    weights: WeightScheme = field(default_factory=WeightScheme, metadata={"help": "DCE -> ω"})
-    weight_source: str = field(
-        default="expert",
-        metadata={"help": "'expert' (the paper) or 'self': DCE from the model being trained (authors' code)"},
+    method: str = setting("nextquill", f"one of {sorted(METHODS)}", choices=tuple(METHODS))
+    epochs: float = setting(2.0, "passes over the training samples", above=0.0)
+    max_steps: int | None = setting(None, "stop after this many steps (overrides epochs)", minimum=1)
+    batch_size: int = setting(8, "samples per step", minimum=1)
+    learning_rate: float = setting(3e-4, "AdamW learning rate of the LoRA", above=0.0)
+    alpha: float = setting(0.1, "weight of the causal preference alignment loss L_p", minimum=0.0)
+    weights: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> ω")
+    weight_source: str = setting(
+        "expert", "'expert' (the paper) or 'self': DCE from the model being trained (authors' code)",
+        choices=WEIGHT_SOURCES,
     )
-    weighted_alignment: bool = field(
-        default=True, metadata={"help": "weight L_p by ω (the paper); False = unweighted L_p (authors' code)"}
+    weighted_alignment: bool = setting(True, "weight L_p by ω (the paper); False = unweighted L_p (authors' code)")
+    paired_pass: bool = setting(
+        False, "NextQuill's with- and no-history passes as one forward (block-diagonal mask) instead of two; same "
+               "gradients; not faster on the CPU, not yet measured on a GPU",
     )
-    paired_pass: bool = field(
-        default=False,
-        metadata={"help": "NextQuill's with- and no-history passes as one forward (block-diagonal mask) instead of "
-                          "two; same gradients; not faster on the CPU, not yet measured on a GPU"},
+    lean_memory: bool = setting(
+        False, "two-stage backward: the peak memory of the longer pass alone, for one more short forward"
     )
-    lean_memory: bool = field(
-        default=False,
-        metadata={"help": "two-stage backward: the peak memory of the longer pass alone, for one more short forward"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the sample order"})
+    seed: int = setting(0, "seed of the sample order")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        if self.weight_source not in WEIGHT_SOURCES:
-            raise ValueError(f"weight_source must be one of {WEIGHT_SOURCES}, got {self.weight_source!r}")
-        if self.batch_size < 1 or self.learning_rate <= 0 or self.epochs <= 0 or self.alpha < 0:
-            raise ValueError("batch_size and epochs must be positive, learning_rate > 0, alpha >= 0")
+        check_settings(self)
 
     @property
     def spec(self) -> Method:

@@ -27,9 +27,10 @@ from flwr.serverapp import Grid
 
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.global_adapters import GlobalAdapters
+from coordinator.nodes import NodeSnapshot, NodeWaiter
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
-from shared.adapters import adapter_digest
+from shared.adapters import adapter_digest, check_adapter_base
 from shared.expert_package import pack_expert
 from shared.run_config import RunConfig
 from shared.split import EXPERT_SPLIT, SplitSpec
@@ -64,7 +65,6 @@ class RunResult:
 def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     """Run (or resume) the phases of `config` in its run directory."""
     run_dir = config.resolve(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     check_run_config(run_dir, config.to_flower())
     rounds = RoundLog(run_dir)
     expert_phase = config.needs_expert and not config.expert
@@ -77,9 +77,13 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
         log.info("resuming %s at phase %s after round %d", run_dir, checkpoint.phase, checkpoint.round)
     rounds.keep_until(checkpoint.phase, checkpoint.round)
     adapters = GlobalAdapters(config.model, config.lora)
+    if config.needs_expert and config.expert:
+        check_adapter_base(config.resolve(config.expert), adapters.base_id)
+    nodes = NodeWaiter(grid, config.connect_timeout)
 
     if checkpoint.phase == EXPERT_PHASE:
-        shared = _rounds(grid, config, checkpoint, rounds, adapters, EXPERT_SPLIT, config.expert_rounds, run_dir)
+        shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, EXPERT_SPLIT, config.expert_rounds,
+                         run_dir)
         checkpoint.expert_digest = adapters.save(EXPERT_SPLIT, shared, run_dir / EXPERT_DIR,
                                                  {"run_id": checkpoint.run_id, "rounds": config.expert_rounds})
         log.info("expert published: %s (digest %s)", run_dir / EXPERT_DIR, checkpoint.expert_digest[:16])
@@ -88,16 +92,15 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
 
     summary = None
     if checkpoint.phase == PERSONALIZE_PHASE:
-        if config.needs_expert:
-            distribute_expert(grid, expert_dir(config, run_dir), checkpoint.expert_digest, config.round_timeout)
-        shared = _rounds(grid, config, checkpoint, rounds, adapters, config.split_spec, config.rounds, run_dir)
+        shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, config.split_spec, config.rounds,
+                         run_dir)
         checkpoint = Checkpoint("evaluate", 0, checkpoint.run_id, checkpoint.expert_digest, shared)
         save_checkpoint(run_dir, checkpoint)
         if config.split_spec.shares_whole_adapter:
             adapters.save(config.split_spec, shared, run_dir / SHARED_ADAPTER_DIR, {"run_id": checkpoint.run_id})
 
     if checkpoint.phase == "evaluate":
-        summary = evaluate_round(grid, config, checkpoint, rounds, run_dir, final=True)
+        summary = evaluate_round(grid, nodes, config, checkpoint, rounds, run_dir, final=True)
         checkpoint = Checkpoint("done", 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared)
         save_checkpoint(run_dir, checkpoint)
     plot_rounds(run_dir, rounds.rows)
@@ -116,6 +119,7 @@ def _strategy(config: RunConfig) -> ScreenedReplies:
 
 def _rounds(
     grid: Grid,
+    nodes: NodeWaiter,
     config: RunConfig,
     checkpoint: Checkpoint,
     rounds: RoundLog,
@@ -125,16 +129,23 @@ def _rounds(
     run_dir: Path,
 ) -> dict[str, torch.Tensor]:
     """The training rounds of the checkpoint's phase, from the one after the last completed;
-    returns the phase's final shared parameters."""
+    returns the phase's final shared parameters. Personalization rounds first send the expert
+    to connected devices that lack it (once per device)."""
     phase = checkpoint.phase
     shared = checkpoint.shared or adapters.initial_shared(split, config.seed)
     strategy = _strategy(config)
+    expert_holders: set[int] = set()
     for server_round in range(checkpoint.round + 1, num_rounds + 1):
         started = time.perf_counter()
+        connected = nodes.nodes(config.clients_per_round, config.min_replies)
+        if phase == PERSONALIZE_PHASE and config.needs_expert:
+            expert_holders |= distribute_expert(grid, expert_dir(config, run_dir), checkpoint.expert_digest,
+                                                config.round_timeout, [n for n in connected if n not in expert_holders])
         instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
         arrays = encode_shared(shared, config.transport_dtype)
         random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()), grid))
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()),
+                                                 NodeSnapshot(grid, connected)))
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
         aggregated, metrics = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
@@ -153,12 +164,13 @@ def _rounds(
                  f"{row['train-loss']:.4f}" if "train-loss" in row else "-", row["seconds"])
         if phase == PERSONALIZE_PHASE and config.evaluate_every and server_round % config.evaluate_every == 0 \
                 and server_round < num_rounds:
-            evaluate_round(grid, config, checkpoint, rounds, run_dir, final=False)
+            evaluate_round(grid, nodes, config, checkpoint, rounds, run_dir, final=False)
     return shared
 
 
 def evaluate_round(
-    grid: Grid, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path, final: bool
+    grid: Grid, nodes: NodeWaiter, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path,
+    final: bool,
 ) -> dict[str, Any] | None:
     """Every connected device (or `evaluate-clients` of them) evaluates its personalized model;
     the final evaluation writes the per-user table and the macro-average."""
@@ -166,8 +178,9 @@ def evaluate_round(
     strategy = _strategy(config)
     server_round = checkpoint.round if not final else config.rounds
     instruction = RoundInstruction(PERSONALIZE_PHASE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
+    connected = nodes.nodes(config.evaluate_clients or config.clients_per_round, config.min_replies)
     messages = list(strategy.configure_evaluate(server_round, encode_shared(checkpoint.shared, config.transport_dtype),
-                                                ConfigRecord(instruction.to_config()), grid))
+                                                ConfigRecord(instruction.to_config()), NodeSnapshot(grid, connected)))
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     metrics = strategy.aggregate_evaluate(server_round, replies)
     users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
@@ -183,19 +196,20 @@ def evaluate_round(
     return summary
 
 
-def distribute_expert(grid: Grid, expert: Path, digest: str, timeout: float) -> int:
-    """Send the expert (files and digest) to every connected device that lacks it; returns
-    how many received it. A device verifies the digest before it caches the files."""
-    nodes = list(grid.get_node_ids())
+def distribute_expert(grid: Grid, expert: Path, digest: str, timeout: float, nodes: list[int]) -> set[int]:
+    """Send the expert (files and digest) to those of `nodes` that lack it; returns the nodes
+    that hold it now. A device verifies the digest before it caches the files."""
+    if not nodes:
+        return set()
     status = _query(grid, nodes, {"action": EXPERT_STATUS, "expert-digest": digest}, None, timeout)
     missing = [node for node, has in status.items() if not has]
     package = ConfigRecord(pack_expert(expert))
     if package["digest"] != digest:
         raise ValueError(f"expert {expert} has digest {package['digest'][:16]}..., the run expects {digest[:16]}...")
     delivered = _query(grid, missing, {"action": EXPERT_DELIVER}, package, timeout)
-    log.info("expert %s...: %d of %d devices held it, %d received it", digest[:16], len(nodes) - len(missing),
+    log.info("expert %s...: %d of %d devices held it, %d received it", digest[:16], len(status) - len(missing),
              len(nodes), sum(delivered.values()))
-    return sum(delivered.values())
+    return {node for node, has in status.items() if has} | {node for node, ok in delivered.items() if ok}
 
 
 def _query(grid: Grid, nodes: list[int], request: dict[str, Any], expert: ConfigRecord | None,

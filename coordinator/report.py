@@ -20,7 +20,14 @@ from typing import Any
 
 from coordinator.checkpoint import PHASES
 from shared.metrics import macro_average
-from shared.paths import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from shared.paths import (
+    OutputExistsError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    holds_something,
+)
 from shared.wire import EVALUATE_METRICS, NUM_EXAMPLES
 
 CONFIG_FILE = "config.json"
@@ -32,18 +39,28 @@ _PHASE_ORDER = {phase: order for order, phase in enumerate(PHASES)}
 
 
 def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """Record the config of a new run; refuse to resume a run that had another config."""
+    """Record the config of a new run in an absent or empty `run_dir`; refuse to resume a run that
+    had another config, and to write into a folder that holds anything else."""
     path = Path(run_dir) / CONFIG_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        if changed:
-            raise ValueError(
-                f"run directory {run_dir} holds a run with another config ({', '.join(changed)} differ); "
-                "resume it with the same config or choose another run-dir"
-            )
+    if not path.is_file():
+        if holds_something(run_dir):
+            raise OutputExistsError(f"run-dir {run_dir} holds files that are not a NextQuill run (it has no "
+                                    f"{CONFIG_FILE}); choose another run-dir")
+        atomic_write_json(path, config)
         return
-    atomic_write_json(path, config)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"run-dir {run_dir}: {path} is not a NextQuill run config ({error}); choose another "
+                         "run-dir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"run-dir {run_dir}: {path} is not a NextQuill run config; choose another run-dir")
+    changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if changed:
+        raise ValueError(
+            f"run directory {run_dir} holds a run with another config ({', '.join(changed)} differ); "
+            "resume it with the same config or choose another run-dir"
+        )
 
 
 class RoundLog:

@@ -30,11 +30,11 @@ log = logging.getLogger("flwr.nextquill")
 
 
 class SampledFedAvg(FedAvg):
-    """FedAvg (weighted by `num-examples`) that samples exactly `clients_per_round` clients."""
+    """FedAvg (weighted by `num-examples`) that samples exactly `clients_per_round` clients, or
+    every connected one where fewer are connected (it never waits for more: the coordinator
+    decides beforehand, with a deadline, which nodes a round may use; `coordinator/nodes.py`)."""
 
     def __init__(self, clients_per_round: int, evaluate_clients: int = 0, **kwargs) -> None:
-        # FedAvg samples max(int(fraction * connected), min_nodes): with the fraction set per
-        # round (below), that is exactly `clients_per_round` (and `evaluate_clients`; 0: all).
         super().__init__(min_train_nodes=clients_per_round, min_available_nodes=clients_per_round,
                          min_evaluate_nodes=evaluate_clients or clients_per_round, **kwargs)
         self.clients_per_round = clients_per_round
@@ -43,19 +43,22 @@ class SampledFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.fraction_train = self._fraction(self.clients_per_round, grid)
+        self.fraction_train, self.min_train_nodes = self._sampling(self.clients_per_round, grid)
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.evaluate_clients:
-            self.fraction_evaluate = self._fraction(self.evaluate_clients, grid)
+        self.fraction_evaluate, self.min_evaluate_nodes = self._sampling(self.evaluate_clients, grid)
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    @staticmethod
-    def _fraction(clients: int, grid: Grid) -> float:
-        return min(1.0, clients / max(1, len(list(grid.get_node_ids()))))
+    def _sampling(self, clients: int, grid: Grid) -> tuple[float, int]:
+        """FedAvg samples max(int(fraction * connected), min_nodes) once `min_available_nodes` are
+        connected: with these, that is min(clients, connected) (all of them for 0), at once."""
+        connected = len(list(grid.get_node_ids()))
+        size = min(clients, connected) if clients else connected
+        self.min_available_nodes = size
+        return (size / connected if connected else 0.0), size
 
 
 class ScreenedReplies(Strategy):

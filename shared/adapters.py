@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 
+from shared.errors import AdapterLoadError, one_line
 from shared.paths import atomic_directory, atomic_write_json
+from shared.settings import check_settings, setting
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METADATA_FILE = "nextquill.json"
@@ -21,13 +25,16 @@ METADATA_FILE = "nextquill.json"
 class LoraSettings:
     """The LoRA every method trains (same shape for every method, so they compare fairly)."""
 
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    target_modules: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        metadata={"help": "names of the linear layers that get a LoRA"},
+    r: int = setting(8, "LoRA rank", minimum=1)
+    alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r)", minimum=1)
+    dropout: float = setting(0.0, "dropout on the LoRA input", minimum=0.0, maximum=0.99)
+    target_modules: tuple[str, ...] = setting(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "names of the linear layers that get a LoRA",
     )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def to_peft(self) -> LoraConfig:
         return LoraConfig(
@@ -83,16 +90,23 @@ class AdapterHost:
         return self.activate(*names, trainable=True)
 
     def load(self, name: str, adapter_dir: Path, trainable: bool = False) -> PeftModel:
-        """Load a saved adapter (plain PEFT format) as `name` and make it the active one."""
+        """Load a saved adapter (plain PEFT format) as `name` and make it the active one. A
+        corrupt adapter, or one whose layers do not fit this base, raises AdapterLoadError."""
         adapter_dir = Path(adapter_dir)
         missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
         if missing:
             raise FileNotFoundError(f"adapter directory {adapter_dir} lacks {', '.join(missing)}")
         self.drop(name)
-        if self.model is None:
-            self.model = PeftModel.from_pretrained(self._base, adapter_dir, adapter_name=name, is_trainable=trainable)
-        else:
-            self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+        try:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self._base, adapter_dir, adapter_name=name,
+                                                       is_trainable=trainable)
+            else:
+                self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=trainable)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+            # RuntimeError: PEFT's state-dict load reports layers of another shape (another base).
+            self.drop(name)
+            raise AdapterLoadError(f"adapter {adapter_dir} cannot be loaded on this base: {one_line(error)}") from error
         self.activate(name, trainable=trainable)
         return self.model
 
@@ -114,9 +128,10 @@ class AdapterHost:
 
 
 def save_adapter(model: PeftModel, target: Path, metadata: dict[str, Any] | None = None,
-                 adapter_name: str = "default") -> str:
-    """Save one adapter with PEFT's own format into `target`, atomically; returns its digest."""
-    with atomic_directory(Path(target), overwrite=True) as staging:
+                 adapter_name: str = "default", overwrite: bool = False) -> str:
+    """Save one adapter with PEFT's own format into `target`, atomically; returns its digest.
+    A `target` that holds something is replaced only when `overwrite`."""
+    with atomic_directory(Path(target), overwrite=overwrite) as staging:
         model.save_pretrained(staging, selected_adapters=[adapter_name])
         # PEFT puts non-default adapters in a subfolder; keep one flat layout.
         if adapter_name != "default":
@@ -126,6 +141,21 @@ def save_adapter(model: PeftModel, target: Path, metadata: dict[str, Any] | None
         digest = adapter_digest(staging)
         atomic_write_json(staging / METADATA_FILE, {**(metadata or {}), "adapter_digest": digest})
     return digest
+
+
+def check_adapter_base(adapter_dir: Path, base_id: str) -> None:
+    """Refuse an adapter that records (in its nextquill.json) another base than `base_id`, before
+    loading it; an adapter saved elsewhere records none and is checked by its layers' shapes."""
+    path = Path(adapter_dir) / METADATA_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError) as error:
+        raise AdapterLoadError(f"{path} cannot be read: {one_line(error)}") from error
+    if recorded and recorded != base_id:
+        raise AdapterLoadError(f"adapter {adapter_dir} was trained on another base (fingerprint {recorded}); "
+                               f"this base's fingerprint is {base_id}: pass the --model it was made for")
 
 
 def adapter_digest(adapter_dir: Path) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import corpus
-from shared.paths import atomic_directory, atomic_write_json, atomic_write_jsonl
+from shared.paths import atomic_directory, atomic_write_json, atomic_write_jsonl, refuse_to_replace
 
 log = logging.getLogger(__name__)
 
@@ -438,22 +438,22 @@ def _chronological_samples(
 
 
 def _write_plans(out_dir: str | Path, plans: list[_UserPlan], overwrite: bool) -> list[Path]:
-    """Check every plan, then write the stores (existing ones are kept unless `overwrite`)."""
+    """Check every plan, then write the stores. Existing stores are kept unless `overwrite`; a
+    path in the way that is not a store (a file, a folder with files) is refused unless
+    `overwrite`, before anything is written."""
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in _store_names([plan.user_id for plan in plans])]
     for path, plan in zip(paths, plans, strict=True):
         _prepare_store(path, plan.user_id, plan.source, plan.samples, plan.history, plan.extra_meta)
-    written = 0
-    for path, plan in zip(paths, plans, strict=True):
-        exists = (path / "user.json").is_file()
-        if exists and not overwrite:
-            continue
-        # A folder without user.json under our slug is debris, not a store: replace it.
-        write_user_store(
-            path, plan.user_id, plan.source, plan.samples, plan.history, plan.extra_meta, overwrite=True
-        )
-        written += 1
-    log.info("%d user stores in %s (%d written, %d kept)", len(paths), out_dir, written, len(paths) - written)
+    pending = [(path, plan) for path, plan in zip(paths, plans, strict=True)
+               if overwrite or not (path / "user.json").is_file()]
+    for path, _ in pending:
+        refuse_to_replace(path, overwrite, why="that is not a user store")
+    for path, plan in pending:
+        write_user_store(path, plan.user_id, plan.source, plan.samples, plan.history, plan.extra_meta,
+                         overwrite=overwrite)
+    log.info("%d user stores in %s (%d written, %d kept)", len(paths), out_dir, len(pending),
+             len(paths) - len(pending))
     return paths
 
 

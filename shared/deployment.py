@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.paths import atomic_write_bytes, atomic_write_text
+from shared.paths import atomic_write_bytes, atomic_write_text, refuse_to_replace
 
 ConfigValue = bool | int | float | str
 
@@ -81,7 +81,8 @@ class DeploymentError(RuntimeError):
 
 
 def make_dev_certificates(
-    out_dir: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), *, valid_days: int = 365
+    out_dir: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), *, valid_days: int = 365,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """A self-signed CA and a SuperLink server certificate/key signed by it, with a subject
     alternative name for each of `hosts` (IP addresses or DNS names).
@@ -94,8 +95,9 @@ def make_dev_certificates(
     `out_dir`, the names Flower's guides use (`--ssl-ca-certfile`, `--ssl-certfile`,
     `--ssl-keyfile`; `ca.crt` is also the SuperNodes' and the CLI's `root-certificates`).
     A set already in `out_dir` is reused when it is complete, consistent, covers `hosts` and
-    is not about to expire; otherwise (missing, half-written, expired, other hosts) all three
-    files are written anew, each atomically; the key is mode 0600.
+    is not about to expire. Otherwise all three files are written anew, each atomically (the
+    key mode 0600); where one of them exists already (half-written, expired, other hosts, or
+    the operator's own) only when `overwrite`, so that nothing is replaced by surprise.
     """
     if not hosts:
         raise ValueError("make_dev_certificates needs at least one host")
@@ -107,6 +109,8 @@ def make_dev_certificates(
     }
     if _certificates_reusable(paths, hosts):
         return paths
+    for path in paths.values():
+        refuse_to_replace(path, overwrite, why=f"that is not part of a sound development set for {', '.join(hosts)}")
 
     now = dt.datetime.now(dt.UTC)
     not_after = now + dt.timedelta(days=valid_days)
@@ -164,12 +168,14 @@ class SuperNodeKeys:
     public_key: Path  # `flwr supernode register <public_key> <connection>`
 
 
-def make_supernode_keys(out_dir: Path, names: Sequence[str]) -> dict[str, SuperNodeKeys]:
+def make_supernode_keys(out_dir: Path, names: Sequence[str], overwrite: bool = False) -> dict[str, SuperNodeKeys]:
     """An authentication key pair per SuperNode name: `<name>.key` and `<name>.pub` in `out_dir`,
     unencrypted, of the kind `ssh-keygen -t ecdsa -b 384 -N ""` makes in Flower's guide.
 
     A pair already there is reused when both files load and belong together, so a SuperNode
-    keeps its identity across sessions; otherwise it is made anew, each file written atomically.
+    keeps its identity across sessions; otherwise it is made anew, each file written atomically,
+    replacing an existing file (half a pair, another kind of key) only when `overwrite`: a
+    private key is an identity that nothing can restore.
     """
     if len(set(names)) != len(names):
         raise ValueError(f"SuperNode names must be distinct, got {list(names)}")
@@ -177,20 +183,22 @@ def make_supernode_keys(out_dir: Path, names: Sequence[str]) -> dict[str, SuperN
         if not _NODE_NAME.fullmatch(name):
             raise ValueError(f"SuperNode name {name!r} must be letters, digits, '_', '.' or '-'")
     out_dir = Path(out_dir)
-    pairs = {}
-    for name in names:
-        pair = SuperNodeKeys(private_key=out_dir / f"{name}.key", public_key=out_dir / f"{name}.pub")
-        if not _keys_reusable(pair):
-            key = ec.generate_private_key(ec.SECP384R1())
-            _write_private(
-                pair.private_key,
-                key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-                ),
-            )
-            public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            _write_public(pair.public_key, public + f" {name}\n".encode())
-        pairs[name] = pair
+    pairs = {name: SuperNodeKeys(private_key=out_dir / f"{name}.key", public_key=out_dir / f"{name}.pub")
+             for name in names}
+    fresh = [name for name, pair in pairs.items() if not _keys_reusable(pair)]
+    for name in fresh:  # every refusal before any key is written
+        for path in (pairs[name].private_key, pairs[name].public_key):
+            refuse_to_replace(path, overwrite, why="that is not part of a matching SuperNode key pair")
+    for name in fresh:
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(
+            pairs[name].private_key,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        _write_public(pairs[name].public_key, public + f" {name}\n".encode())
     return pairs
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.settings import SettingError, check_settings, setting
+
 IGNORE_INDEX = -100
 
 
@@ -126,16 +128,17 @@ WEIGHTINGS = ("threshold", "continuous")
 class WeightScheme:
     """How DCE values become token weights ω."""
 
-    weighting: str = "threshold"  # "threshold" (the paper's) or "continuous" (threshold-free)
-    delta: float = 0.05
-    high: float = 0.9
-    low: float = 0.1
+    weighting: str = setting("threshold", "'threshold' (the paper's) or 'continuous' (threshold-free)",
+                             choices=WEIGHTINGS)
+    delta: float = setting(0.05, "threshold on DCE (a probability difference) above which ω = high",
+                           minimum=0.0, maximum=1.0)
+    high: float = setting(0.9, "λ: the weight of a preference-bearing token", above=0.0, maximum=1.0)
+    low: float = setting(0.1, "ε: the weight of any other token", minimum=0.0, maximum=1.0)
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if not 0 <= self.low <= self.high:
-            raise ValueError(f"token weights need 0 <= low <= high, got low={self.low}, high={self.high}")
+        check_settings(self)
+        if self.low > self.high:
+            raise SettingError("low", f"(ε) must not exceed high (λ), got low={self.low}, high={self.high}")
 
     def weights(self, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
         if self.weighting == "threshold":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -19,7 +20,9 @@ from transformers import (
 )
 
 from shared.batching import PairBatch, SideBatch
+from shared.errors import ModelLoadError, one_line
 from shared.losses import IGNORE_INDEX
+from shared.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +35,16 @@ EMBEDDED_SIZES = ("tiny", "small")
 class BaseSpec:
     """Which base model and how to load it."""
 
-    model: str = "tiny"  # "tiny" / "small" (embedded default) or a local Hugging Face model directory
-    quantization: str = "nf4"  # "nf4" (bitsandbytes 4-bit, double quantization) or "none"
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    compute_dtype: str = "bfloat16"  # 4-bit compute dtype; unquantized CPU models stay float32
+    model: str = setting("tiny", "'tiny' / 'small' (embedded default) or a local Hugging Face model directory")
+    quantization: str = setting("nf4", "'nf4' (bitsandbytes 4-bit, double quantization) or 'none'",
+                                choices=QUANTIZATIONS)
+    device: str = setting("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...",
+                          pattern=r"auto|cpu|cuda(:[0-9]+)?", pattern_help="auto, cpu, cuda or cuda:N")
+    compute_dtype: str = setting("bfloat16", "4-bit compute dtype; unquantized CPU models stay float32",
+                                 choices=COMPUTE_DTYPES)
 
     def __post_init__(self) -> None:
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        check_settings(self)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,7 +74,10 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"base model {model_dir}: its tokenizer cannot be loaded: {one_line(error)}") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -94,17 +100,26 @@ def load_causal_lm(model_dir: Path, spec: BaseSpec) -> PreTrainedModel:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _from_pretrained(
             model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": str(device)}
         )
         keep_4bit_layers_trainable(model)
     else:
         dtype = compute_dtype if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = _from_pretrained(model_dir, dtype=dtype).to(device)
     model.requires_grad_(False)
     model.eval()
     log.info("loaded base %s (%s) on %s", model_dir, spec.quantization, device)
     return model
+
+
+def _from_pretrained(model_dir: Path, **options) -> PreTrainedModel:
+    """transformers' loader, with what a broken model folder raises (no weights, an invalid
+    config.json, a corrupt weights file) turned into one error naming the folder."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **options)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelLoadError(f"base model {model_dir} cannot be loaded: {one_line(error)}") from error
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:

@@ -22,11 +22,50 @@ def data_dir() -> Path:
     return Path(root).expanduser()
 
 
+class OutputExistsError(FileExistsError):
+    """A command was pointed at a path that already holds something it did not write."""
+
+
+def holds_something(path: Path) -> bool:
+    """Whether `path` is a file (or a link, or anything but a folder), or a folder that is not empty."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        return True
+    return path.is_dir() and any(path.iterdir())
+
+
+def refuse_to_replace(target: Path, overwrite: bool, flag: str = "--overwrite",
+                      why: str = "that this command did not write") -> None:
+    """The rule of every command that writes: a path that holds something is replaced only when
+    the user asked for it (`flag`); an absent path or an empty folder may be written."""
+    target = Path(target)
+    if overwrite or not holds_something(target):
+        return
+    what = "a folder with files" if target.is_dir() and not target.is_symlink() else "a file"
+    raise OutputExistsError(
+        f"{target} already holds {what} {why}; choose another path, or pass {flag} to replace it (the old "
+        "content is removed only once the new one is complete)"
+    )
+
+
+def ensure_folder(folder: Path) -> None:
+    """Create `folder` and its parents; a clear error when a part of the path is a file."""
+    folder = Path(folder)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise NotADirectoryError(f"cannot write under {folder}: {part} is a file, not a folder")
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write `payload` to `path` through a temporary file in the same folder and a rename,
     so readers see the old file or the new one, never a partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write the file {path}: a folder of that name exists")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -53,23 +92,25 @@ def atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it is renamed to `target`.
+def atomic_directory(target: Path, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it takes the place of `target`.
 
-    On any error the temporary folder is removed and `target` is left as it was.
+    A `target` that holds something (`refuse_to_replace`) is replaced only when `overwrite`,
+    and only once the new content is complete: the old one is moved aside, the new one
+    renamed into place, then the old one removed. On any error the temporary folder is
+    removed and `target` is left as it was.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_to_replace(target, overwrite, flag)
+    ensure_folder(target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, retired)
+        if target.exists() or target.is_symlink():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, retired / target.name)
             os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
+            shutil.rmtree(retired)
         else:
             os.replace(staging, target)
     except BaseException:

@@ -11,9 +11,11 @@ When the tokenizer has a chat template, the prompt is rendered through it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
+
+from shared.settings import check_settings, setting
 
 HISTORY_HEADER = "### History\n"
 HISTORY_SEPARATOR = "\n---\n"
@@ -27,17 +29,13 @@ _MIN_TRUNCATED_ITEM_TOKENS = 8
 class PromptConfig:
     """Token budgets of the prompt parts."""
 
-    history_tokens: int = field(default=160, metadata={"help": "budget for the history items, in tokens"})
-    context_tokens: int = field(default=48, metadata={"help": "budget for the context x (its end is kept)"})
-    response_tokens: int = field(default=48, metadata={"help": "budget for the response y, end marker included"})
-    use_chat_template: bool = field(
-        default=True, metadata={"help": "render through the tokenizer's chat template when it has one"}
-    )
+    history_tokens: int = setting(160, "budget for the history items, in tokens", minimum=1)
+    context_tokens: int = setting(48, "budget for the context x (its end is kept)", minimum=1)
+    response_tokens: int = setting(48, "budget for the response y, end marker included", minimum=1)
+    use_chat_template: bool = setting(True, "render through the tokenizer's chat template when it has one")
 
     def __post_init__(self) -> None:
-        for name in ("history_tokens", "context_tokens", "response_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PromptConfig.{name} must be at least 1, got {getattr(self, name)}")
+        check_settings(self)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -21,6 +21,7 @@ from shared.methods import METHODS
 from shared.modeling import QUANTIZATIONS, BaseSpec
 from shared.paths import data_dir
 from shared.prompts import PromptConfig
+from shared.settings import SettingError, check_settings, setting
 from shared.split import SPLIT_KINDS, SplitSpec
 from shared.wire import TRANSPORT_DTYPES
 
@@ -32,74 +33,63 @@ class RunConfig:
     """Everything a federated NextQuill run is configured by. Relative paths (run-dir,
     users-dir, expert, a dataset file) are under the data directory."""
 
-    model: str = field(default="tiny", metadata={"help": "'tiny', 'small' or a local model directory"})
-    quantization: str = field(default="nf4", metadata={"help": "'nf4' (4-bit, the device default) or 'none'"})
-    device: str = field(default="auto", metadata={"help": "where devices compute: auto, cpu, cuda, cuda:N"})
-    dataset: str = field(
-        default="shakespeare",
-        metadata={"help": "simulation users: 'shakespeare', 'synthetic' or the path of a LaMP-style JSON file"},
+    model: str = setting("tiny", "'tiny', 'small' or a local model directory")
+    quantization: str = setting("nf4", "'nf4' (4-bit, the device default) or 'none'", choices=QUANTIZATIONS)
+    device: str = setting("auto", "where devices compute: auto, cpu, cuda, cuda:N")
+    dataset: str = setting(
+        "shakespeare", "simulation users: 'shakespeare', 'synthetic' or the path of a LaMP-style JSON file"
     )
-    users_dir: str = field(
-        default="", metadata={"help": "simulation: folder of the user stores (default users/<dataset>)"}
+    users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>)")
+    clients_per_round: int = setting(4, "clients sampled per training round", minimum=1)
+    expert_rounds: int = setting(2, "rounds of federated ContextSFT for the expert", minimum=0)
+    rounds: int = setting(3, "personalization rounds", minimum=0)
+    evaluate_every: int = setting(
+        0, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
     )
-    clients_per_round: int = field(default=4, metadata={"help": "clients sampled per training round"})
-    expert_rounds: int = field(default=2, metadata={"help": "rounds of federated ContextSFT for the expert"})
-    rounds: int = field(default=3, metadata={"help": "personalization rounds"})
-    evaluate_every: int = field(
-        default=0, metadata={"help": "also evaluate every N personalization rounds (0: only after the last)"}
+    evaluate_clients: int = setting(0, "devices sampled per evaluation (0: every one)", minimum=0)
+    local_steps: int = setting(10, "local training steps per round", minimum=1)
+    batch_size: int = setting(8, "samples per local step", minimum=1)
+    learning_rate: float = setting(3e-4, "local AdamW learning rate", above=0.0)
+    method: str = setting("nextquill", f"one of {sorted(METHODS)}", choices=tuple(sorted(METHODS)))
+    alpha: float = setting(0.1, "weight of L_p", minimum=0.0)
+    lean_memory: bool = setting(False, "two-stage NextQuill backward: same gradients, peak memory of one pass")
+    paired_pass: bool = setting(
+        False, "NextQuill's two passes as one forward (block-diagonal mask); same gradients"
     )
-    evaluate_clients: int = field(default=0, metadata={"help": "devices sampled per evaluation (0: every one)"})
-    local_steps: int = field(default=10, metadata={"help": "local training steps per round"})
-    batch_size: int = field(default=8, metadata={"help": "samples per local step"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "local AdamW learning rate"})
-    method: str = field(default="nextquill", metadata={"help": f"one of {sorted(METHODS)}"})
-    alpha: float = field(default=0.1, metadata={"help": "weight of L_p"})
-    lean_memory: bool = field(
-        default=False, metadata={"help": "two-stage NextQuill backward: same gradients, peak memory of one pass"}
+    weighting: str = setting("threshold", f"DCE -> token weight: one of {WEIGHTINGS}", choices=WEIGHTINGS)
+    split: str = setting("dual", f"shared / personal split: one of {SPLIT_KINDS}", choices=SPLIT_KINDS)
+    shared_layers: int = setting(0, "with split 'layers': decoder layers shared", minimum=0)
+    transport_dtype: str = setting(
+        "float32", f"dtype the shared parameters travel in: one of {TRANSPORT_DTYPES}", choices=TRANSPORT_DTYPES
     )
-    paired_pass: bool = field(
-        default=False, metadata={"help": "NextQuill's two passes as one forward (block-diagonal mask); same gradients"}
+    lora_r: int = setting(8, "LoRA rank (of each adapter)", minimum=1)
+    lora_alpha: int = setting(16, "LoRA scaling numerator", minimum=1)
+    history_tokens: int = setting(160, "prompt budget of the history, in tokens")
+    context_tokens: int = setting(48, "prompt budget of the context x, in tokens")
+    response_tokens: int = setting(48, "budget of the response y, in tokens")
+    expert: str = setting("", "an existing expert adapter directory (skips phase 1)")
+    min_replies: int = setting(1, "fewest valid replies a round may aggregate", minimum=1)
+    round_timeout: float = setting(1800.0, "seconds to wait for a round's replies", above=0.0)
+    connect_timeout: float = setting(
+        300.0, "seconds to wait for clients-per-round SuperNodes to connect; then the run goes on with those "
+               "connected (at least min-replies) or ends with a message", above=0.0,
     )
-    weighting: str = field(default="threshold", metadata={"help": f"DCE -> token weight: one of {WEIGHTINGS}"})
-    split: str = field(default="dual", metadata={"help": f"shared / personal split: one of {SPLIT_KINDS}"})
-    shared_layers: int = field(default=0, metadata={"help": "with split 'layers': decoder layers shared"})
-    transport_dtype: str = field(
-        default="float32", metadata={"help": f"dtype the shared parameters travel in: one of {TRANSPORT_DTYPES}"}
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (of each adapter)"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
-    history_tokens: int = field(default=160, metadata={"help": "prompt budget of the history, in tokens"})
-    context_tokens: int = field(default=48, metadata={"help": "prompt budget of the context x, in tokens"})
-    response_tokens: int = field(default=48, metadata={"help": "budget of the response y, in tokens"})
-    expert: str = field(default="", metadata={"help": "an existing expert adapter directory (skips phase 1)"})
-    min_replies: int = field(default=1, metadata={"help": "fewest valid replies a round may aggregate"})
-    round_timeout: float = field(default=1800.0, metadata={"help": "seconds to wait for a round's replies"})
-    run_dir: str = field(default="runs/federated", metadata={"help": "where the coordinator writes; reruns resume"})
-    seed: int = field(default=0, metadata={"help": "seed of client sampling and initialisation"})
+    run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume")
+    seed: int = setting(0, "seed of client sampling and initialisation")
 
     def __post_init__(self) -> None:
-        for name in ("clients_per_round", "local_steps", "batch_size", "min_replies", "lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"run config {_key(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("expert_rounds", "rounds", "evaluate_every", "evaluate_clients"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"run config {_key(name)} must not be negative, got {getattr(self, name)}")
+        check_settings(self, label=lambda name: f"run config {_key(name)}")
         if self.min_replies > self.clients_per_round:
-            raise ValueError(
-                f"run config min-replies ({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})"
-            )
-        if self.learning_rate <= 0 or self.alpha < 0 or self.round_timeout <= 0:
-            raise ValueError("run config learning-rate and round-timeout must be positive, alpha not negative")
-        choices = {"method": sorted(METHODS), "weighting": WEIGHTINGS, "split": SPLIT_KINDS,
-                   "quantization": QUANTIZATIONS, "transport_dtype": TRANSPORT_DTYPES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"run config {_key(name)} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+            raise SettingError("run config min-replies",
+                               f"({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})")
         if self.needs_expert and not self.expert and self.expert_rounds == 0:
-            raise ValueError(f"run config method {self.method!r} needs an expert: set expert-rounds >= 1 "
-                             "or expert to an existing expert adapter directory")
+            raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
+                                                    "or expert to an existing expert adapter directory")
+        try:  # the objects derived from the keys check what they hold (same names, kebab-case)
+            self.base_spec, self.prompt, self.weight_scheme  # noqa: B018
+        except SettingError as error:
+            raise error.renamed(f"run config {_key(error.name)}") from None
         self.split_spec  # noqa: B018  (raises on an invalid split / shared-layers pair)
-        PromptConfig(self.history_tokens, self.context_tokens, self.response_tokens)
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:

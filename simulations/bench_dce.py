@@ -6,6 +6,7 @@ than recomputed every step from the model being trained (the authors' code)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,10 +23,11 @@ from shared.run_config import RunConfig
 
 def dce_benchmark(config: RunConfig, stores: list[UserStore], out: Path, rounds: tuple[int, ...] = (1, 5, 20)) -> dict:
     device = federated.resident_device(config)
-    expert_dir = out.parent / "bench-expert"
-    save_adapter(device.host.new("bench-expert", seed=1), expert_dir, adapter_name="bench-expert")
-    expert = Expert.from_dir(expert_dir)
-    model = device.host.load("bench-expert-loaded", expert.path)
+    with tempfile.TemporaryDirectory(prefix="bench-expert-") as scratch:  # a random expert, for timing only
+        expert_dir = Path(scratch) / "expert"
+        save_adapter(device.host.new("bench-expert", seed=1), expert_dir, adapter_name="bench-expert")
+        expert = Expert.from_dir(expert_dir)
+        model = device.host.load("bench-expert-loaded", expert.path)
     encoded = [e for store in stores for _, e in encode_store_samples(store, device.tokenizer, device.prompt)]
     tokens = sum(len(e.response) for e in encoded)
 

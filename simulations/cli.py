@@ -17,18 +17,44 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
 from client.trainer import WEIGHT_SOURCES, TrainConfig
+from shared.errors import USER_ERRORS, one_line
 from shared.losses import WEIGHTINGS, WeightScheme
 from shared.methods import METHODS
-from shared.modeling import COMPUTE_DTYPES, QUANTIZATIONS, BaseSpec
-from shared.paths import DATA_DIR_ENV, data_dir
+from shared.modeling import COMPUTE_DTYPES, EMBEDDED_SIZES, QUANTIZATIONS, BaseSpec
+from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
 from shared.prompts import PromptConfig
+from shared.settings import field_rules, value_problem
 from simulations.single_device import CompareConfig
 
 log = logging.getLogger("nextquill")
 METHOD_NAMES = list(METHODS)
+
+
+def checked(config_class: type, name: str) -> Callable[[str], Any]:
+    """An argparse `type` for field `name` of a settings dataclass: the field's own type and
+    rules (`shared.settings`), so that `--alpha nan` is refused by argparse, naming the flag."""
+    rules = field_rules(config_class, name)
+    hint = get_type_hints(config_class)[name]
+    kind = next((arg for arg in get_args(hint) if arg is not type(None)), hint)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        problem = value_problem(value, rules)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_base_options(parser: argparse.ArgumentParser) -> None:
@@ -36,17 +62,24 @@ def _add_base_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=base.model,
                         help="'tiny' / 'small' (the embedded default) or a local Hugging Face model directory")
     parser.add_argument("--quantization", default=base.quantization, choices=QUANTIZATIONS)
-    parser.add_argument("--device", default=base.device, help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device", default=base.device, type=checked(BaseSpec, "device"),
+                        help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--compute-dtype", default=base.compute_dtype, choices=COMPUTE_DTYPES)
+
+
+def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} when it already holds something (atomically: the old content is "
+                             "removed only once the new one is complete)")
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     train, weights = TrainConfig(), WeightScheme()
-    parser.add_argument("--epochs", type=float, default=train.epochs)
-    parser.add_argument("--max-steps", type=int, default=train.max_steps)
-    parser.add_argument("--batch-size", type=int, default=train.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=train.learning_rate)
-    parser.add_argument("--alpha", type=float, default=train.alpha, help="weight of L_p")
+    parser.add_argument("--epochs", type=checked(TrainConfig, "epochs"), default=train.epochs)
+    parser.add_argument("--max-steps", type=checked(TrainConfig, "max_steps"), default=train.max_steps)
+    parser.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"), default=train.batch_size)
+    parser.add_argument("--learning-rate", type=checked(TrainConfig, "learning_rate"), default=train.learning_rate)
+    parser.add_argument("--alpha", type=checked(TrainConfig, "alpha"), default=train.alpha, help="weight of L_p")
     parser.add_argument("--seed", type=int, default=train.seed)
     parser.add_argument("--weight-source", default=train.weight_source, choices=WEIGHT_SOURCES,
                         help="'self' = weights from the model being trained (the authors' released code)")
@@ -61,16 +94,16 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_weight_options(parser: argparse.ArgumentParser, weights: WeightScheme) -> None:
     parser.add_argument("--weighting", default=weights.weighting, choices=WEIGHTINGS)
-    parser.add_argument("--delta", type=float, default=weights.delta)
-    parser.add_argument("--weight-high", type=float, default=weights.high)
-    parser.add_argument("--weight-low", type=float, default=weights.low)
+    parser.add_argument("--delta", type=checked(WeightScheme, "delta"), default=weights.delta)
+    parser.add_argument("--weight-high", type=checked(WeightScheme, "high"), default=weights.high)
+    parser.add_argument("--weight-low", type=checked(WeightScheme, "low"), default=weights.low)
 
 
 def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
     prompt = PromptConfig()
-    parser.add_argument("--history-tokens", type=int, default=prompt.history_tokens)
-    parser.add_argument("--context-tokens", type=int, default=prompt.context_tokens)
-    parser.add_argument("--response-tokens", type=int, default=prompt.response_tokens)
+    for name in ("history_tokens", "context_tokens", "response_tokens"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=checked(PromptConfig, name),
+                            default=getattr(prompt, name))
 
 
 def _base_spec(args):
@@ -102,6 +135,26 @@ def _device(args):
                   _prompt(args))
 
 
+def check_output(out: Path, overwrite: bool, reads: dict[str, list], flag: str = "--out") -> None:
+    """Before any work: `out` may not be, or hold, what the command reads (`reads`: flag ->
+    paths), even with --overwrite; and it is replaced only with --overwrite."""
+    target = Path(out).expanduser().resolve()
+    reads = {**reads, f"the data directory ({DATA_DIR_ENV} or --data-dir)": [data_dir()]}
+    for name, paths in reads.items():
+        for path in paths:
+            if not path:
+                continue
+            source = Path(path).expanduser().resolve()
+            if target == source or target in source.parents:
+                raise ValueError(f"{flag} {out} {'is' if target == source else 'holds'} {name} {path}, which this "
+                                 f"command reads; choose another {flag}")
+    refuse_to_replace(Path(out), overwrite)
+
+
+def _model_path(args) -> list[str]:
+    return [] if args.model in EMBEDDED_SIZES else [args.model]
+
+
 def _open_stores(paths: list[str]):
     from shared.data import UserStore
 
@@ -126,13 +179,18 @@ def _build_users(dataset: str, out: Path, args) -> list[Path]:
     from shared import data
 
     if dataset == "shakespeare":
-        return data.build_shakespeare_users(out, min_samples=args.min_samples, max_users=args.max_users)
+        return data.build_shakespeare_users(out, min_samples=args.min_samples, max_users=args.max_users,
+                                            overwrite=args.overwrite_users)
     if dataset == "synthetic":
-        return data.build_synthetic_users(out, n_users=args.max_users or 16, seed=args.seed)
-    return data.import_lamp_json(out, Path(args.records), Path(args.golds) if args.golds else None)
+        return data.build_synthetic_users(out, n_users=args.max_users or 16, seed=args.seed,
+                                          overwrite=args.overwrite_users)
+    return data.import_lamp_json(out, Path(args.records), Path(args.golds) if args.golds else None,
+                                 overwrite=args.overwrite_users)
 
 
 def cmd_users(args) -> int:
+    if args.dataset == "lamp-json" and not args.records:
+        raise ValueError("users lamp-json needs --records FILE (a LaMP-style JSON file of input, output, profile)")
     out = Path(args.out) if args.out else _default_users_dir(args.dataset)
     stores = _build_users(args.dataset, out, args)
     print(f"{len(stores)} user stores in {out}")
@@ -142,10 +200,12 @@ def cmd_users(args) -> int:
 def cmd_train(args) -> int:
     from client.personalize import Expert
 
+    check_output(Path(args.out), args.overwrite,
+                 {"--users": args.users, "--expert": [args.expert], "--model": _model_path(args)})
     stores = _open_stores(args.users)
     expert = Expert.from_dir(Path(args.expert)) if args.expert else None
     config = _train_config(args, args.method)
-    report = _device(args).train(stores, config, expert, save_to=Path(args.out))
+    report = _device(args).train(stores, config, expert, save_to=Path(args.out), overwrite=args.overwrite)
     print(json.dumps(report.summary(), indent=2))
     print(f"adapter saved to {args.out}")
     return 0
@@ -155,11 +215,12 @@ def cmd_weights(args) -> int:
     from client.inspect_weights import write_inspection
     from client.personalize import Expert
 
+    out = Path(args.out) if args.out else Path(args.user) / "inspection"
+    check_output(out, args.overwrite, {"--user": [args.user], "--expert": [args.expert], "--model": _model_path(args)})
     store = _open_stores([args.user])[0]
     expert = Expert.from_dir(Path(args.expert))
     scheme = WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low)
-    out = Path(args.out) if args.out else store.path / "inspection"
-    summary = write_inspection(_device(args), store, expert, scheme, out)
+    summary = write_inspection(_device(args), store, expert, scheme, out, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -171,7 +232,7 @@ def cmd_evaluate(args) -> int:
     stores = _open_stores(args.users)
     device = _device(args)
     if args.adapter:
-        device.host.load("evaluated", Path(args.adapter))
+        device.load_adapter("evaluated", Path(args.adapter))
     rows = []
     for index, store in enumerate(stores):
         donor = stores[(index + 1) % len(stores)] if len(stores) > 1 else None
@@ -190,15 +251,18 @@ def cmd_compare(args) -> int:
     from simulations.single_device import run_compare, summary_table
 
     stores_dir = Path(args.users_dir) if args.users_dir else _default_users_dir(args.dataset)
+    run_dir = Path(args.run_dir)
+    check_output(run_dir, args.overwrite, {"--users-dir": [stores_dir], "--expert": [args.expert],
+                                           "--model": _model_path(args)}, flag="--run-dir")
     args.max_users = args.max_users or None
+    args.overwrite_users = False
     paths = _build_users(args.dataset, stores_dir, args)
     config = CompareConfig(
         base=_base_spec(args), users=args.users, expert_users=args.expert_users, methods=tuple(args.methods),
         train=_train_config(args, "nextquill"), expert_epochs=args.expert_epochs,
         expert=Path(args.expert) if args.expert else None, prompt=_prompt(args), seed=args.seed,
     )
-    run_dir = Path(args.run_dir)
-    result = run_compare([UserStore.open(p) for p in paths], config, run_dir)
+    result = run_compare([UserStore.open(p) for p in paths], config, run_dir, overwrite=args.overwrite)
     print(summary_table(result["summary"]))
     print(f"run directory: {run_dir} (per_user.csv, results.json, summary.md, summary.png)")
     return 0
@@ -207,7 +271,7 @@ def cmd_compare(args) -> int:
 def cmd_certs(args) -> int:
     from shared.deployment import make_dev_certificates
 
-    paths = make_dev_certificates(Path(args.out), hosts=tuple(args.hosts))
+    paths = make_dev_certificates(Path(args.out), hosts=tuple(args.hosts), overwrite=args.overwrite)
     print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
     return 0
 
@@ -215,7 +279,7 @@ def cmd_certs(args) -> int:
 def cmd_keys(args) -> int:
     from shared.deployment import make_supernode_keys
 
-    pairs = make_supernode_keys(Path(args.out), args.names)
+    pairs = make_supernode_keys(Path(args.out), args.names, overwrite=args.overwrite)
     print(json.dumps({name: {"private": str(p.private_key), "public": str(p.public_key)}
                       for name, p in pairs.items()}, indent=2))
     return 0
@@ -241,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", help="lamp-json: records file (or LaMP questions file)")
     p.add_argument("--golds", help="lamp-json: LaMP outputs file with 'golds'")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", dest="overwrite_users", action="store_true",
+                   help="rebuild stores that exist already, and replace folders in the way of new ones (their "
+                        "personal adapters and caches go too); without it, existing stores are kept")
     p.set_defaults(func=cmd_users)
 
     p = sub.add_parser("train", help="train one LoRA on user stores")
@@ -248,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="nextquill", choices=METHOD_NAMES)
     p.add_argument("--expert", help="expert adapter folder (for nextquill and dce-only)")
     p.add_argument("--out", required=True, help="where to save the adapter (PEFT format)")
+    _add_overwrite_option(p, "--out")
     _add_base_options(p)
     _add_prompt_options(p)
     _add_train_options(p)
@@ -257,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="user store folder")
     p.add_argument("--expert", required=True, help="expert adapter folder")
     p.add_argument("--out", help="output folder (default: <store>/inspection)")
+    _add_overwrite_option(p, "--out")
     _add_weight_options(p, WeightScheme())
     _add_base_options(p)
     _add_prompt_options(p)
@@ -284,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-samples", type=int, default=30)
     p.add_argument("--max-users", type=int, default=0)
     p.add_argument("--run-dir", default="runs/compare")
+    _add_overwrite_option(p, "--run-dir")
     _add_base_options(p)
     _add_prompt_options(p)
     _add_train_options(p)
@@ -293,13 +363,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="certs", help="folder for ca.crt, server.pem, server.key")
     p.add_argument("--hosts", nargs="+", default=["127.0.0.1", "localhost"],
                    help="names and addresses the SuperLink is reached at (keep 127.0.0.1: it calls itself)")
+    _add_overwrite_option(p, "ca.crt, server.pem and server.key in --out, when they are not a reusable set")
     p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("keys", help="SuperNode authentication key pairs")
     p.add_argument("names", nargs="+", help="one name per SuperNode (device)")
     p.add_argument("--out", default="keys", help="folder for <name>.key and <name>.pub")
+    _add_overwrite_option(p, "<name>.key and <name>.pub in --out, when they are not a matching pair")
     p.set_defaults(func=cmd_keys)
     return parser
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """The one place where the errors a user can cause (`shared.errors.USER_ERRORS`: paths,
+    values, data and model files) end as one line on stderr and exit status 2; the traceback
+    is logged at debug level (`-v`). Any other exception is a bug and keeps its traceback."""
+    try:
+        return command()
+    except USER_ERRORS as error:
+        log.debug("details", exc_info=True)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,13 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data_dir:
         os.environ[DATA_DIR_ENV] = str(Path(args.data_dir).expanduser().resolve())
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # Errors a user can cause (paths, values, data files) end with a clear message, not a traceback.
-        log.debug("details", exc_info=True)
-        print(f"nextquill {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(f"nextquill {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

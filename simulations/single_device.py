@@ -22,7 +22,7 @@ from shared.data import UserStore
 from shared.methods import METHODS
 from shared.metrics import macro_average
 from shared.modeling import BaseSpec, load_base, resolve_model_dir
-from shared.paths import atomic_write_json, atomic_write_text
+from shared.paths import atomic_directory, atomic_write_json, atomic_write_text
 from shared.prompts import PromptConfig
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,14 @@ def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[Us
     return evaluated, others[: config.expert_users]
 
 
-def run_compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def run_compare(stores: list[UserStore], config: CompareConfig, run_dir: Path, overwrite: bool = False) -> dict:
+    """Compare the methods, writing into a staging folder that takes the place of `run_dir` once
+    complete (a `run_dir` that holds something is refused unless `overwrite`)."""
+    with atomic_directory(run_dir, overwrite=overwrite) as staging:
+        return _compare(stores, config, staging)
+
+
+def _compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -> dict:
     atomic_write_json(run_dir / "config.json", json.loads(json.dumps(asdict(config), default=str)))
     evaluated, expert_pool = split_users(stores, config)
 
@@ -92,7 +98,7 @@ def run_compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -
         rows.append({"method": "base", **base_row, "seconds_per_step": float("nan")})
         for method in config.methods:
             train_config = replace(config.train, method=method)
-            report = device.train([store], train_config, expert, save_to=store.path / "adapters" / method)
+            report = device.train([store], train_config, expert, save_to=run_dir / "adapters" / store.path.name / method)
             row = device.evaluate(store, METHODS[method].uses_history, other_history, generation=config.generation)
             rows.append({"method": method, **row, **{k: v for k, v in report.summary().items()
                                                    if k in ("seconds_per_step", "steps", "final_l_n", "final_l_p")}})

@@ -17,6 +17,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from shared.deployment import make_dev_certificates, make_supernode_keys
+from shared.paths import OutputExistsError
 
 
 def _handshake(paths: dict, server_hostname: str) -> str:
@@ -66,7 +67,7 @@ def test_dev_certificates_are_ca_signed_and_valid_for_loopback(tmp_path):
         _handshake(paths, "example.org")
 
 
-def test_existing_certificates_are_reused_when_sound_and_replaced_when_not(tmp_path):
+def test_existing_certificates_are_reused_when_sound_and_replaced_only_when_asked(tmp_path):
     out_dir = tmp_path / "tls"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("not ours")
@@ -76,17 +77,24 @@ def test_existing_certificates_are_reused_when_sound_and_replaced_when_not(tmp_p
     assert make_dev_certificates(out_dir) == paths
     assert {name: path.read_bytes() for name, path in paths.items()} == first
 
-    # A half-written certificate (as a crash mid-copy by hand would leave) makes a fresh, whole set.
+    # A half-written certificate (as a crash mid-copy by hand would leave) is not replaced by
+    # surprise; with overwrite it makes a fresh, whole set.
     paths["server_cert"].write_bytes(first["server_cert"][: len(first["server_cert"]) // 2])
-    make_dev_certificates(out_dir)
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+    with pytest.raises(OutputExistsError, match="ca.crt already holds a file .* pass --overwrite"):
+        make_dev_certificates(out_dir)
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+    make_dev_certificates(out_dir, overwrite=True)
     second = {name: path.read_bytes() for name, path in paths.items()}
     assert all(second[name] != first[name] for name in first)
     x509.load_pem_x509_certificate(second["server_cert"]).verify_directly_issued_by(
         x509.load_pem_x509_certificate(second["ca_cert"])
     )
 
-    # Other hosts than the set covers: a new set, valid for them.
-    make_dev_certificates(out_dir, hosts=("10.0.0.7", "superlink.example"))
+    # Other hosts than the set covers: a new set, valid for them, when asked for.
+    with pytest.raises(OutputExistsError, match="not part of a sound development set for 10.0.0.7"):
+        make_dev_certificates(out_dir, hosts=("10.0.0.7", "superlink.example"))
+    make_dev_certificates(out_dir, hosts=("10.0.0.7", "superlink.example"), overwrite=True)
     assert _handshake(paths, "10.0.0.7").startswith("TLS")
     assert _handshake(paths, "superlink.example").startswith("TLS")
 
@@ -109,13 +117,19 @@ def test_supernode_keys_load_the_way_flower_loads_them(tmp_path):
     assert pairs["supernode-0"].public_key.read_bytes() != pairs["supernode-1"].public_key.read_bytes()
 
 
-def test_supernode_keys_are_kept_across_calls_and_a_broken_pair_is_replaced(tmp_path):
+def test_supernode_keys_are_kept_across_calls_and_a_broken_pair_is_replaced_only_when_asked(tmp_path):
     pairs = make_supernode_keys(tmp_path / "keys", ["a", "b"])
     before = {name: (pair.private_key.read_bytes(), pair.public_key.read_bytes()) for name, pair in pairs.items()}
 
     assert make_supernode_keys(tmp_path / "keys", ["a", "b"]) == pairs
     pairs["a"].public_key.write_text("ecdsa-sha2-nistp384 truncated")
-    make_supernode_keys(tmp_path / "keys", ["a", "b"])
+    # The private key may be a device's only identity: never replaced by surprise, and a
+    # refusal for one pair writes no other (c stays unmade).
+    with pytest.raises(OutputExistsError, match="a.key already holds a file .* pass --overwrite"):
+        make_supernode_keys(tmp_path / "keys", ["c", "a", "b"])
+    assert pairs["a"].private_key.read_bytes() == before["a"][0]
+    assert not (tmp_path / "keys" / "c.key").exists()
+    make_supernode_keys(tmp_path / "keys", ["a", "b"], overwrite=True)
 
     assert (pairs["b"].private_key.read_bytes(), pairs["b"].public_key.read_bytes()) == before["b"]
     assert pairs["a"].private_key.read_bytes() != before["a"][0]

@@ -32,7 +32,14 @@ def test_the_app_defaults_in_pyproject_are_valid_and_complete():
         ({"local-steps": 0}, "local-steps must be at least 1"),
         ({"method": "rlhf"}, "method must be one of"),
         ({"split": "layers"}, "split 'layers' needs shared_layers"),
-        ({"history-tokens": 0}, "history_tokens must be at least 1"),
+        ({"history-tokens": 0}, "run config history-tokens must be at least 1"),
+        ({"alpha": float("nan")}, "run config alpha must be a finite number, got nan"),
+        ({"learning-rate": float("nan")}, "run config learning-rate must be a finite number"),
+        ({"learning-rate": float("inf")}, "run config learning-rate must be a finite number"),
+        ({"alpha": -0.5}, "run config alpha must be at least 0.0"),
+        ({"device": "foo"}, "run config device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+        ({"round-timeout": 0}, "run config round-timeout must be greater than 0.0"),
+        ({"connect-timeout": -1}, "run config connect-timeout must be greater than 0.0"),
     ],
 )
 def test_unknown_or_invalid_values_are_rejected_by_name(values, complaint):
