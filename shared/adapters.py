@@ -106,7 +106,9 @@ class AdapterHost:
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
             # RuntimeError: PEFT's state-dict load reports layers of another shape (another base).
             self.drop(name)
-            raise AdapterLoadError(f"adapter {adapter_dir} cannot be loaded on this base: {one_line(error)}") from error
+            reason = ("its layers' shapes differ from this base's (was it made for another base?)"
+                      if "size mismatch" in str(error) else one_line(error))
+            raise AdapterLoadError(f"adapter {adapter_dir} cannot be loaded on this base: {reason}") from error
         self.activate(name, trainable=trainable)
         return self.model
 

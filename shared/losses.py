@@ -138,7 +138,7 @@ class WeightScheme:
     def __post_init__(self) -> None:
         check_settings(self)
         if self.low > self.high:
-            raise SettingError("low", f"(ε) must not exceed high (λ), got low={self.low}, high={self.high}")
+            raise SettingError("token weight low", f"(ε) = {self.low} must not exceed high (λ) = {self.high}")
 
     def weights(self, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
         if self.weighting == "threshold":

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,11 @@ def atomic_directory(target: Path, overwrite: bool = False, flag: str = "--overw
     target = Path(target)
     refuse_to_replace(target, overwrite, flag)
     ensure_folder(target.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = _fresh_folder(target, "partial")
     try:
         yield staging
         if target.exists() or target.is_symlink():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            retired = _fresh_folder(target, "old")
             os.replace(target, retired / target.name)
             os.replace(staging, target)
             shutil.rmtree(retired)
@@ -116,6 +117,17 @@ def atomic_directory(target: Path, overwrite: bool = False, flag: str = "--overw
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _fresh_folder(beside: Path, kind: str) -> Path:
+    """A new hidden folder next to `beside`, made with the user's umask (mkdtemp's are 0700)."""
+    while True:
+        folder = beside.with_name(f".{beside.name}.{uuid.uuid4().hex[:8]}.{kind}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """The in-process grid with the faults the coordinator's tests need: a coordinator that
-crashes before a chosen train round, and nodes that are down."""
+crashes before a chosen train round, nodes that are down, and nodes that leave mid-run."""
 
 from __future__ import annotations
 
@@ -18,11 +18,19 @@ class CoordinatorCrash(RuntimeError):
 
 class LoopbackGrid(InProcessGrid):
     def __init__(self, client_app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any],
-                 crash_after_train_rounds: int | None = None, failing_nodes: frozenset[int] = frozenset()) -> None:
+                 crash_after_train_rounds: int | None = None, failing_nodes: frozenset[int] = frozenset(),
+                 leaving: dict[int, int] | None = None) -> None:
+        """`leaving`: node -> the number of train rounds after which it disconnects for good."""
         super().__init__(client_app, node_configs, run_config, record=True)
         self.crash_after_train_rounds = crash_after_train_rounds
         self.failing_nodes = failing_nodes
+        self.leaving = leaving or {}
         self.train_rounds = 0
+        self.completed_train_rounds = 0
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in super().get_node_ids()
+                if node not in self.leaving or self.completed_train_rounds < self.leaving[node]]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -30,8 +38,11 @@ class LoopbackGrid(InProcessGrid):
             if self.train_rounds == self.crash_after_train_rounds:
                 raise CoordinatorCrash(f"coordinator stopped before train round {self.train_rounds + 1}")
             self.train_rounds += 1
-        return super().send_and_receive(messages, timeout=timeout)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == "train":
+            self.completed_train_rounds += 1
+        return replies
 
     def before_delivery(self, node: int) -> None:
-        if node in self.failing_nodes:
+        if node in self.failing_nodes or node not in self.get_node_ids():
             raise RuntimeError(f"node {node} is down")

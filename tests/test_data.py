@@ -111,6 +111,20 @@ def test_builders_keep_existing_stores_unless_overwrite(tmp_path):
     assert _leftovers(tmp_path) == [path.name]
 
 
+def test_a_folder_in_the_way_of_a_new_store_is_refused_before_any_store_is_written(tmp_path):
+    paths = build_synthetic_users(tmp_path / "first", n_users=2, samples_per_user=8)
+    in_the_way = tmp_path / "users" / paths[1].name
+    in_the_way.mkdir(parents=True)
+    (in_the_way / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{in_the_way} already holds a folder with files that is not a user "
+                                              "store; .* pass --overwrite"):
+        build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=8)
+    assert sorted(p.name for p in (tmp_path / "users").iterdir()) == [paths[1].name]
+    assert (in_the_way / "notes.txt").read_text() == "mine"
+    build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=8, overwrite=True)
+    assert UserStore.open(in_the_way).user_id and not (in_the_way / "notes.txt").exists()
+
+
 # ---------------------------------------------------------------- the store itself
 
 

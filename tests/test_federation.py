@@ -12,9 +12,12 @@ from client.client_app import app as client_app
 from client.personal_state import personal_path
 from coordinator.checkpoint import load_checkpoint
 from coordinator.federation import run_federation
+from coordinator.nodes import NotEnoughNodes
 from shared.adapters import adapter_digest
 from shared.data import UserStore, build_synthetic_users
+from shared.errors import AdapterLoadError
 from shared.expert_package import expert_cache_dir
+from shared.paths import OutputExistsError
 from shared.run_config import RunConfig
 from shared.wire import EVALUATE_METRICS, TRAIN_METRICS
 from tests.loopback import CoordinatorCrash, LoopbackGrid
@@ -168,3 +171,74 @@ def test_float16_transport_halves_the_bytes_and_aggregates_in_float32(model_dir,
     # the saving is below the payload's exact half, which the real model's sizes approach.
     assert sum(a.numpy().nbytes for a in sent.values()) * 2 == sum(v.numel() * 4 for v in result.shared.values())
     assert rows[0]["upload_bytes_per_client"] < 0.6 * rows32[0]["upload_bytes_per_client"]
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_more_clients_per_round_than_nodes_goes_on_with_those_connected(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 2, "clients-per-round": 5,
+                                                     "evaluate-clients": 5, "connect-timeout": 0.2})
+    run_federation(_grid(config, users), config)
+    rows = _rows(tmp_path / "run")
+    assert [(r["phase"], r["sampled"], r["accepted"]) for r in rows] == [("personalize", 3, 3)] * 2 + [
+        ("evaluate", 3, 3)]
+
+
+def test_a_node_that_leaves_mid_run_does_not_stop_the_run(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 3, "clients-per-round": 3,
+                                                     "connect-timeout": 0.2})
+    run_federation(_grid(config, users, leaving={1002: 1}), config)
+    rows = _rows(tmp_path / "run")
+    assert [(r["phase"], r["sampled"], r["accepted"]) for r in rows] == [
+        ("personalize", 3, 3), ("personalize", 2, 2), ("personalize", 2, 2), ("evaluate", 2, 2)]
+
+
+def test_fewer_nodes_than_min_replies_end_the_run_with_a_message_and_a_resumable_checkpoint(model_dir, users,
+                                                                                            tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 3, "clients-per-round": 3,
+                                                     "min-replies": 3, "connect-timeout": 0.2})
+    with pytest.raises(NotEnoughNodes, match=r"2 SuperNode\(s\) connected after waiting 0 s .* fewer than the 3 a "
+                                             r"round needs \(min-replies\).* run the same command again to resume"):
+        run_federation(_grid(config, users, leaving={1002: 1}), config)
+    assert (load_checkpoint(tmp_path / "run").phase, load_checkpoint(tmp_path / "run").round) == ("personalize", 1)
+
+
+def test_a_run_dir_holding_other_files_is_refused_and_left_as_it_was(model_dir, users, tmp_path):
+    run_dir = tmp_path / "thesis"
+    run_dir.mkdir()
+    (run_dir / "chapter1.tex").write_text("mine")
+    config = _config(model_dir, run_dir, **{"method": "sft", "rounds": 1})
+    with pytest.raises(OutputExistsError, match="run-dir .*thesis holds files that are not a NextQuill run"):
+        run_federation(_grid(config, users), config)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["chapter1.tex"]
+
+
+def test_an_expert_of_another_base_is_refused_before_any_round(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"rounds": 1})
+    first = run_federation(_grid(config, users), config)
+    expert = tmp_path / "run" / "expert"
+    metadata = json.loads((expert / "nextquill.json").read_text())
+    (expert / "nextquill.json").write_text(json.dumps({**metadata, "base": "another-base"}))
+    again = _config(model_dir, tmp_path / "run2", **{"rounds": 1, "expert": str(expert)})
+    grid = _grid(again, users)
+    with pytest.raises(AdapterLoadError, match="trained on another base"):
+        run_federation(grid, again)
+    assert first.expert_digest and not grid.delivered
+
+
+def test_the_server_app_stops_a_run_it_cannot_do_with_one_line(model_dir, users, tmp_path, caplog):
+    from flwr.app import Context, RecordDict
+
+    from coordinator.server_app import RunStopped
+    from coordinator.server_app import main as server_main
+
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 1}).to_flower()
+    bad = {**config, "learning-rate": float("nan")}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=bad)
+    with pytest.raises(RunStopped, match="^run config learning-rate must be a finite number, got nan$"):
+        server_main(_grid(_config(model_dir, tmp_path / "run"), users), context)
+    assert any(r.getMessage() == "run stopped: run config learning-rate must be a finite number, got nan"
+               for r in caplog.records)
+    assert not (tmp_path / "run").exists()
