@@ -62,6 +62,12 @@ def resident_device(config: RunConfig) -> Device:
     return _resident[key]
 
 
+def forget_resident_device() -> None:
+    """Drop the resident base: after a failure that may have left its adapters half built (a
+    corrupt expert, a bug), the next message loads a clean one."""
+    _resident.clear()
+
+
 # ---------------------------------------------------------------- which user this node is
 
 

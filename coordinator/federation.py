@@ -65,7 +65,7 @@ class RunResult:
 def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     """Run (or resume) the phases of `config` in its run directory."""
     run_dir = config.resolve(config.run_dir)
-    check_run_config(run_dir, config.to_flower())
+    check_run_config(run_dir, config.to_flower(), RunConfig().to_flower())
     rounds = RoundLog(run_dir)
     expert_phase = config.needs_expert and not config.expert
     checkpoint = load_checkpoint(run_dir)

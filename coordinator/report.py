@@ -38,9 +38,10 @@ PLOT_FILE = "rounds.png"
 _PHASE_ORDER = {phase: order for order, phase in enumerate(PHASES)}
 
 
-def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:
+def check_run_config(run_dir: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Record the config of a new run in an absent or empty `run_dir`; refuse to resume a run that
-    had another config, and to write into a folder that holds anything else."""
+    had another config, and to write into a folder that holds anything else. A key the saved
+    config lacks (added by a later version) matches when `config` holds its default."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         if holds_something(run_dir):
@@ -55,6 +56,8 @@ def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:
                          "run-dir") from None
     if not isinstance(saved, dict):
         raise ValueError(f"run-dir {run_dir}: {path} is not a NextQuill run config; choose another run-dir")
+    defaults = defaults or {}
+    saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
     changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
     if changed:
         raise ValueError(

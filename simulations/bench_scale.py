@@ -74,6 +74,11 @@ class WorkerMemory(threading.Thread):
 RUNTIMES = ("flower", "inprocess")
 
 
+def is_scale_folder(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a scale benchmark's own folders (which a rerun resumes)."""
+    return (Path(out_dir) / "run" / "config.json").is_file() or (Path(out_dir) / "users").is_dir()
+
+
 def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: str = "tiny",
                     batch_size: int = 8, timeout: float = 6 * 3600, runtime: str = "flower",
                     device: str = "auto") -> dict:

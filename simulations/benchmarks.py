@@ -32,9 +32,10 @@ from client.personalize import Device
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
 from shared.data import UserStore
 from shared.modeling import BaseSpec, load_base, resolve_model_dir
-from shared.paths import atomic_write_json
+from shared.paths import atomic_write_json, refuse_to_replace
 from shared.run_config import RunConfig
 from shared.wire import PERSONALIZE_PHASE, RoundInstruction
+from simulations.cli import run_command
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--out", default="runs/benchmarks/setup.json")
+    for p in sub.choices.values():
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier result at --out (scale: a folder that is not a scale run)")
     args = parser.parse_args(argv)
     # SIGTERM (a `kill`, a job scheduler) unwinds like an exception, so that the SuperLink,
     # SuperExec and Ray processes a benchmark started are stopped by its cleanup, not orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_command(f"benchmarks {args.benchmark}", lambda: _run(args))
+
+
+def _run(args) -> int:
+    from simulations import bench_scale, bench_step
+
+    if args.benchmark == "scale":  # a scale run resumes in its own folder: refuse only a folder that is not one
+        if not bench_scale.is_scale_folder(Path(args.out)):
+            refuse_to_replace(Path(args.out), args.overwrite)
+    else:
+        refuse_to_replace(Path(args.out), args.overwrite)
     if args.benchmark == "step":
         shape = bench_step.with_overrides(
             bench_step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,

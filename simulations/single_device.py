@@ -98,7 +98,8 @@ def _compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -> d
         rows.append({"method": "base", **base_row, "seconds_per_step": float("nan")})
         for method in config.methods:
             train_config = replace(config.train, method=method)
-            report = device.train([store], train_config, expert, save_to=run_dir / "adapters" / store.path.name / method)
+            adapter_dir = run_dir / "adapters" / store.path.name / method
+            report = device.train([store], train_config, expert, save_to=adapter_dir)
             row = device.evaluate(store, METHODS[method].uses_history, other_history, generation=config.generation)
             rows.append({"method": method, **row, **{k: v for k, v in report.summary().items()
                                                    if k in ("seconds_per_step", "steps", "final_l_n", "final_l_p")}})

@@ -242,3 +242,16 @@ def test_the_server_app_stops_a_run_it_cannot_do_with_one_line(model_dir, users,
     assert any(r.getMessage() == "run stopped: run config learning-rate must be a finite number, got nan"
                for r in caplog.records)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_of_an_earlier_version_resumes_when_the_new_keys_hold_their_defaults(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 1})
+    run_federation(_grid(config, users), config)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["connect-timeout"]  # as a run started before the key existed recorded it
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert load_checkpoint(tmp_path / "run").phase == "done"
+    run_federation(_grid(config, users), config)
+    changed = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 1, "connect-timeout": 5.0})
+    with pytest.raises(ValueError, match="connect-timeout differ"):
+        run_federation(_grid(changed, users), changed)
