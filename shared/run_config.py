@@ -18,7 +18,7 @@ from typing import Any, get_type_hints
 from shared.adapters import LoraSettings
 from shared.losses import WEIGHTINGS, WeightScheme
 from shared.methods import METHODS
-from shared.modeling import QUANTIZATIONS, BaseSpec
+from shared.modeling import NAMED_BASES, QUANTIZATIONS, BaseSpec
 from shared.paths import data_dir
 from shared.prompts import PromptConfig
 from shared.settings import SettingError, check_settings, setting
@@ -33,9 +33,11 @@ class RunConfig:
     """Everything a federated NextQuill run is configured by. Relative paths (run-dir,
     users-dir, expert, a dataset file) are under the data directory."""
 
-    model: str = setting("tiny", "'tiny', 'small' or a local model directory")
+    model: str = setting("tiny", f"one of {list(NAMED_BASES)} or a local model directory")
     quantization: str = setting("nf4", "'nf4' (4-bit, the device default) or 'none'", choices=QUANTIZATIONS)
     device: str = setting("auto", "where devices compute: auto, cpu, cuda, cuda:N")
+    compute_dtype: str = setting("auto", "of 4-bit layers: auto (bfloat16 on CUDA, float32 on the CPU), bfloat16, "
+                                         "float16 or float32")
     dataset: str = setting(
         "shakespeare", "simulation users: 'shakespeare', 'synthetic' or the path of a LaMP-style JSON file"
     )
@@ -128,7 +130,7 @@ class RunConfig:
 
     @property
     def base_spec(self) -> BaseSpec:
-        return BaseSpec(self.model, self.quantization, self.device)
+        return BaseSpec(self.model, self.quantization, self.device, self.compute_dtype)
 
     @property
     def prompt(self) -> PromptConfig:

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
+from shared.data import UserStore
 from shared.losses import IGNORE_INDEX
 from shared.modeling import model_device, response_token_nll
 from shared.prompts import PromptConfig, encode_sample
@@ -59,3 +60,21 @@ def history_nll(
     nll["history_sensitivity"] = nll["nll_other_history"] - nll["nll_own_history"]
     nll["target_tokens"] = tokens
     return nll
+
+
+def store_scoring_examples(stores: Sequence[UserStore], split: str = "test") -> list[ScoringExample]:
+    """Every user's samples of `split` with the user's own history and, as the other history,
+    that of the next user's sample at the same position (a user from the same data set)."""
+    if len(stores) < 2:
+        raise ValueError("history sensitivity needs at least two user stores")
+    examples = []
+    for index, store in enumerate(stores):
+        donor = stores[(index + 1) % len(stores)]
+        donor_samples = donor.samples(split)
+        for position, sample in enumerate(store.samples(split)):
+            donor_sample = donor_samples[min(position, len(donor_samples) - 1)]
+            examples.append(ScoringExample(
+                x=sample.x, y=sample.y, own_history=[h.text for h in store.history_for(sample)],
+                other_history=[h.text for h in donor.history_for(donor_sample)],
+            ))
+    return examples

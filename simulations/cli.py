@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
@@ -25,7 +26,7 @@ from client.trainer import WEIGHT_SOURCES, TrainConfig
 from shared.errors import USER_ERRORS, one_line
 from shared.losses import WEIGHTINGS, WeightScheme
 from shared.methods import METHODS
-from shared.modeling import COMPUTE_DTYPES, EMBEDDED_SIZES, QUANTIZATIONS, BaseSpec
+from shared.modeling import COMPUTE_DTYPES, NAMED_BASES, QUANTIZATIONS, BaseSpec
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
 from shared.prompts import PromptConfig
 from shared.settings import field_rules, value_problem
@@ -60,11 +61,13 @@ def checked(config_class: type, name: str) -> Callable[[str], Any]:
 def _add_base_options(parser: argparse.ArgumentParser) -> None:
     base = BaseSpec()
     parser.add_argument("--model", default=base.model,
-                        help="'tiny' / 'small' (the embedded default) or a local Hugging Face model directory")
+                        help=f"one of {', '.join(NAMED_BASES)} (built or converted on first use) or a local Hugging "
+                             "Face model directory")
     parser.add_argument("--quantization", default=base.quantization, choices=QUANTIZATIONS)
     parser.add_argument("--device", default=base.device, type=checked(BaseSpec, "device"),
                         help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--compute-dtype", default=base.compute_dtype, choices=COMPUTE_DTYPES)
+    parser.add_argument("--compute-dtype", default=base.compute_dtype, choices=COMPUTE_DTYPES,
+                        help="of 4-bit layers; auto: bfloat16 on CUDA, float32 on the CPU")
 
 
 def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -152,7 +155,7 @@ def check_output(out: Path, overwrite: bool, reads: dict[str, list], flag: str =
 
 
 def _model_path(args) -> list[str]:
-    return [] if args.model in EMBEDDED_SIZES else [args.model]
+    return [] if args.model in NAMED_BASES else [args.model]
 
 
 def _open_stores(paths: list[str]):
@@ -167,11 +170,18 @@ def _default_users_dir(dataset: str) -> Path:
 
 def cmd_base(args) -> int:
     from shared.base_model import measure_base
+    from shared.data import UserStore, build_synthetic_users
     from shared.modeling import load_base
+    from shared.scoring import history_nll, store_scoring_examples
 
     base, tokenizer = load_base(_base_spec(args))
-    scores = measure_base(base, tokenizer, _prompt(args))
-    print(json.dumps(scores, indent=2))
+    scores = {"shakespeare": measure_base(base, tokenizer, _prompt(args))}
+    # Synthetic reviewers: 16 users' held-out samples, each with its own and another user's history.
+    with tempfile.TemporaryDirectory(prefix="nextquill-base-") as scratch:
+        paths = build_synthetic_users(Path(scratch) / "synthetic", n_users=16)
+        examples = store_scoring_examples([UserStore.open(p) for p in paths])
+    scores["synthetic"] = history_nll(base, tokenizer, examples, _prompt(args))
+    print(json.dumps({"model": args.model, **scores}, indent=2))
     return 0
 
 

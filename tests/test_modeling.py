@@ -36,7 +36,7 @@ def test_nf4_base_loads_on_cpu_with_bitsandbytes_4bit_layers(nf4_base):
 
 
 def test_unknown_model_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not 'tiny', 'small' or an existing local model directory"):
+    with pytest.raises(FileNotFoundError, match="not one of tiny, small, smollm2-135m or an existing local model"):
         load_base(BaseSpec(str(tmp_path / "nope")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
