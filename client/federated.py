@@ -218,22 +218,26 @@ def evaluate_round(
     method: str,
     run_name: str,
     seed: int,
+    evaluate_base: bool = False,
 ) -> dict[str, float]:
     """Evaluate the user's personalized model (global shared + own personal part) on the
-    store's held-out samples; numeric metrics only. History sensitivity uses a public
-    donor history: a device holds no other user's history."""
+    store's held-out samples, and with `evaluate_base` the base alone on the same samples and
+    prompts; numeric metrics only. History sensitivity uses a public donor history: a device
+    holds no other user's history."""
     model = build_adapters(device, store, split, shared_in, run_name, seed)
     device.host.activate(*split.adapters)
-    row = evaluate_user(model, device.tokenizer, store, METHODS[method].uses_history, device.prompt,
-                        public_donor_history())
-    return {
-        NUM_EXAMPLES: row["test_samples"],
-        "eval-rouge1": row["rouge1"],
-        "eval-rougeL": row["rougeL"],
-        "eval-bleu": row["bleu"],
-        "eval-nll": row["nll"],
-        "eval-history-sensitivity": row["history_sensitivity"],
-    }
+    uses_history = METHODS[method].uses_history
+
+    def scores(prefix: str) -> dict[str, float]:
+        row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, public_donor_history())
+        return {f"{prefix}-rouge1": row["rouge1"], f"{prefix}-rougeL": row["rougeL"], f"{prefix}-bleu": row["bleu"],
+                f"{prefix}-nll": row["nll"], f"{prefix}-history-sensitivity": row["history_sensitivity"]}
+
+    metrics = {NUM_EXAMPLES: len(store.samples("test")), **scores("eval")}
+    if evaluate_base:
+        with model.disable_adapter():
+            metrics |= scores("eval-base")
+    return metrics
 
 
 def handle_train(
@@ -257,7 +261,7 @@ def handle_evaluate(
         raise ValueError(f"evaluation is of the personalized model, not of phase {instruction.phase!r}")
     store = user_store(node_config, config)
     return evaluate_round(resident_device(config), store, config.split_spec, shared_in, config.method,
-                          instruction.run_name, config.seed)
+                          instruction.run_name, config.seed, config.evaluate_base)
 
 
 def expert_status(digest: str) -> bool:

@@ -117,6 +117,10 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
             points = [(r["round"], r[key]) for r in rows if r["phase"] == phase and _finite(r.get(key))]
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", color=colour, label=phase)
+        base_key = key.replace("eval-", "eval-base-", 1)
+        base = [(r["round"], r[base_key]) for r in rows if key.startswith("eval-") and _finite(r.get(base_key))]
+        if base:
+            ax.plot(*zip(*base, strict=True), "s--", color="#888888", label="base, no training")
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

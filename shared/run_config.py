@@ -49,6 +49,9 @@ class RunConfig:
         0, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
     )
     evaluate_clients: int = setting(0, "devices sampled per evaluation (0: every one)", minimum=0)
+    evaluate_base: bool = setting(
+        True, "also evaluate the base alone (no adapter) on the same samples: what personalization bought"
+    )
     local_steps: int = setting(10, "local training steps per round", minimum=1)
     batch_size: int = setting(8, "samples per local step", minimum=1)
     learning_rate: float = setting(3e-4, "local AdamW learning rate", above=0.0)

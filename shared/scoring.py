@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
@@ -44,7 +45,9 @@ def history_nll(
     totals = {"own": 0.0, "other": 0.0, "none": 0.0}
     tokens = 0
     device = model_device(model)
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="scoring targets", unit="batch", leave=False, mininterval=5,
+                      disable=len(starts) < 4):
         chunk = examples[start : start + batch_size]
         own = [encode_sample(tokenizer, e.x, e.own_history, e.y, config) for e in chunk]
         other = [encode_sample(tokenizer, e.x, e.other_history, e.y, config) for e in chunk]

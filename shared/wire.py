@@ -29,9 +29,10 @@ TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
     "weights-seconds",
 })
-EVALUATE_METRICS = frozenset({
-    NUM_EXAMPLES, "eval-rouge1", "eval-rougeL", "eval-bleu", "eval-nll", "eval-history-sensitivity",
-})
+_SCORES = ("rouge1", "rougeL", "bleu", "nll", "history-sensitivity")
+# The personalized model's scores, and with `evaluate-base` the same of the base alone (no
+# adapter) on the same samples and prompts: what personalization bought.
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in _SCORES), *(f"eval-base-{s}" for s in _SCORES)})
 QUERY_METRICS = frozenset({HAS_EXPERT})
 
 # Shared parameters travel in float32 or float16: half the bytes, and for LoRA-sized values

@@ -325,7 +325,28 @@ def step_table(result: dict) -> str:
 def _machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{cpu_description()}, {torch.get_num_threads()} threads"
+
+
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide its float32 / bfloat16 speed (CPU timings
+    differ from machine to machine; a figure names the CPU it was taken on)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    present = [flag for flag in _CPU_FLAGS if flag in flags]
+    return f"{name} (flags: {' '.join(present) or 'none of ' + ', '.join(_CPU_FLAGS)})"
 
 
 def _software() -> dict[str, str]:

@@ -31,7 +31,7 @@ from client import federated
 from client.personalize import Device
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
 from shared.data import UserStore
-from shared.modeling import BaseSpec, load_base, resolve_model_dir
+from shared.modeling import COMPUTE_DTYPES, BaseSpec, load_base, resolve_model_dir
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.run_config import RunConfig
 from shared.wire import PERSONALIZE_PHASE, RoundInstruction
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
     p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
     p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="of 4-bit layers; auto: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int)
@@ -149,8 +151,8 @@ def _run(args) -> int:
         shape = bench_step.with_overrides(
             bench_step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,
             context_tokens=args.context_tokens, response_tokens=args.response_tokens)
-        bench_step.step_benchmark(args.model, BaseSpec(args.model, args.quantization, args.device), shape,
-                                  args.steps, Path(args.out), tuple(args.methods),
+        spec = BaseSpec(args.model, args.quantization, args.device, args.compute_dtype)
+        bench_step.step_benchmark(args.model, spec, shape, args.steps, Path(args.out), tuple(args.methods),
                                   Path(args.profile) if args.profile else None)
         return 0
     if args.benchmark == "scale":
