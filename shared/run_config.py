@@ -33,7 +33,7 @@ class RunConfig:
     """Everything a federated NextQuill run is configured by. Relative paths (run-dir,
     users-dir, expert, a dataset file) are under the data directory."""
 
-    model: str = setting("tiny", f"one of {list(NAMED_BASES)} or a local model directory")
+    model: str = setting("smollm2-135m", f"one of {list(NAMED_BASES)} or a local model directory")
     quantization: str = setting("nf4", "'nf4' (4-bit, the device default) or 'none'", choices=QUANTIZATIONS)
     device: str = setting("auto", "where devices compute: auto, cpu, cuda, cuda:N")
     compute_dtype: str = setting("auto", "of 4-bit layers: auto (bfloat16 on CUDA, float32 on the CPU), bfloat16, "
@@ -42,9 +42,9 @@ class RunConfig:
         "shakespeare", "simulation users: 'shakespeare', 'synthetic' or the path of a LaMP-style JSON file"
     )
     users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>)")
-    clients_per_round: int = setting(4, "clients sampled per training round", minimum=1)
-    expert_rounds: int = setting(2, "rounds of federated ContextSFT for the expert", minimum=0)
-    rounds: int = setting(3, "personalization rounds", minimum=0)
+    clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
+    expert_rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
+    rounds: int = setting(2, "personalization rounds", minimum=0)
     evaluate_every: int = setting(
         0, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
     )
@@ -52,8 +52,8 @@ class RunConfig:
     evaluate_base: bool = setting(
         True, "also evaluate the base alone (no adapter) on the same samples: what personalization bought"
     )
-    local_steps: int = setting(10, "local training steps per round", minimum=1)
-    batch_size: int = setting(8, "samples per local step", minimum=1)
+    local_steps: int = setting(3, "local training steps per round", minimum=1)
+    batch_size: int = setting(4, "samples per local step", minimum=1)
     learning_rate: float = setting(3e-4, "local AdamW learning rate", above=0.0)
     method: str = setting("nextquill", f"one of {sorted(METHODS)}", choices=tuple(sorted(METHODS)))
     alpha: float = setting(0.1, "weight of L_p", minimum=0.0)
@@ -69,9 +69,9 @@ class RunConfig:
     )
     lora_r: int = setting(8, "LoRA rank (of each adapter)", minimum=1)
     lora_alpha: int = setting(16, "LoRA scaling numerator", minimum=1)
-    history_tokens: int = setting(160, "prompt budget of the history, in tokens")
-    context_tokens: int = setting(48, "prompt budget of the context x, in tokens")
-    response_tokens: int = setting(48, "budget of the response y, in tokens")
+    history_tokens: int = setting(96, "prompt budget of the history, in tokens")
+    context_tokens: int = setting(32, "prompt budget of the context x, in tokens")
+    response_tokens: int = setting(32, "budget of the response y, in tokens")
     expert: str = setting("", "an existing expert adapter directory (skips phase 1)")
     min_replies: int = setting(1, "fewest valid replies a round may aggregate", minimum=1)
     round_timeout: float = setting(1800.0, "seconds to wait for a round's replies", above=0.0)

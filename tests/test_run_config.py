@@ -18,7 +18,8 @@ def test_the_app_defaults_in_pyproject_are_valid_and_complete():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     values = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(values) == set(RunConfig().to_flower())
-    RunConfig.from_flower(values)
+    # One source of each default: the app's run config is the dataclass's.
+    assert RunConfig.from_flower(values) == RunConfig()
 
 
 @pytest.mark.parametrize(
