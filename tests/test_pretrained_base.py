@@ -43,7 +43,7 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
     from shared.data import UserStore, build_synthetic_users
     from shared.modeling import BaseSpec, load_base
-    from shared.prompts import PromptConfig
+    from shared.prompts import PromptConfig, encode_sample
 
     folder = ensure_pretrained_base("smollm2-135m")
     record = json.loads((folder / "conversion.json").read_text())
@@ -53,8 +53,14 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     base, tokenizer = load_base(BaseSpec("smollm2-135m", quantization="nf4", device="cpu"))
     assert getattr(base, "is_loaded_in_4bit", False)
     assert tokenizer.chat_template  # prompts go through the model's chat template
-    store = UserStore.open(build_synthetic_users(tmp_path / "users", n_users=1, samples_per_user=6)[0])
     prompt = PromptConfig(history_tokens=48, context_tokens=24, response_tokens=24)
+    # A history far over its budget is cut; the response, after the assistant turn's opening, is not.
+    encoded = encode_sample(tokenizer, "Tell me about the lamp.", ["word " * 400, "older"], "A fine lamp.", prompt)
+    assert tokenizer.decode(encoded.response) == "A fine lamp." + tokenizer.eos_token
+    assert tokenizer.decode(encoded.prompt_with).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(encoded.prompt_without).endswith("<|im_start|>assistant\n")
+    assert len(encoded.prompt_with) - len(encoded.prompt_without) <= prompt.history_tokens + 16
+    store = UserStore.open(build_synthetic_users(tmp_path / "users", n_users=1, samples_per_user=6)[0])
     device = Device(AdapterHost(base, LoraSettings(r=2, alpha=4)), tokenizer, base_fingerprint(folder), prompt)
     report = device.train([store], TrainConfig(method="mce-only", max_steps=1, batch_size=2), progress=False)
     assert report.steps == 1 and torch.isfinite(torch.tensor(report.loss)).all()
