@@ -35,16 +35,15 @@ def holds_something(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def refuse_to_replace(target: Path, overwrite: bool, flag: str = "--overwrite",
-                      why: str = "that this command did not write") -> None:
+def refuse_to_replace(target: Path, overwrite: bool, why: str = "that this command did not write") -> None:
     """The rule of every command that writes: a path that holds something is replaced only when
-    the user asked for it (`flag`); an absent path or an empty folder may be written."""
+    the user asked for it (`--overwrite`); an absent path or an empty folder may be written."""
     target = Path(target)
     if overwrite or not holds_something(target):
         return
     what = "a folder with files" if target.is_dir() and not target.is_symlink() else "a file"
     raise OutputExistsError(
-        f"{target} already holds {what} {why}; choose another path, or pass {flag} to replace it (the old "
+        f"{target} already holds {what} {why}; choose another path, or pass --overwrite to replace it (the old "
         "content is removed only once the new one is complete)"
     )
 
@@ -93,7 +92,7 @@ def atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it takes the place of `target`.
 
     A `target` that holds something (`refuse_to_replace`) is replaced only when `overwrite`,
@@ -102,7 +101,7 @@ def atomic_directory(target: Path, overwrite: bool = False, flag: str = "--overw
     removed and `target` is left as it was.
     """
     target = Path(target)
-    refuse_to_replace(target, overwrite, flag)
+    refuse_to_replace(target, overwrite)
     ensure_folder(target.parent)
     staging = _fresh_folder(target, "partial")
     try:

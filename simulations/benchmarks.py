@@ -142,10 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from simulations import bench_scale, bench_step
 
-    if args.benchmark == "scale":  # a scale run resumes in its own folder: refuse only a folder that is not one
-        if not bench_scale.is_scale_folder(Path(args.out)):
-            refuse_to_replace(Path(args.out), args.overwrite)
-    else:
+    # A scale run resumes in its own folder: refuse only a folder that is not one.
+    if not (args.benchmark == "scale" and bench_scale.is_scale_folder(Path(args.out))):
         refuse_to_replace(Path(args.out), args.overwrite)
     if args.benchmark == "step":
         shape = bench_step.with_overrides(
