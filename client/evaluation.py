@@ -12,11 +12,11 @@ from transformers import PreTrainedTokenizerBase
 
 from shared import corpus
 from shared.batching import left_pad
-from shared.data import UserStore
 from shared.metrics import bleu, rouge
 from shared.modeling import compute_autocast, model_device
 from shared.prompts import PromptConfig, render_prompt
 from shared.scoring import ScoringExample, history_nll
+from shared.user_store import UserStore
 
 
 @dataclass(frozen=True)

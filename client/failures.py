@@ -16,10 +16,10 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message
 
 from client.federated import forget_resident_device
-from shared.data import DataError
 from shared.errors import AdapterLoadError, ModelLoadError
 from shared.expert_package import ExpertDigestError
 from shared.settings import SettingError
+from shared.user_store import DataError
 
 log = logging.getLogger(__name__)
 

@@ -23,19 +23,20 @@ from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
 from client.trainer import TrainConfig, train_adapter
 from shared.adapters import AdapterHost, base_fingerprint
-from shared.data import UserStore, build_shakespeare_users, build_synthetic_users, import_lamp_json, list_user_stores
 from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
 from shared.methods import METHODS
 from shared.modeling import load_base, resolve_model_dir
 from shared.paths import file_lock
 from shared.run_config import DATASETS, RunConfig
 from shared.split import EXPERT_SPLIT, SplitSpec
+from shared.user_store import UserStore, list_user_stores
 from shared.wire import (
     EXPERT_PHASE,
     NUM_EXAMPLES,
     PERSONALIZE_PHASE,
     RoundInstruction,
 )
+from simulations.datasets import build_users
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,11 @@ def simulation_store_paths(config: RunConfig, num_partitions: int) -> list[Path]
         paths = list_user_stores(root)
         if len(paths) < num_partitions:
             try:
-                if config.dataset == "shakespeare":
-                    build_shakespeare_users(root)
-                elif config.dataset == "synthetic":
-                    build_synthetic_users(root, n_users=num_partitions, seed=config.seed)
+                if config.dataset in ("shakespeare", "synthetic"):
+                    build_users(config.dataset, root, max_users=None if config.dataset == "shakespeare" else
+                                num_partitions, seed=config.seed)
                 else:
-                    import_lamp_json(root, config.resolve(config.dataset))
+                    build_users("lamp-json", root, records=config.resolve(config.dataset))
             except ValueError as error:
                 raise ValueError(f"dataset {config.dataset!r} cannot give {num_partitions} simulated users: {error}; "
                                  "lower num-supernodes") from None

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from client.personalize import Device, Expert
-from shared.data import UserStore
 from shared.losses import WeightScheme
 from shared.paths import atomic_directory, atomic_write_jsonl, atomic_write_text, refuse_to_replace
+from shared.user_store import UserStore
 
 
 def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme) -> list[dict]:

@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from shared.data import UserStore
 from shared.paths import atomic_write_bytes
+from shared.user_store import UserStore
 
 _SEPARATOR = "::"
 

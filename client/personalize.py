@@ -14,9 +14,9 @@ from client.evaluation import GenerationSettings, evaluate_user
 from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
 from client.trainer import TrainConfig, TrainExample, TrainReport, train_adapter
 from shared.adapters import AdapterHost, adapter_digest, check_adapter_base, save_adapter
-from shared.data import Sample, UserStore
 from shared.paths import refuse_to_replace
 from shared.prompts import EncodedSample, PromptConfig
+from shared.user_store import Sample, UserStore
 
 log = logging.getLogger(__name__)
 

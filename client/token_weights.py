@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
-from shared.data import Sample, UserStore
 from shared.losses import token_probabilities
 from shared.modeling import model_device, response_logits
 from shared.paths import atomic_write_json
 from shared.prompts import EncodedSample, PromptConfig, encode_sample
+from shared.user_store import Sample, UserStore
 
 log = logging.getLogger(__name__)
 

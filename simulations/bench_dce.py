@@ -16,9 +16,9 @@ from client.personalize import Expert
 from client.token_weights import cached_token_probs, compute_token_probs, encode_store_samples
 from client.trainer import TrainConfig, train_adapter
 from shared.adapters import save_adapter
-from shared.data import UserStore
 from shared.paths import atomic_write_json
 from shared.run_config import RunConfig
+from shared.user_store import UserStore
 
 
 def dce_benchmark(config: RunConfig, stores: list[UserStore], out: Path, rounds: tuple[int, ...] = (1, 5, 20)) -> dict:

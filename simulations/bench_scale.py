@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from shared.data import build_synthetic_users
-from shared.deployment import local_simulation, run_app
 from shared.modeling import resolve_device
 from shared.paths import atomic_write_bytes, atomic_write_json
 from shared.run_config import RunConfig
+from simulations.datasets import build_synthetic_users
+from simulations.deployment import local_simulation, run_app
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]

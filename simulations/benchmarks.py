@@ -30,10 +30,10 @@ import torch
 from client import federated
 from client.personalize import Device
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-from shared.data import UserStore
 from shared.modeling import COMPUTE_DTYPES, BaseSpec, load_base, resolve_model_dir
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.run_config import RunConfig
+from shared.user_store import UserStore
 from shared.wire import PERSONALIZE_PHASE, RoundInstruction
 from simulations.cli import run_command
 

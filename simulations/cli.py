@@ -159,7 +159,7 @@ def _model_path(args) -> list[str]:
 
 
 def _open_stores(paths: list[str]):
-    from shared.data import UserStore
+    from shared.user_store import UserStore
 
     return [UserStore.open(Path(p)) for p in paths]
 
@@ -170,9 +170,10 @@ def _default_users_dir(dataset: str) -> Path:
 
 def cmd_base(args) -> int:
     from shared.base_model import measure_base
-    from shared.data import UserStore, build_synthetic_users
     from shared.modeling import load_base
     from shared.scoring import history_nll, store_scoring_examples
+    from shared.user_store import UserStore
+    from simulations.datasets import build_synthetic_users
 
     base, tokenizer = load_base(_base_spec(args))
     scores = {"shakespeare": measure_base(base, tokenizer, _prompt(args))}
@@ -186,16 +187,11 @@ def cmd_base(args) -> int:
 
 
 def _build_users(dataset: str, out: Path, args) -> list[Path]:
-    from shared import data
+    from simulations.datasets import build_users
 
-    if dataset == "shakespeare":
-        return data.build_shakespeare_users(out, min_samples=args.min_samples, max_users=args.max_users,
-                                            overwrite=args.overwrite_users)
-    if dataset == "synthetic":
-        return data.build_synthetic_users(out, n_users=args.max_users or 16, seed=args.seed,
-                                          overwrite=args.overwrite_users)
-    return data.import_lamp_json(out, Path(args.records), Path(args.golds) if args.golds else None,
-                                 overwrite=args.overwrite_users)
+    return build_users(dataset, out, max_users=args.max_users, min_samples=args.min_samples,
+                       records=getattr(args, "records", None), golds=getattr(args, "golds", None), seed=args.seed,
+                       overwrite=args.overwrite_users)
 
 
 def cmd_users(args) -> int:
@@ -257,7 +253,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from shared.data import UserStore
+    from shared.user_store import UserStore
     from simulations.single_device import run_compare, summary_table
 
     stores_dir = Path(args.users_dir) if args.users_dir else _default_users_dir(args.dataset)
@@ -279,7 +275,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from shared.deployment import make_dev_certificates
+    from simulations.credentials import make_dev_certificates
 
     paths = make_dev_certificates(Path(args.out), hosts=tuple(args.hosts), overwrite=args.overwrite)
     print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
@@ -287,7 +283,7 @@ def cmd_certs(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from shared.deployment import make_supernode_keys
+    from simulations.credentials import make_supernode_keys
 
     pairs = make_supernode_keys(Path(args.out), args.names, overwrite=args.overwrite)
     print(json.dumps({name: {"private": str(p.private_key), "public": str(p.public_key)}

@@ -18,12 +18,12 @@ from client.evaluation import GenerationSettings, donor_history
 from client.personalize import Device, Expert
 from client.trainer import TrainConfig
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-from shared.data import UserStore
 from shared.methods import METHODS
 from shared.metrics import macro_average
 from shared.modeling import BaseSpec, load_base, resolve_model_dir
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_text
 from shared.prompts import PromptConfig
+from shared.user_store import UserStore
 
 log = logging.getLogger(__name__)
 

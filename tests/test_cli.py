@@ -11,9 +11,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from shared.adapters import AdapterHost, LoraSettings, save_adapter
-from shared.data import build_synthetic_users
 from shared.modeling import BaseSpec, load_base
 from simulations.cli import main
+from simulations.datasets import build_synthetic_users
 
 SMALL = ["--device", "cpu", "--history-tokens", "32", "--context-tokens", "16", "--response-tokens", "16"]
 

@@ -14,9 +14,10 @@ from client.personal_state import load_personal_state, personal_path
 from coordinator.checkpoint import load_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from shared.adapters import LoraSettings
-from shared.data import UserStore, build_synthetic_users
-from shared.deployment import local_deployment, run_app
 from shared.split import PERSONAL_ADAPTER, SplitSpec
+from shared.user_store import UserStore
+from simulations.datasets import build_synthetic_users
+from simulations.deployment import local_deployment, run_app
 
 REPO = Path(__file__).parents[1]
 

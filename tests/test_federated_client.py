@@ -8,11 +8,12 @@ from client.personal_state import load_personal_state
 from client.personalize import Device
 from client.trainer import TrainConfig
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-from shared.data import UserStore, build_synthetic_users
 from shared.modeling import BaseSpec, load_base
 from shared.prompts import PromptConfig
 from shared.split import SplitSpec
+from shared.user_store import UserStore
 from shared.wire import TRAIN_METRICS
+from simulations.datasets import build_synthetic_users
 
 CONFIG = TrainConfig(method="mce-only", max_steps=2, batch_size=4)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from client.personal_state import load_personal_state, personal_path, save_personal_state
-from shared.data import UserStore, build_synthetic_users
+from shared.user_store import UserStore
+from simulations.datasets import build_synthetic_users
 
 
 @pytest.fixture

@@ -12,12 +12,13 @@ from client.personalize import Device, Expert
 from client.token_weights import cached_token_probs
 from client.trainer import TrainConfig
 from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-from shared.data import UserStore, build_synthetic_users, import_lamp_json
 from shared.losses import WeightScheme
 from shared.methods import METHODS
 from shared.modeling import BaseSpec, load_base
 from shared.prompts import PromptConfig
+from shared.user_store import UserStore
 from simulations.cli import METHOD_NAMES, main
+from simulations.datasets import build_synthetic_users, import_lamp_json
 from simulations.single_device import CompareConfig, run_compare
 
 PROMPT = PromptConfig(history_tokens=48, context_tokens=24, response_tokens=24)

@@ -41,9 +41,10 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     from client.personalize import Device
     from client.trainer import TrainConfig
     from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-    from shared.data import UserStore, build_synthetic_users
     from shared.modeling import BaseSpec, load_base
     from shared.prompts import PromptConfig, encode_sample
+    from shared.user_store import UserStore
+    from simulations.datasets import build_synthetic_users
 
     folder = ensure_pretrained_base("smollm2-135m")
     record = json.loads((folder / "conversion.json").read_text())

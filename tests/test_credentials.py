@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from shared.deployment import make_dev_certificates, make_supernode_keys
 from shared.paths import OutputExistsError
+from simulations.credentials import make_dev_certificates, make_supernode_keys
 
 
 def _handshake(paths: dict, server_hostname: str) -> str:

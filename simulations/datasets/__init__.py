@@ -1,0 +1,56 @@
+"""Builders of user stores (`shared.user_store`), behind one `build_users`: the command line
+(`nextquill users`, `nextquill compare`) and a simulated ClientApp's first use both call it.
+
+  shakespeare  every (user play, speaker) with enough speeches (`shakespeare.py`)
+  synthetic    users whose replies carry known preference words (`synthetic.py`)
+  lamp-json    LaMP / LongLaMP-style JSON files of input, output, profile (`lamp.py`)
+
+Every input is checked before anything is written; stores that exist already are kept unless
+`overwrite`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from simulations.datasets.lamp import import_lamp_json
+from simulations.datasets.shakespeare import build_shakespeare_users
+from simulations.datasets.synthetic import build_synthetic_users
+
+DATASETS = ("shakespeare", "synthetic", "lamp-json")
+
+
+def build_users(
+    dataset: str,
+    out_dir: str | Path,
+    *,
+    max_users: int | None = None,
+    min_samples: int = 30,
+    records: str | Path | None = None,
+    golds: str | Path | None = None,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> list[Path]:
+    """The stores of `dataset` in `out_dir`, one folder per user; returns their paths.
+
+    max_users: shakespeare keeps the first ones (play order); synthetic builds that many
+    (default 16). min_samples: shakespeare's fewest speeches per speaker. records, golds:
+    lamp-json's records file and, for LaMP's split files, its outputs file.
+    """
+    if dataset == "shakespeare":
+        return build_shakespeare_users(out_dir, min_samples=min_samples, test_fraction=test_fraction,
+                                       max_users=max_users, overwrite=overwrite)
+    if dataset == "synthetic":
+        return build_synthetic_users(out_dir, n_users=max_users or 16, test_fraction=test_fraction, seed=seed,
+                                     overwrite=overwrite)
+    if dataset == "lamp-json":
+        if records is None:
+            raise ValueError("dataset lamp-json needs a records file (a LaMP-style JSON file of input, output, "
+                             "profile)")
+        return import_lamp_json(out_dir, Path(records), Path(golds) if golds else None, test_fraction=test_fraction,
+                                overwrite=overwrite)
+    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+
+
+__all__ = ["DATASETS", "build_shakespeare_users", "build_synthetic_users", "build_users", "import_lamp_json"]
