@@ -15,8 +15,16 @@ from flwr.clientapp import ClientApp
 
 from client import federated
 from client.failures import replies_without_details
-from shared.run_config import RunConfig
-from shared.wire import EXPERT_DELIVER, EXPERT_STATUS, HAS_EXPERT, RoundInstruction, decode_shared, encode_shared
+from shared.config import RunConfig
+from shared.wire import (
+    EXPERT_DELIVER,
+    EXPERT_RECORD,
+    EXPERT_STATUS,
+    HAS_EXPERT,
+    RoundInstruction,
+    decode_shared,
+    encode_shared,
+)
 
 app = ClientApp()
 
@@ -50,7 +58,7 @@ def query(msg: Message, context: Context) -> Message:
     if action == EXPERT_STATUS:
         has_expert = federated.expert_status(str(request["expert-digest"]))
     elif action == EXPERT_DELIVER:
-        federated.receive_expert(msg.content["expert"])
+        federated.receive_expert(msg.content[EXPERT_RECORD])
         has_expert = True
     else:
         raise ValueError(f"unknown query action {action!r}")

@@ -12,9 +12,10 @@ from transformers import PreTrainedTokenizerBase
 
 from shared import corpus
 from shared.batching import left_pad
+from shared.config import PromptConfig
+from shared.forward import compute_autocast, model_device
 from shared.metrics import bleu, rouge
-from shared.modeling import compute_autocast, model_device
-from shared.prompts import PromptConfig, render_prompt
+from shared.prompts import render_prompt
 from shared.scoring import ScoringExample, history_nll
 from shared.user_store import UserStore
 

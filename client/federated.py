@@ -21,22 +21,15 @@ from peft import PeftModel
 from client.evaluation import evaluate_user, public_donor_history
 from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
-from client.trainer import TrainConfig, train_adapter
-from shared.adapters import AdapterHost, base_fingerprint
+from client.trainer import train_adapter
+from shared.config import RunConfig, TrainConfig
 from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
 from shared.methods import METHODS
-from shared.modeling import load_base, resolve_model_dir
 from shared.paths import file_lock
-from shared.run_config import DATASETS, RunConfig
 from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.user_store import UserStore, list_user_stores
-from shared.wire import (
-    EXPERT_PHASE,
-    NUM_EXAMPLES,
-    PERSONALIZE_PHASE,
-    RoundInstruction,
-)
-from simulations.datasets import build_users
+from shared.wire import NUM_EXAMPLES, Phase, RoundInstruction
+from simulations.datasets import DATASETS, build_users
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +49,7 @@ def resident_device(config: RunConfig) -> Device:
     if key not in _resident:
         _resident.clear()  # one base at a time: a new run with another base replaces it
         started = time.perf_counter()
-        base, tokenizer = load_base(config.base_spec)
-        _resident[key] = Device(AdapterHost(base, config.lora), tokenizer,
-                                base_fingerprint(resolve_model_dir(config.model)), config.prompt)
+        _resident[key] = Device.load(config.base_spec, config.lora, config.prompt)
         log.info("base %s resident after %.1f s", config.model, time.perf_counter() - started)
     return _resident[key]
 
@@ -132,12 +123,10 @@ class RoundResult:
 
 def phase_setup(config: RunConfig, instruction: RoundInstruction) -> tuple[SplitSpec, TrainConfig]:
     """The split and local training of a phase: the expert is a plain FedAvg ContextSFT LoRA."""
-    common = {"max_steps": config.local_steps, "batch_size": config.batch_size,
-              "learning_rate": config.learning_rate, "seed": config.seed + instruction.server_round}
-    if instruction.phase == EXPERT_PHASE:
-        return EXPERT_SPLIT, TrainConfig(method="context-sft", **common)
-    return config.split_spec, TrainConfig(method=config.method, alpha=config.alpha, weights=config.weight_scheme,
-                                          lean_memory=config.lean_memory, paired_pass=config.paired_pass, **common)
+    seed = config.seed + instruction.server_round
+    if instruction.phase == Phase.EXPERT:
+        return EXPERT_SPLIT, config.train_config("context-sft", seed)
+    return config.split_spec, config.train_config(config.method, seed)
 
 
 def device_expert(instruction: RoundInstruction, train_config: TrainConfig) -> Expert | None:
@@ -210,7 +199,7 @@ def train_round(
     )
 
 
-def evaluate_round(
+def evaluate_personalized(
     device: Device,
     store: UserStore,
     split: SplitSpec,
@@ -257,10 +246,10 @@ def handle_evaluate(
     instruction: RoundInstruction, shared_in: dict[str, torch.Tensor], node_config: Mapping[str, Any],
     config: RunConfig,
 ) -> dict[str, float]:
-    if instruction.phase != PERSONALIZE_PHASE:
+    if instruction.phase != Phase.PERSONALIZE:
         raise ValueError(f"evaluation is of the personalized model, not of phase {instruction.phase!r}")
     store = user_store(node_config, config)
-    return evaluate_round(resident_device(config), store, config.split_spec, shared_in, config.method,
+    return evaluate_personalized(resident_device(config), store, config.split_spec, shared_in, config.method,
                           instruction.run_name, config.seed, config.evaluate_base)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from client.personalize import Device, Expert
-from shared.losses import WeightScheme
+from shared.config import WeightScheme
+from shared.losses import token_weights
 from shared.paths import atomic_directory, atomic_write_jsonl, atomic_write_text, refuse_to_replace
 from shared.user_store import UserStore
 
@@ -22,7 +23,7 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
     rows = []
     for sample in store.samples():
         p = probs[sample.id]
-        weights = scheme.weights(torch.tensor(p.prob_with), torch.tensor(p.prob_without)).tolist()
+        weights = token_weights(scheme, torch.tensor(p.prob_with), torch.tensor(p.prob_without)).tolist()
         offsets = device.tokenizer(sample.y, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         tokens = []
         for i, token_id in enumerate(p.token_ids):
@@ -42,7 +43,7 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
 def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
     """How DCE separates tokens; with ground truth, precision/recall of the high-weight tokens."""
     tokens = [t for row in rows for t in row["tokens"]]
-    high = [t for t in tokens if t["weight"] > (scheme.low + scheme.high) / 2]
+    high = [t for t in tokens if t["weight"] > (scheme.weight_low + scheme.weight_high) / 2]
     summary = {"targets": len(rows), "tokens": len(tokens), "high_weight_tokens": len(high),
                "mean_dce": sum(t["dce"] for t in tokens) / max(1, len(tokens))}
     truth = [t for t in tokens if t["preference"]]

@@ -12,16 +12,18 @@ from transformers import PreTrainedTokenizerBase
 
 from client.evaluation import GenerationSettings, evaluate_user
 from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
-from client.trainer import TrainConfig, TrainExample, TrainReport, train_adapter
-from shared.adapters import AdapterHost, adapter_digest, check_adapter_base, save_adapter
+from client.trainer import TrainExample, TrainReport, train_adapter
+from shared.adapters import AdapterHost, adapter_digest, base_fingerprint, check_adapter_base, save_adapter
+from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+from shared.loading import load_base, resolve_model_dir
 from shared.paths import refuse_to_replace
-from shared.prompts import EncodedSample, PromptConfig
+from shared.prompts import EncodedSample
+from shared.split import LOCAL_ADAPTER
 from shared.user_store import Sample, UserStore
 
 log = logging.getLogger(__name__)
 
 EXPERT_ADAPTER = "expert"
-LOCAL_ADAPTER = "local"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,19 @@ class Device:
     tokenizer: PreTrainedTokenizerBase
     base_id: str
     prompt: PromptConfig
+
+    @classmethod
+    def load(cls, base: BaseSpec, lora: LoraSettings, prompt: PromptConfig) -> Device:
+        """A device with the base `base` describes loaded and resident (once, however many users,
+        rounds or methods it then serves), taking adapters of shape `lora`."""
+        model, tokenizer = load_base(base)
+        return cls.around(model, tokenizer, resolve_model_dir(base.model), lora, prompt)
+
+    @classmethod
+    def around(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, model_dir: Path,
+               lora: LoraSettings, prompt: PromptConfig) -> Device:
+        """A device around a base loaded already from `model_dir`."""
+        return cls(AdapterHost(model, lora), tokenizer, base_fingerprint(model_dir), prompt)
 
     def encoded(self, store: UserStore, split: str | None = "train") -> list[tuple[Sample, EncodedSample]]:
         """The store's samples of `split` with both prompt variants encoded."""

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
+from shared.config import PromptConfig
+from shared.forward import model_device, response_logits
 from shared.losses import token_probabilities
-from shared.modeling import model_device, response_logits
 from shared.paths import atomic_write_json
-from shared.prompts import EncodedSample, PromptConfig, encode_sample
+from shared.prompts import EncodedSample, encode_sample
 from shared.user_store import Sample, UserStore
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ class TokenProbs:
     token_ids: list[int]
     prob_with: list[float]
     prob_without: list[float]
-
-    @property
-    def dce(self) -> list[float]:
-        return [a - b for a, b in zip(self.prob_with, self.prob_without, strict=True)]
 
 
 def encode_store_samples(

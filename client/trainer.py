@@ -1,6 +1,14 @@
-"""The local trainer: one LoRA, one loop, five methods that differ only in which prompt they
-read, whether the no-history pass is aligned (L_p), and where token weights come from (the
-table is in `shared/methods.py`)."""
+"""The local trainer: one LoRA, one loop, and a step that reads like the NextQuill objective:
+
+    passes  = forward(batch)                      the logits at the response tokens
+    ω       = token_weights(passes, labels, p_E)   uniform, the expert's DCE, or the model's own
+    L       = nextquill_loss(passes, labels, ω)    L_n + alpha · L_p
+    L.backward()
+
+Which forward (one pass; two passes, separate, paired or lean) and which token weights a run
+uses follows from its method's row in `shared/methods.py` and its settings; `choose_step`
+picks them once per training run, not per step.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,53 +24,13 @@ from tqdm.auto import tqdm
 
 from client.token_weights import TokenProbs
 from shared.batching import PairBatch, collate
-from shared.losses import WeightScheme, nextquill_loss, token_probabilities
-from shared.methods import METHODS, Method
-from shared.modeling import model_device, paired_response_logits, response_logits, supports_paired_pass
+from shared.config import TrainConfig, WeightScheme
+from shared.forward import model_device, paired_response_logits, response_logits, supports_paired_pass
+from shared.losses import nextquill_loss, token_probabilities, token_weights
+from shared.methods import Method
 from shared.prompts import EncodedSample
-from shared.settings import check_settings, setting
 
 log = logging.getLogger(__name__)
-
-
-WEIGHT_SOURCES = ("expert", "self")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training settings."""
-
-    method: str = setting("nextquill", f"one of {sorted(METHODS)}", choices=tuple(METHODS))
-    epochs: float = setting(2.0, "passes over the training samples", above=0.0)
-    max_steps: int | None = setting(None, "stop after this many steps (overrides epochs)", minimum=1)
-    batch_size: int = setting(8, "samples per step", minimum=1)
-    learning_rate: float = setting(3e-4, "AdamW learning rate of the LoRA", above=0.0)
-    alpha: float = setting(0.1, "weight of the causal preference alignment loss L_p", minimum=0.0)
-    weights: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> ω")
-    weight_source: str = setting(
-        "expert", "'expert' (the paper) or 'self': DCE from the model being trained (authors' code)",
-        choices=WEIGHT_SOURCES,
-    )
-    weighted_alignment: bool = setting(True, "weight L_p by ω (the paper); False = unweighted L_p (authors' code)")
-    paired_pass: bool = setting(
-        False, "NextQuill's with- and no-history passes as one forward (block-diagonal mask) instead of two; same "
-               "gradients; not faster on the CPU, not yet measured on a GPU",
-    )
-    lean_memory: bool = setting(
-        False, "two-stage backward: the peak memory of the longer pass alone, for one more short forward"
-    )
-    seed: int = setting(0, "seed of the sample order")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-
-    @property
-    def spec(self) -> Method:
-        return METHODS[self.method]
-
-    @property
-    def needs_expert(self) -> bool:
-        return self.spec.expert_weights and self.weight_source == "expert"
 
 
 @dataclass(frozen=True)
@@ -106,75 +74,141 @@ def right_aligned(values: Sequence[Sequence[float]], width: int) -> torch.Tensor
     return out
 
 
-def step_loss(
-    model: torch.nn.Module,
-    batch: PairBatch,
-    config: TrainConfig,
-    expert_probs: tuple[torch.Tensor, torch.Tensor] | None,
-    logits_without: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One NextQuill step's loss: (total, l_n, l_p). expert_probs: ([B, R], [B, R]) or None.
-    `logits_without` [B·R, V]: the no-history pass when the caller has run it already."""
-    method = config.spec
-    length = batch.response_length
-    labels = batch.labels.flatten()
+@dataclass
+class Passes:
+    """A step's forward passes: float32 logits [N, V] at the N = B·R response positions of the
+    prompt the method reads, and of the no-history prompt when the step needs them (for L_p or
+    the model's own DCE). `finish` runs after the backward (the lean passes' second stage)."""
 
-    self_weights = method.expert_weights and config.weight_source == "self"
-    if (logits_without is None and method.aligns_effects and method.uses_history and config.paired_pass
-            and supports_paired_pass(model)):
-        logits, logits_without = (t.flatten(0, 1) for t in paired_response_logits(model, batch))
-    else:
-        side = batch.with_history if method.uses_history else batch.without_history
-        logits = response_logits(model, side, length).flatten(0, 1)
-    if logits_without is None and method.aligns_effects:
-        logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
-    elif logits_without is None and self_weights:
-        with torch.no_grad():
-            logits_without = response_logits(model, batch.without_history, length).flatten(0, 1)
-
-    if not method.expert_weights:
-        weights = torch.ones_like(labels, dtype=torch.float32)
-    elif self_weights:
-        weights = config.weights.weights(
-            token_probabilities(logits.detach(), labels), token_probabilities(logits_without.detach(), labels)
-        )
-    else:
-        prob_with, prob_without = expert_probs
-        weights = config.weights.weights(prob_with.flatten(), prob_without.flatten())
-
-    alpha = config.alpha if method.aligns_effects else 0.0
-    return nextquill_loss(
-        logits, logits_without if alpha else None, labels, weights.to(logits.device), alpha,
-        weighted_alignment=config.weighted_alignment,
-    )
+    logits: torch.Tensor
+    logits_without: torch.Tensor | None = None
+    finish: Callable[[], None] = lambda: None
 
 
-def step_backward(
-    model: torch.nn.Module,
-    batch: PairBatch,
-    config: TrainConfig,
-    expert_probs: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Accumulate one step's gradients; returns (total, l_n, l_p), detached.
+Forward = Callable[[torch.nn.Module, PairBatch], Passes]
+ExpertProbs = tuple[torch.Tensor, torch.Tensor]  # the expert's p(y_t | x, h, y<t), p(y_t | x, ∅, y<t): [B, R] each
+TokenWeights = Callable[[Passes, torch.Tensor, ExpertProbs | None], torch.Tensor]
 
-    With `config.lean_memory` and a method that aligns effects, the two passes never hold
-    their activations at the same time: the no-history logits are computed without a graph,
-    the loss is back-propagated through the history pass (giving, on the side, its gradient
-    with respect to those logits), then the short no-history pass runs again and takes that
-    gradient. The gradients are the same (the passes are deterministic: no dropout); the peak
-    memory is the longer pass's alone, for one more short forward pass."""
-    if not (config.lean_memory and config.spec.aligns_effects):
-        total, l_n, l_p = step_loss(model, batch, config, expert_probs)
-        total.backward()
-        return total.detach(), l_n.detach(), l_p.detach()
-    length = batch.response_length
+
+def _logits(model: torch.nn.Module, batch: PairBatch, with_history: bool) -> torch.Tensor:
+    side = batch.with_history if with_history else batch.without_history
+    return response_logits(model, side, batch.response_length).flatten(0, 1)
+
+
+def history_pass(model: torch.nn.Module, batch: PairBatch) -> Passes:
+    """ContextSFT, DCE-only: the prompt with the history."""
+    return Passes(_logits(model, batch, with_history=True))
+
+
+def no_history_pass(model: torch.nn.Module, batch: PairBatch) -> Passes:
+    """SFT: the prompt without the history."""
+    return Passes(_logits(model, batch, with_history=False))
+
+
+def two_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
+    """NextQuill: (x, h, y) and (x, ∅, y), two forwards, both in the graph."""
+    return Passes(_logits(model, batch, with_history=True), _logits(model, batch, with_history=False))
+
+
+def paired_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
+    """NextQuill's two passes as one forward (block-diagonal mask); the same gradients."""
+    with_history, without = paired_response_logits(model, batch)
+    return Passes(with_history.flatten(0, 1), without.flatten(0, 1))
+
+
+def lean_two_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
+    """The two passes without holding both graphs at once: the no-history logits come without
+    a graph, as a leaf that collects its gradient during the backward through the history
+    pass; `finish` then runs the short no-history pass again and back-propagates that
+    gradient. The same gradients (the passes are deterministic: no dropout); the peak memory
+    is the longer pass's alone, for one more short forward."""
     with torch.no_grad():
-        without = response_logits(model, batch.without_history, length).flatten(0, 1)
+        without = _logits(model, batch, with_history=False)
     without.requires_grad_()
-    total, l_n, l_p = step_loss(model, batch, config, expert_probs, logits_without=without)
-    total.backward()
-    response_logits(model, batch.without_history, length).flatten(0, 1).backward(without.grad)
-    return total.detach(), l_n.detach(), l_p.detach()
+
+    def finish() -> None:
+        if without.grad is not None:  # None when the loss did not use the pass (alpha = 0)
+            _logits(model, batch, with_history=False).backward(without.grad)
+
+    return Passes(_logits(model, batch, with_history=True), without, finish)
+
+
+def choose_forward(config: TrainConfig, model: torch.nn.Module) -> Forward:
+    """The passes `config.method` needs, in the variant the settings ask for."""
+    method = config.spec
+    if not method.uses_history:
+        return no_history_pass
+    if not method.aligns_effects:
+        return history_pass
+    if config.lean_memory:
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            raise ValueError("lean_memory recomputes the no-history pass and needs it deterministic: set dropout to 0")
+        return lean_two_passes
+    if config.paired_pass:
+        if supports_paired_pass(model):
+            return paired_passes
+        log.warning("paired_pass asked for, but attention implementation %r takes no 4D mask: "
+                    "running the two passes separately", getattr(model.config, "_attn_implementation", None))
+    return two_passes
+
+
+def uniform_weights(passes: Passes, labels: torch.Tensor, expert: ExpertProbs | None) -> torch.Tensor:
+    """ω = 1: SFT, ContextSFT, MCE-only."""
+    return torch.ones_like(labels, dtype=torch.float32)
+
+
+def expert_weights(scheme: WeightScheme) -> TokenWeights:
+    """ω from the expert's DCE (the paper), computed on the device before training."""
+
+    def weights(passes: Passes, labels: torch.Tensor, expert: ExpertProbs | None) -> torch.Tensor:
+        prob_with, prob_without = expert
+        return token_weights(scheme, prob_with.flatten(), prob_without.flatten())
+
+    return weights
+
+
+def self_weights(scheme: WeightScheme) -> TokenWeights:
+    """ω from the DCE of the model being trained (the authors' released code), no gradient."""
+
+    def weights(passes: Passes, labels: torch.Tensor, expert: ExpertProbs | None) -> torch.Tensor:
+        return token_weights(scheme, token_probabilities(passes.logits.detach(), labels),
+                             token_probabilities(passes.logits_without.detach(), labels))
+
+    return weights
+
+
+def choose_token_weights(method: Method, scheme: WeightScheme) -> TokenWeights:
+    return {"uniform": lambda: uniform_weights, "expert": lambda: expert_weights(scheme),
+            "self": lambda: self_weights(scheme)}[method.weights]()
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """One step's gradients: forward passes, token weights, the NextQuill loss, backward."""
+
+    model: torch.nn.Module
+    forward: Forward
+    token_weights: TokenWeights
+    alpha: float  # 0 for a method that does not align effects
+    weighted_alignment: bool
+
+    def __call__(self, batch: PairBatch, expert: ExpertProbs | None = None) -> tuple[torch.Tensor, ...]:
+        """Accumulate the gradients of one batch; returns (total, l_n, l_p), detached."""
+        passes = self.forward(self.model, batch)
+        labels = batch.labels.flatten()
+        weights = self.token_weights(passes, labels, expert).to(passes.logits.device)
+        total, l_n, l_p = nextquill_loss(passes.logits, passes.logits_without if self.alpha else None, labels,
+                                         weights, self.alpha, weighted_alignment=self.weighted_alignment)
+        total.backward()
+        passes.finish()
+        return total.detach(), l_n.detach(), l_p.detach()
+
+
+def choose_step(config: TrainConfig, model: torch.nn.Module) -> TrainingStep:
+    """The step of `config.method` on `model`, chosen once per training run."""
+    method = config.spec
+    return TrainingStep(model, choose_forward(config, model), choose_token_weights(method, config.weight_scheme),
+                        config.alpha if method.aligns_effects else 0.0, method.weighted_alignment)
 
 
 def train_adapter(
@@ -192,11 +226,7 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: attach a LoRA first")
-    if config.lean_memory and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        raise ValueError("lean_memory recomputes the no-history pass and needs it deterministic: set dropout to 0")
-    if config.paired_pass and config.spec.aligns_effects and not supports_paired_pass(model):
-        log.warning("paired_pass asked for, but attention implementation %r takes no 4D mask: "
-                    "running the two passes separately", getattr(model.config, "_attn_implementation", None))
+    step = choose_step(config, model)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     device = model_device(model)
     rng = random.Random(config.seed)
@@ -223,7 +253,7 @@ def train_adapter(
                 right_aligned([e.expert_probs.prob_with for e in chunk], width).to(device),
                 right_aligned([e.expert_probs.prob_without for e in chunk], width).to(device),
             )
-        total, l_n, l_p = step_backward(model, batch, config, expert)
+        total, l_n, l_p = step(batch, expert)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

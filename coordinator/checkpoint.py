@@ -16,27 +16,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from shared.paths import atomic_write_bytes
+from shared.wire import Phase
 
-PHASES = ("expert", "personalize", "evaluate", "done")
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _META_KEY = "nextquill"
 
 
 @dataclass
 class Checkpoint:
-    phase: str  # the phase under way
+    phase: Phase  # the phase under way
     round: int  # rounds of `phase` completed
     run_id: str  # names the devices' personal state of this run
     expert_digest: str | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # the phase's global shared parameters
 
     def __post_init__(self) -> None:
-        if self.phase not in PHASES:
-            raise ValueError(f"checkpoint phase must be one of {PHASES}, got {self.phase!r}")
+        if self.phase not in tuple(Phase):
+            raise ValueError(f"checkpoint phase must be one of {[p.value for p in Phase]}, got {self.phase!r}")
+        self.phase = Phase(self.phase)
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    meta = {"phase": checkpoint.phase, "round": checkpoint.round, "run_id": checkpoint.run_id,
+    meta = {"phase": checkpoint.phase.value, "round": checkpoint.round, "run_id": checkpoint.run_id,
             "expert_digest": checkpoint.expert_digest}
     tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint.shared.items()}
     path = Path(run_dir) / CHECKPOINT_FILE

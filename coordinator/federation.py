@@ -31,16 +31,16 @@ from coordinator.nodes import NodeSnapshot, NodeWaiter
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapters import adapter_digest, check_adapter_base
+from shared.config import RunConfig
 from shared.expert_package import pack_expert
-from shared.run_config import RunConfig
 from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.wire import (
     EXPERT_DELIVER,
-    EXPERT_PHASE,
+    EXPERT_RECORD,
     EXPERT_STATUS,
     HAS_EXPERT,
-    PERSONALIZE_PHASE,
     QUERY_METRICS,
+    Phase,
     RoundInstruction,
     decode_shared,
     disallowed_metrics,
@@ -70,7 +70,7 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     expert_phase = config.needs_expert and not config.expert
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
-        checkpoint = Checkpoint(EXPERT_PHASE if expert_phase else PERSONALIZE_PHASE, 0, uuid.uuid4().hex[:12])
+        checkpoint = Checkpoint(Phase.EXPERT if expert_phase else Phase.PERSONALIZE, 0, uuid.uuid4().hex[:12])
         if config.needs_expert and config.expert:
             checkpoint.expert_digest = adapter_digest(config.resolve(config.expert))
     else:
@@ -81,27 +81,27 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
         check_adapter_base(config.resolve(config.expert), adapters.base_id)
     nodes = NodeWaiter(grid, config.connect_timeout)
 
-    if checkpoint.phase == EXPERT_PHASE:
+    if checkpoint.phase == Phase.EXPERT:
         shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, EXPERT_SPLIT, config.expert_rounds,
                          run_dir)
         checkpoint.expert_digest = adapters.save(EXPERT_SPLIT, shared, run_dir / EXPERT_DIR,
                                                  {"run_id": checkpoint.run_id, "rounds": config.expert_rounds})
         log.info("expert published: %s (digest %s)", run_dir / EXPERT_DIR, checkpoint.expert_digest[:16])
-        checkpoint = Checkpoint(PERSONALIZE_PHASE, 0, checkpoint.run_id, checkpoint.expert_digest)
+        checkpoint = Checkpoint(Phase.PERSONALIZE, 0, checkpoint.run_id, checkpoint.expert_digest)
         save_checkpoint(run_dir, checkpoint)
 
     summary = None
-    if checkpoint.phase == PERSONALIZE_PHASE:
+    if checkpoint.phase == Phase.PERSONALIZE:
         shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, config.split_spec, config.rounds,
                          run_dir)
-        checkpoint = Checkpoint("evaluate", 0, checkpoint.run_id, checkpoint.expert_digest, shared)
+        checkpoint = Checkpoint(Phase.EVALUATE, 0, checkpoint.run_id, checkpoint.expert_digest, shared)
         save_checkpoint(run_dir, checkpoint)
         if config.split_spec.shares_whole_adapter:
             adapters.save(config.split_spec, shared, run_dir / SHARED_ADAPTER_DIR, {"run_id": checkpoint.run_id})
 
-    if checkpoint.phase == "evaluate":
-        summary = evaluate_round(grid, nodes, config, checkpoint, rounds, run_dir, final=True)
-        checkpoint = Checkpoint("done", 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared)
+    if checkpoint.phase == Phase.EVALUATE:
+        summary = run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=True)
+        checkpoint = Checkpoint(Phase.DONE, 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared)
         save_checkpoint(run_dir, checkpoint)
     plot_rounds(run_dir, rounds.rows)
     log.info("run finished: %s", run_dir)
@@ -138,7 +138,7 @@ def _rounds(
     for server_round in range(checkpoint.round + 1, num_rounds + 1):
         started = time.perf_counter()
         connected = nodes.nodes(config.clients_per_round, config.min_replies)
-        if phase == PERSONALIZE_PHASE and config.needs_expert:
+        if phase == Phase.PERSONALIZE and config.needs_expert:
             expert_holders |= distribute_expert(grid, expert_dir(config, run_dir), checkpoint.expert_digest,
                                                 config.round_timeout, [n for n in connected if n not in expert_holders])
         instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
@@ -162,13 +162,13 @@ def _rounds(
         log.info("[%s %d/%d] %d sampled, %d replied, %d aggregated, train loss %s, %.1f s", phase, server_round,
                  num_rounds, row["sampled"], row["replies"], row["accepted"],
                  f"{row['train-loss']:.4f}" if "train-loss" in row else "-", row["seconds"])
-        if phase == PERSONALIZE_PHASE and config.evaluate_every and server_round % config.evaluate_every == 0 \
+        if phase == Phase.PERSONALIZE and config.evaluate_every and server_round % config.evaluate_every == 0 \
                 and server_round < num_rounds:
-            evaluate_round(grid, nodes, config, checkpoint, rounds, run_dir, final=False)
+            run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=False)
     return shared
 
 
-def evaluate_round(
+def run_evaluation(
     grid: Grid, nodes: NodeWaiter, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path,
     final: bool,
 ) -> dict[str, Any] | None:
@@ -177,7 +177,7 @@ def evaluate_round(
     started = time.perf_counter()
     strategy = _strategy(config)
     server_round = checkpoint.round if not final else config.rounds
-    instruction = RoundInstruction(PERSONALIZE_PHASE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
+    instruction = RoundInstruction(Phase.PERSONALIZE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
     connected = nodes.nodes(config.evaluate_clients or config.clients_per_round, config.min_replies)
     messages = list(strategy.configure_evaluate(server_round, encode_shared(checkpoint.shared, config.transport_dtype),
                                                 ConfigRecord(instruction.to_config()), NodeSnapshot(grid, connected)))
@@ -187,7 +187,7 @@ def evaluate_round(
              for reply in strategy.accepted] if metrics is not None else []
     summary = write_evaluation(run_dir, users) if final and users else None
     macro = summary["macro_average"] if summary else {}
-    rounds.append({"phase": PERSONALIZE_PHASE if not final else "evaluate", "round": server_round,
+    rounds.append({"phase": Phase.PERSONALIZE if not final else Phase.EVALUATE, "round": server_round,
                    "sampled": len(messages), "replies": len(replies), "accepted": len(users),
                    "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
                    **{f"macro-{k}": v for k, v in macro.items()}})
@@ -216,7 +216,7 @@ def _query(grid: Grid, nodes: list[int], request: dict[str, Any], expert: Config
            timeout: float) -> dict[int, bool]:
     if not nodes:
         return {}
-    content = {"config": ConfigRecord(request)} | ({"expert": expert} if expert is not None else {})
+    content = {"config": ConfigRecord(request)} | ({EXPERT_RECORD: expert} if expert is not None else {})
     messages = [Message(content=RecordDict(content), message_type=MessageType.QUERY, dst_node_id=node)
                 for node in nodes]
     answers: dict[int, bool] = {}

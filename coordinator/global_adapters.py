@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from shared.adapters import AdapterHost, LoraSettings, base_fingerprint, save_adapter
-from shared.modeling import BaseSpec, load_base, resolve_model_dir
+from shared.adapters import AdapterHost, base_fingerprint, save_adapter
+from shared.config import BaseSpec, LoraSettings
+from shared.loading import load_base, resolve_model_dir
 from shared.split import SplitSpec
 
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator.checkpoint import PHASES
 from shared.metrics import macro_average
 from shared.paths import (
     OutputExistsError,
@@ -28,14 +27,14 @@ from shared.paths import (
     atomic_write_text,
     holds_something,
 )
-from shared.wire import EVALUATE_METRICS, NUM_EXAMPLES
+from shared.wire import EVALUATE_METRICS, NUM_EXAMPLES, Phase
 
 CONFIG_FILE = "config.json"
 ROUNDS_FILE = "rounds.jsonl"
 EVALUATION_FILE = "evaluation.csv"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "rounds.png"
-_PHASE_ORDER = {phase: order for order, phase in enumerate(PHASES)}
+_PHASE_ORDER = {phase: order for order, phase in enumerate(Phase)}
 
 
 def check_run_config(run_dir: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
@@ -113,7 +112,7 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels, strict=True):
-        for phase, colour in (("expert", "#dd8452"), ("personalize", "#4c72b0"), ("evaluate", "#55a868")):
+        for phase, colour in ((Phase.EXPERT, "#dd8452"), (Phase.PERSONALIZE, "#4c72b0"), (Phase.EVALUATE, "#55a868")):
             points = [(r["round"], r[key]) for r in rows if r["phase"] == phase and _finite(r.get(key))]
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", color=colour, label=phase)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,37 +12,18 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 
+from shared.config import LoraSettings
 from shared.errors import AdapterLoadError, one_line
 from shared.paths import atomic_directory, atomic_write_json
-from shared.settings import check_settings, setting
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METADATA_FILE = "nextquill.json"
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """The LoRA every method trains (same shape for every method, so they compare fairly)."""
-
-    r: int = setting(8, "LoRA rank", minimum=1)
-    alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r)", minimum=1)
-    dropout: float = setting(0.0, "dropout on the LoRA input", minimum=0.0, maximum=0.99)
-    target_modules: tuple[str, ...] = setting(
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        "names of the linear layers that get a LoRA",
-    )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-
-    def to_peft(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            task_type="CAUSAL_LM",
-        )
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """PEFT's config of the LoRA `settings` describe."""
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
 
 
 class AdapterHost:
@@ -75,9 +55,9 @@ class AdapterHost:
             raise ValueError("name at least one adapter")
         for name in names:
             if self.model is None:
-                self.model = get_peft_model(self._base, self.settings.to_peft(), adapter_name=name)
+                self.model = get_peft_model(self._base, lora_config(self.settings), adapter_name=name)
             elif name not in self.adapters:
-                self.model.add_adapter(name, self.settings.to_peft())
+                self.model.add_adapter(name, lora_config(self.settings))
         # One initialisation for created and reused adapters alike, so that the values depend
         # on the seed alone.
         torch.manual_seed(seed)

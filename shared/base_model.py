@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from shared import corpus
+from shared.config import PromptConfig
+from shared.named_bases import SIZES, EmbeddedSize
 from shared.paths import atomic_directory, atomic_write_json, data_dir, file_lock
-from shared.prompts import EncodedSample, PromptConfig, encode_sample
+from shared.prompts import EncodedSample, encode_sample
 from shared.scoring import ScoringExample, history_nll
 
 log = logging.getLogger(__name__)
@@ -35,40 +37,6 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # How many of a speaker's earlier speeches a base training example may draw its history from.
 _HISTORY_WINDOW = 12
-
-
-@dataclass(frozen=True)
-class EmbeddedSize:
-    """Shape and training schedule of one embedded model size."""
-
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    steps: int
-    batch_size: int
-    learning_rate: float
-    warmup_steps: int
-    no_history_fraction: float = 0.25  # share of training examples in the (x, ∅, y) format
-    # Share of examples whose target speech is also placed among its history items. The
-    # plays repeat themselves too rarely for a small model to learn to copy from its
-    # context (induction), which is how history reaches a prediction; web-scale text
-    # teaches large models this through its repetitions.
-    echo_fraction: float = 0.15
-
-
-SIZES: dict[str, EmbeddedSize] = {
-    "tiny": EmbeddedSize(
-        vocab_size=4096, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
-        intermediate_size=512, steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=40,
-    ),
-    "small": EmbeddedSize(
-        vocab_size=8192, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2,
-        intermediate_size=704, steps=1500, batch_size=16, learning_rate=2e-3, warmup_steps=100,
-    ),
-}
 
 
 def embedded_dir(size: str, seed: int = 0) -> Path:

@@ -11,12 +11,10 @@ Notation (per response token t of a sample (x, h, y)):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from shared.settings import SettingError, check_settings, setting
+from shared.config import WeightScheme
 
 IGNORE_INDEX = -100
 
@@ -109,11 +107,16 @@ def nextquill_loss(
     return l_n + alpha * l_p, l_n, l_p
 
 
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under `logits`: [..., V], [...] -> [...] float32, 0 where
+    the label is IGNORE_INDEX. The one gather of label probabilities (token weights, NLL)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logp), logp)
+
+
 def token_probabilities(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Probability of each label under `logits`: [N, V], [N] -> [N] float32 (0 where ignored)."""
-    safe = labels.clamp_min(0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(labels == IGNORE_INDEX, torch.zeros_like(logp), logp.exp())
+    return torch.where(labels == IGNORE_INDEX, 0.0, token_log_probs(logits, labels).exp())
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -121,26 +124,9 @@ def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"prob_with {tuple(a.shape)} and prob_without {tuple(b.shape)} differ in shape")
 
 
-WEIGHTINGS = ("threshold", "continuous")
-
-
-@dataclass(frozen=True)
-class WeightScheme:
-    """How DCE values become token weights ω."""
-
-    weighting: str = setting("threshold", "'threshold' (the paper's) or 'continuous' (threshold-free)",
-                             choices=WEIGHTINGS)
-    delta: float = setting(0.05, "threshold on DCE (a probability difference) above which ω = high",
-                           minimum=0.0, maximum=1.0)
-    high: float = setting(0.9, "λ: the weight of a preference-bearing token", above=0.0, maximum=1.0)
-    low: float = setting(0.1, "ε: the weight of any other token", minimum=0.0, maximum=1.0)
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        if self.low > self.high:
-            raise SettingError("token weight low", f"(ε) = {self.low} must not exceed high (λ) = {self.high}")
-
-    def weights(self, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
-        if self.weighting == "threshold":
-            return dce_weights(prob_with, prob_without, self.delta, self.high, self.low)
-        return continuous_dce_weights(prob_with, prob_without, self.high, self.low)
+def token_weights(scheme: WeightScheme, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
+    """ω of each token under `scheme` (threshold or continuous), from the probabilities of the
+    ground-truth tokens with and without the history: [N], [N] -> [N] float32."""
+    if scheme.weighting == "threshold":
+        return dce_weights(prob_with, prob_without, scheme.delta, scheme.weight_high, scheme.weight_low)
+    return continuous_dce_weights(prob_with, prob_without, scheme.weight_high, scheme.weight_low)

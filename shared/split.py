@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+if TYPE_CHECKING:  # the run config checks a split without loading model code; PEFT is imported where used
+    import torch
+    from peft import PeftModel
 
 SPLIT_KINDS = ("full", "dual", "a-shared", "layers")
 SHARED_ADAPTER = "shared"
 PERSONAL_ADAPTER = "personal"
-SINGLE_ADAPTER = "local"
+LOCAL_ADAPTER = "local"  # the one adapter of a single-adapter split, and of training on one device
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -42,7 +44,7 @@ class SplitSpec:
     @property
     def adapters(self) -> tuple[str, ...]:
         """The adapter names a device trains under this split."""
-        return (SHARED_ADAPTER, PERSONAL_ADAPTER) if self.kind == "dual" else (SINGLE_ADAPTER,)
+        return (SHARED_ADAPTER, PERSONAL_ADAPTER) if self.kind == "dual" else (LOCAL_ADAPTER,)
 
     @property
     def shares_whole_adapter(self) -> bool:
@@ -52,7 +54,7 @@ class SplitSpec:
     @property
     def shared_adapter(self) -> str:
         """The adapter that holds the shared parameters."""
-        return SHARED_ADAPTER if self.kind == "dual" else SINGLE_ADAPTER
+        return SHARED_ADAPTER if self.kind == "dual" else LOCAL_ADAPTER
 
     def is_shared(self, adapter: str, key: str) -> bool:
         """Whether parameter `key` of `adapter` travels to the coordinator."""
@@ -68,6 +70,8 @@ class SplitSpec:
         return int(match.group(1)) < self.shared_layers
 
     def _states(self, model: PeftModel) -> dict[tuple[str, bool], dict[str, torch.Tensor]]:
+        from peft import get_peft_model_state_dict
+
         parts: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
         for adapter in self.adapters:
             for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
@@ -99,6 +103,8 @@ class SplitSpec:
 
 
 def _set(model: PeftModel, state: dict[str, torch.Tensor], adapter: str) -> None:
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:

@@ -10,20 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
+from shared.config import TRANSPORT_DTYPES
+
 NUM_EXAMPLES = "num-examples"
-EXPERT_PHASE = "expert"
-PERSONALIZE_PHASE = "personalize"
-ROUND_PHASES = (EXPERT_PHASE, PERSONALIZE_PHASE)
+
+
+class Phase(StrEnum):
+    """The phases of a federated run, in order. Train messages name one of the first two."""
+
+    EXPERT = "expert"  # federated ContextSFT of the expert LoRA
+    PERSONALIZE = "personalize"  # the method on the shared / personal split
+    EVALUATE = "evaluate"  # every device evaluates its personalized model
+    DONE = "done"
+
+
+ROUND_PHASES = (Phase.EXPERT, Phase.PERSONALIZE)
 
 # Query actions: the expert's distribution (status first, files only where missing).
 EXPERT_STATUS = "expert-status"
 EXPERT_DELIVER = "expert-deliver"
 HAS_EXPERT = "has-expert"
+EXPERT_RECORD = "expert"  # the record of a query message that carries the expert's files
 
 TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
@@ -38,7 +51,6 @@ QUERY_METRICS = frozenset({HAS_EXPERT})
 # Shared parameters travel in float32 or float16: half the bytes, and for LoRA-sized values
 # (|w| well inside 6e-5..65504) more mantissa than bfloat16, which numpy (and so Flower's
 # ArrayRecord) cannot carry. Both sides train and aggregate in float32.
-TRANSPORT_DTYPES = ("float32", "float16")
 
 
 def encode_shared(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
@@ -57,14 +69,15 @@ def decode_shared(record: ArrayRecord) -> dict[str, torch.Tensor]:
 class RoundInstruction:
     """What a train or evaluate message tells a device besides the parameters."""
 
-    phase: str
+    phase: Phase
     server_round: int
     run_id: str
     expert_digest: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in ROUND_PHASES:
-            raise ValueError(f"round phase must be one of {ROUND_PHASES}, got {self.phase!r}")
+            raise ValueError(f"round phase must be one of {[p.value for p in ROUND_PHASES]}, got {self.phase!r}")
+        object.__setattr__(self, "phase", Phase(self.phase))
         if not self.run_id.isalnum():
             raise ValueError(f"run id must be alphanumeric, got {self.run_id!r}")
 
@@ -74,7 +87,7 @@ class RoundInstruction:
         return f"{self.run_id}-{self.phase}"
 
     def to_config(self) -> dict[str, Any]:
-        return {"phase": self.phase, "server-round": self.server_round, "run-id": self.run_id,
+        return {"phase": self.phase.value, "server-round": self.server_round, "run-id": self.run_id,
                 "expert-digest": self.expert_digest}
 
     @classmethod

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.global_adapters import GlobalAdapters
-from shared.adapters import LoraSettings
-from shared.modeling import resolve_model_dir
+from shared.config import TRANSPORT_DTYPES, LoraSettings
+from shared.loading import resolve_model_dir
 from shared.paths import atomic_write_json
 from shared.split import SplitSpec
-from shared.wire import TRANSPORT_DTYPES, encode_shared
+from shared.wire import encode_shared
 
 
 def comm_benchmark(model: str, lora: LoraSettings, out: Path, model_dir: Path | None = None) -> dict:
@@ -31,7 +31,7 @@ def comm_benchmark(model: str, lora: LoraSettings, out: Path, model_dir: Path | 
     baseline = next(r for r in rows if r["split"] == "full" and r["transport_dtype"] == "float32")["upload_bytes"]
     for row in rows:
         row["over_full_lora_fedavg"] = row["upload_bytes"] / baseline
-    result = {"benchmark": "communication", "model": model, "lora": {"r": lora.r, "alpha": lora.alpha,
+    result = {"benchmark": "communication", "model": model, "lora": {"r": lora.lora_r, "alpha": lora.lora_alpha,
               "target_modules": list(lora.target_modules)}, "rows": rows}
     atomic_write_json(out, result)
     print(comm_table(result))

@@ -14,10 +14,10 @@ from pathlib import Path
 from client import federated
 from client.personalize import Expert
 from client.token_weights import cached_token_probs, compute_token_probs, encode_store_samples
-from client.trainer import TrainConfig, train_adapter
+from client.trainer import train_adapter
 from shared.adapters import save_adapter
+from shared.config import RunConfig, TrainConfig
 from shared.paths import atomic_write_json
-from shared.run_config import RunConfig
 from shared.user_store import UserStore
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from shared.modeling import resolve_device
+from shared.config import RunConfig
+from shared.loading import resolve_device
 from shared.paths import atomic_write_bytes, atomic_write_json
-from shared.run_config import RunConfig
 from simulations.datasets import build_synthetic_users
 from simulations.deployment import local_simulation, run_app
 

@@ -35,11 +35,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from client.trainer import TrainConfig, step_backward
-from shared.adapters import AdapterHost, LoraSettings
+from client.trainer import step_backward
+from shared.adapters import AdapterHost
 from shared.batching import PairBatch, collate
-from shared.losses import IGNORE_INDEX, WeightScheme, nextquill_loss
-from shared.modeling import BaseSpec, compute_autocast, load_causal_lm, model_device, resolve_model_dir
+from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
+from shared.forward import compute_autocast, model_device
+from shared.loading import load_causal_lm, resolve_model_dir
+from shared.losses import IGNORE_INDEX, nextquill_loss, token_weights
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_text, data_dir
 from shared.prompts import EncodedSample
 
@@ -112,7 +114,7 @@ def authors_step_loss(model: torch.nn.Module, batch: PairBatch, alpha: float, sc
     probs0, probs1 = F.softmax(shift0, dim=-1), F.softmax(shift1, dim=-1)
     rows = torch.arange(shift_labels.shape[0], device=shift0.device)
     safe = shift_labels.clamp_min(0)
-    weights = scheme.weights(probs0[rows, safe].detach(), probs1[rows, safe].detach())
+    weights = token_weights(scheme, probs0[rows, safe].detach(), probs1[rows, safe].detach())
     _, l_n, _ = nextquill_loss(shift0, None, shift_labels, weights, alpha=0.0)
     l_p = F.cross_entropy(shift0 - shift1, shift_labels)
     return l_n + alpha * l_p
@@ -137,7 +139,7 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
 
     def step() -> None:
         if method == "authors":
-            authors_step_loss(model, batch, config.alpha, config.weights).backward()
+            authors_step_loss(model, batch, config.alpha, config.weight_scheme).backward()
         else:
             step_backward(model, batch, config, expert if config.needs_expert else None)
         optimizer.step()

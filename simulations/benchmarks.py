@@ -29,12 +29,10 @@ import torch
 
 from client import federated
 from client.personalize import Device
-from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-from shared.modeling import COMPUTE_DTYPES, BaseSpec, load_base, resolve_model_dir
+from shared.config import COMPUTE_DTYPES, BaseSpec, LoraSettings, RunConfig
 from shared.paths import atomic_write_json, refuse_to_replace
-from shared.run_config import RunConfig
 from shared.user_store import UserStore
-from shared.wire import PERSONALIZE_PHASE, RoundInstruction
+from shared.wire import Phase, RoundInstruction
 from simulations.cli import run_command
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def _client_setup(device: Device, store: UserStore, config: RunConfig, shared: dict[str, torch.Tensor]) -> None:
     """What a client does before its first step: encode its samples, rebuild its adapters."""
-    split, train_config = federated.phase_setup(config, RoundInstruction(PERSONALIZE_PHASE, 1, "bench"))
+    split, train_config = federated.phase_setup(config, RoundInstruction(Phase.PERSONALIZE, 1, "bench"))
     device.examples([store], train_config, None)
     federated.build_adapters(device, store, split, shared, "bench", config.seed)
 
@@ -63,12 +61,10 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
     reload = []
     for store in stores:
         started = time.perf_counter()
-        base, tokenizer = load_base(config.base_spec)
-        fresh = Device(AdapterHost(base, config.lora), tokenizer, base_fingerprint(resolve_model_dir(config.model)),
-                       config.prompt)
+        fresh = Device.load(config.base_spec, config.lora, config.prompt)
         _client_setup(fresh, store, config, shared)
         reload.append(time.perf_counter() - started)
-        del fresh, base
+        del fresh
 
     result = {
         "benchmark": "client set-up", "model": config.model, "quantization": config.quantization,
@@ -161,7 +157,8 @@ def _run(args) -> int:
         from simulations.bench_comm import comm_benchmark
 
         model_dir = bench_step.shaped_model_dir(args.model) if args.model == bench_step.QWEN_SHAPE else None
-        comm_benchmark(args.model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), Path(args.out), model_dir)
+        lora = LoraSettings(lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+        comm_benchmark(args.model, lora, Path(args.out), model_dir)
         return 0
     if args.benchmark == "dce":
         from simulations.bench_dce import dce_benchmark

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,15 +21,13 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
-from client.trainer import WEIGHT_SOURCES, TrainConfig
+from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig, WeightScheme
 from shared.errors import USER_ERRORS, one_line
-from shared.losses import WEIGHTINGS, WeightScheme
 from shared.methods import METHODS
-from shared.modeling import COMPUTE_DTYPES, NAMED_BASES, QUANTIZATIONS, BaseSpec
+from shared.named_bases import NAMED_BASES
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
-from shared.prompts import PromptConfig
 from shared.settings import field_rules, value_problem
 from simulations.single_device import CompareConfig
 
@@ -40,8 +39,7 @@ def checked(config_class: type, name: str) -> Callable[[str], Any]:
     """An argparse `type` for field `name` of a settings dataclass: the field's own type and
     rules (`shared.settings`), so that `--alpha nan` is refused by argparse, naming the flag."""
     rules = field_rules(config_class, name)
-    hint = get_type_hints(config_class)[name]
-    kind = next((arg for arg in get_args(hint) if arg is not type(None)), hint)
+    kind = _value_type(get_type_hints(config_class)[name])
 
     def parse(text: str) -> Any:
         try:
@@ -58,16 +56,54 @@ def checked(config_class: type, name: str) -> Callable[[str], Any]:
     return parse
 
 
-def _add_base_options(parser: argparse.ArgumentParser) -> None:
-    base = BaseSpec()
-    parser.add_argument("--model", default=base.model,
-                        help=f"one of {', '.join(NAMED_BASES)} (built or converted on first use) or a local Hugging "
-                             "Face model directory")
-    parser.add_argument("--quantization", default=base.quantization, choices=QUANTIZATIONS)
-    parser.add_argument("--device", default=base.device, type=checked(BaseSpec, "device"),
-                        help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--compute-dtype", default=base.compute_dtype, choices=COMPUTE_DTYPES,
-                        help="of 4-bit layers; auto: bfloat16 on CUDA, float32 on the CPU")
+def _value_type(hint: Any) -> type:
+    """int for `int | None`, str for `tuple[str, ...]`: the type one command-line word becomes."""
+    args = [arg for arg in get_args(hint) if arg is not type(None) and arg is not Ellipsis]
+    if get_origin(hint) is tuple:
+        return args[0]
+    return args[0] if args else hint
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: Any, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of the settings dataclass `settings` (nested settings flattened):
+    `--field-name`, with the field's type, rules and help, and its value in `settings` as the
+    default. The command line is generated from the settings, never written beside them."""
+    hints = get_type_hints(type(settings))
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        if spec.name in skip:
+            continue
+        if dataclasses.is_dataclass(value):
+            add_settings(parser, value, skip)
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = f"{spec.metadata.get('help', '')} (default: %(default)s)"
+        choices = spec.metadata.get("choices")
+        if hints[spec.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
+        elif get_origin(hints[spec.name]) is tuple:
+            parser.add_argument(flag, nargs="+", default=value, choices=choices, help=help_text,
+                                type=_value_type(hints[spec.name]))
+        elif choices is not None:
+            parser.add_argument(flag, default=value, choices=choices, help=help_text)
+        else:
+            parser.add_argument(flag, default=value, type=checked(type(settings), spec.name), help=help_text)
+
+
+def settings_from(args: argparse.Namespace, settings: Any, **fixed: Any) -> Any:
+    """`settings` with every field that `add_settings` made an option for taken from `args`
+    (nested settings too); `fixed` sets fields that have no option."""
+    values = {}
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        if spec.name in fixed:
+            values[spec.name] = fixed[spec.name]
+        elif dataclasses.is_dataclass(value):
+            values[spec.name] = settings_from(args, value, **fixed)
+        elif hasattr(args, spec.name):
+            option = getattr(args, spec.name)
+            values[spec.name] = tuple(option) if isinstance(option, list) else option
+    return dataclasses.replace(settings, **values)
 
 
 def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -76,66 +112,10 @@ def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
                              "removed only once the new one is complete)")
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    train, weights = TrainConfig(), WeightScheme()
-    parser.add_argument("--epochs", type=checked(TrainConfig, "epochs"), default=train.epochs)
-    parser.add_argument("--max-steps", type=checked(TrainConfig, "max_steps"), default=train.max_steps)
-    parser.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"), default=train.batch_size)
-    parser.add_argument("--learning-rate", type=checked(TrainConfig, "learning_rate"), default=train.learning_rate)
-    parser.add_argument("--alpha", type=checked(TrainConfig, "alpha"), default=train.alpha, help="weight of L_p")
-    parser.add_argument("--seed", type=int, default=train.seed)
-    parser.add_argument("--weight-source", default=train.weight_source, choices=WEIGHT_SOURCES,
-                        help="'self' = weights from the model being trained (the authors' released code)")
-    parser.add_argument("--unweighted-alignment", action="store_true",
-                        help="unweighted L_p (the authors' released code)")
-    parser.add_argument("--lean-memory", action="store_true",
-                        help="two-stage NextQuill backward: same gradients, peak memory of one pass")
-    parser.add_argument("--paired-pass", action="store_true",
-                        help="NextQuill's with- and no-history passes as one forward (block-diagonal mask)")
-    _add_weight_options(parser, weights)
-
-
-def _add_weight_options(parser: argparse.ArgumentParser, weights: WeightScheme) -> None:
-    parser.add_argument("--weighting", default=weights.weighting, choices=WEIGHTINGS)
-    parser.add_argument("--delta", type=checked(WeightScheme, "delta"), default=weights.delta)
-    parser.add_argument("--weight-high", type=checked(WeightScheme, "high"), default=weights.high)
-    parser.add_argument("--weight-low", type=checked(WeightScheme, "low"), default=weights.low)
-
-
-def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
-    prompt = PromptConfig()
-    for name in ("history_tokens", "context_tokens", "response_tokens"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=checked(PromptConfig, name),
-                            default=getattr(prompt, name))
-
-
-def _base_spec(args):
-    return BaseSpec(args.model, args.quantization, args.device, args.compute_dtype)
-
-
-def _prompt(args):
-    return PromptConfig(args.history_tokens, args.context_tokens, args.response_tokens)
-
-
-def _train_config(args, method: str):
-    return TrainConfig(
-        method=method, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, alpha=args.alpha,
-        weights=WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low),
-        weight_source=args.weight_source, weighted_alignment=not args.unweighted_alignment,
-        lean_memory=args.lean_memory, paired_pass=args.paired_pass, seed=args.seed,
-    )
-
-
-def _device(args):
+def _device(args, lora: LoraSettings | None = None):
     from client.personalize import Device
-    from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-    from shared.modeling import load_base, resolve_model_dir
 
-    spec = _base_spec(args)
-    base, tokenizer = load_base(spec)
-    return Device(AdapterHost(base, LoraSettings()), tokenizer, base_fingerprint(resolve_model_dir(spec.model)),
-                  _prompt(args))
+    return Device.load(settings_from(args, BaseSpec()), lora or LoraSettings(), settings_from(args, PromptConfig()))
 
 
 def check_output(out: Path, overwrite: bool, reads: dict[str, list], flag: str = "--out") -> None:
@@ -170,18 +150,19 @@ def _default_users_dir(dataset: str) -> Path:
 
 def cmd_base(args) -> int:
     from shared.base_model import measure_base
-    from shared.modeling import load_base
+    from shared.loading import load_base
     from shared.scoring import history_nll, store_scoring_examples
     from shared.user_store import UserStore
     from simulations.datasets import build_synthetic_users
 
-    base, tokenizer = load_base(_base_spec(args))
-    scores = {"shakespeare": measure_base(base, tokenizer, _prompt(args))}
+    prompt = settings_from(args, PromptConfig())
+    base, tokenizer = load_base(settings_from(args, BaseSpec()))
+    scores = {"shakespeare": measure_base(base, tokenizer, prompt)}
     # Synthetic reviewers: 16 users' held-out samples, each with its own and another user's history.
     with tempfile.TemporaryDirectory(prefix="nextquill-base-") as scratch:
         paths = build_synthetic_users(Path(scratch) / "synthetic", n_users=16)
         examples = store_scoring_examples([UserStore.open(p) for p in paths])
-    scores["synthetic"] = history_nll(base, tokenizer, examples, _prompt(args))
+    scores["synthetic"] = history_nll(base, tokenizer, examples, prompt)
     print(json.dumps({"model": args.model, **scores}, indent=2))
     return 0
 
@@ -210,8 +191,9 @@ def cmd_train(args) -> int:
                  {"--users": args.users, "--expert": [args.expert], "--model": _model_path(args)})
     stores = _open_stores(args.users)
     expert = Expert.from_dir(Path(args.expert)) if args.expert else None
-    config = _train_config(args, args.method)
-    report = _device(args).train(stores, config, expert, save_to=Path(args.out), overwrite=args.overwrite)
+    config = settings_from(args, TrainConfig())
+    device = _device(args, settings_from(args, LoraSettings()))
+    report = device.train(stores, config, expert, save_to=Path(args.out), overwrite=args.overwrite)
     print(json.dumps(report.summary(), indent=2))
     print(f"adapter saved to {args.out}")
     return 0
@@ -225,7 +207,7 @@ def cmd_weights(args) -> int:
     check_output(out, args.overwrite, {"--user": [args.user], "--expert": [args.expert], "--model": _model_path(args)})
     store = _open_stores([args.user])[0]
     expert = Expert.from_dir(Path(args.expert))
-    scheme = WeightScheme(args.weighting, args.delta, args.weight_high, args.weight_low)
+    scheme = settings_from(args, WeightScheme())
     summary = write_inspection(_device(args), store, expert, scheme, out, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
@@ -263,11 +245,7 @@ def cmd_compare(args) -> int:
     args.max_users = args.max_users or None
     args.overwrite_users = False
     paths = _build_users(args.dataset, stores_dir, args)
-    config = CompareConfig(
-        base=_base_spec(args), users=args.users, expert_users=args.expert_users, methods=tuple(args.methods),
-        train=_train_config(args, "nextquill"), expert_epochs=args.expert_epochs,
-        expert=Path(args.expert) if args.expert else None, prompt=_prompt(args), seed=args.seed,
-    )
+    config = settings_from(args, CompareConfig(), expert=Path(args.expert) if args.expert else None)
     result = run_compare([UserStore.open(p) for p in paths], config, run_dir, overwrite=args.overwrite)
     print(summary_table(result["summary"]))
     print(f"run directory: {run_dir} (per_user.csv, results.json, summary.md, summary.png)")
@@ -299,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("base", help="build (first use) and measure a base model")
-    _add_base_options(p)
-    _add_prompt_options(p)
+    add_settings(p, BaseSpec())
+    add_settings(p, PromptConfig())
     p.set_defaults(func=cmd_base)
 
     p = sub.add_parser("users", help="build user stores")
@@ -318,13 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one LoRA on user stores")
     p.add_argument("--users", nargs="+", required=True, help="user store folders (pooled)")
-    p.add_argument("--method", default="nextquill", choices=METHOD_NAMES)
-    p.add_argument("--expert", help="expert adapter folder (for nextquill and dce-only)")
+    p.add_argument("--expert", help="expert adapter folder (for the methods whose token weights come from it)")
     p.add_argument("--out", required=True, help="where to save the adapter (PEFT format)")
     _add_overwrite_option(p, "--out")
-    _add_base_options(p)
-    _add_prompt_options(p)
-    _add_train_options(p)
+    add_settings(p, BaseSpec())
+    add_settings(p, PromptConfig())
+    add_settings(p, TrainConfig())
+    add_settings(p, LoraSettings())
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("weights", help="inspect the expert's DCE and token weights of a user's targets")
@@ -332,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", required=True, help="expert adapter folder")
     p.add_argument("--out", help="output folder (default: <store>/inspection)")
     _add_overwrite_option(p, "--out")
-    _add_weight_options(p, WeightScheme())
-    _add_base_options(p)
-    _add_prompt_options(p)
+    add_settings(p, WeightScheme())
+    add_settings(p, BaseSpec())
+    add_settings(p, PromptConfig())
     p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("evaluate", help="evaluate an adapter (or the base) on user stores")
@@ -342,30 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder (default: the base alone)")
     p.add_argument("--method", default="nextquill", choices=METHOD_NAMES,
                    help="the method it was trained with (picks the prompt)")
-    _add_base_options(p)
-    _add_prompt_options(p)
+    add_settings(p, BaseSpec())
+    add_settings(p, PromptConfig())
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="single-device comparison of methods on a handful of users")
     p.add_argument("--dataset", default="shakespeare", choices=["shakespeare", "synthetic"])
     p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
-    compare = CompareConfig()
-    p.add_argument("--users", type=int, default=compare.users, help="users evaluated")
-    p.add_argument("--expert-users", type=int, default=compare.expert_users,
-                   help="other users the expert is trained on")
-    p.add_argument("--methods", nargs="+", default=list(compare.methods), choices=METHOD_NAMES)
-    p.add_argument("--expert", help="use this expert adapter instead of training one")
-    p.add_argument("--expert-epochs", type=float, default=compare.expert_epochs)
-    p.add_argument("--min-samples", type=int, default=30)
-    p.add_argument("--max-users", type=int, default=0)
+    p.add_argument("--min-samples", type=int, default=30, help="shakespeare: fewest speeches of a user")
+    p.add_argument("--max-users", type=int, default=0, help="users built (0: every one; synthetic: 16)")
     p.add_argument("--run-dir", default="runs/compare")
     _add_overwrite_option(p, "--run-dir")
-    _add_base_options(p)
-    _add_prompt_options(p)
-    _add_train_options(p)
-    # On the real pretrained base, sized for a 2-core CPU (a step of 4 samples takes about 8 s there).
-    p.set_defaults(func=cmd_compare, model="smollm2-135m", expert_users=8, max_steps=6, batch_size=4,
-                   history_tokens=96, context_tokens=32, response_tokens=32)
+    # The comparison's own settings, then its base, prompt, training and LoRA; the methods
+    # compared replace the training's single method.
+    add_settings(p, CompareConfig(), skip=("method", "generation"))
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("certs", help="development TLS certificates for a SuperLink (never for production)")
     p.add_argument("--out", default="certs", help="folder for ca.crt, server.pem, server.key")

@@ -11,18 +11,16 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from client.evaluation import GenerationSettings, donor_history
 from client.personalize import Device, Expert
-from client.trainer import TrainConfig
-from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
+from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
 from shared.methods import METHODS
 from shared.metrics import macro_average
-from shared.modeling import BaseSpec, load_base, resolve_model_dir
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_text
-from shared.prompts import PromptConfig
+from shared.settings import check_settings, setting
 from shared.user_store import UserStore
 
 log = logging.getLogger(__name__)
@@ -32,24 +30,24 @@ REPORTED = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity", "seconds_p
 
 @dataclass(frozen=True)
 class CompareConfig:
-    base: BaseSpec = field(default_factory=BaseSpec)
-    users: int = field(default=4, metadata={"help": "users evaluated (each gets one adapter per method)"})
-    expert_users: int = field(default=24, metadata={"help": "other users the expert is trained on"})
-    methods: tuple[str, ...] = ("sft", "context-sft", "nextquill")
-    train: TrainConfig = field(default_factory=TrainConfig)
-    expert_epochs: float = 1.0
-    expert: Path | None = field(default=None, metadata={"help": "an existing expert adapter (skips training one)"})
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    seed: int = 0
+    """The single-device comparison, sized by default for the real pretrained base on a 2-core
+    CPU (a step of 4 samples takes about 8 s there)."""
+
+    base: BaseSpec = setting(default_factory=lambda: BaseSpec(model="smollm2-135m"), help="the base model")
+    users: int = setting(4, "users evaluated (each gets one adapter per method)", minimum=1)
+    expert_users: int = setting(8, "other users the expert is trained on", minimum=1)
+    methods: tuple[str, ...] = setting(("sft", "context-sft", "nextquill"), "the methods compared",
+                                       choices=tuple(METHODS))
+    train: TrainConfig = setting(default_factory=lambda: TrainConfig(max_steps=6, batch_size=4),
+                                 help="each method's training (its method field is set per method)")
+    expert_epochs: float = setting(1.0, "passes of the expert's ContextSFT over its users' samples", above=0.0)
+    expert: Path | None = setting(None, "use this expert adapter instead of training one")
+    prompt: PromptConfig = setting(default_factory=lambda: PromptConfig(96, 32, 32), help="token budgets")
+    lora: LoraSettings = setting(default_factory=LoraSettings, help="the LoRA of every method")
+    generation: GenerationSettings = setting(default_factory=GenerationSettings, help="decoding")
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-        if self.users < 1:
-            raise ValueError("users must be at least 1")
+        check_settings(self)
 
 
 def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[UserStore], list[UserStore]]:
@@ -59,7 +57,7 @@ def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[Us
         raise ValueError(f"need at least {config.users + 1} user stores, found {len(stores)}")
     by_test_size = sorted(stores, key=lambda s: (-len(s.samples("test")), s.user_id))
     evaluated, others = by_test_size[: config.users], by_test_size[config.users :]
-    random.Random(config.seed).shuffle(others)
+    random.Random(config.train.seed).shuffle(others)
     return evaluated, others[: config.expert_users]
 
 
@@ -75,9 +73,7 @@ def _compare(stores: list[UserStore], config: CompareConfig, run_dir: Path) -> d
     evaluated, expert_pool = split_users(stores, config)
 
     started = time.perf_counter()
-    base, tokenizer = load_base(config.base)
-    device = Device(AdapterHost(base, config.lora), tokenizer, base_fingerprint(resolve_model_dir(config.base.model)),
-                    config.prompt)
+    device = Device.load(config.base, config.lora, config.prompt)
     log.info("base loaded in %.1f s", time.perf_counter() - started)
 
     if config.expert is not None:

@@ -32,7 +32,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from shared.modeling import load_tokenizer
+    from shared.loading import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 

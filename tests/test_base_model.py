@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared import corpus
-from shared.base_model import EmbeddedSize, build_embedded_base, ensure_embedded_base, heldout_examples
+from shared.base_model import build_embedded_base, ensure_embedded_base, heldout_examples
+from shared.named_bases import EmbeddedSize
 
 MINIATURE = EmbeddedSize(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                          intermediate_size=128, steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=1)
@@ -69,8 +70,10 @@ def test_echo_examples_place_the_target_among_the_history(tokenizer):
     import random
     from dataclasses import replace
 
-    from shared.base_model import SIZES, _training_sequences
-    from shared.prompts import RESPONSE_HEADER, PromptConfig
+    from shared.base_model import _training_sequences
+    from shared.config import PromptConfig
+    from shared.named_bases import SIZES
+    from shared.prompts import RESPONSE_HEADER
 
     always = replace(SIZES["tiny"], echo_fraction=1.0, no_history_fraction=0.0)
     sequences = _training_sequences(tokenizer, always, PromptConfig(history_tokens=400), random.Random(1),

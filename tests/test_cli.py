@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from shared.adapters import AdapterHost, LoraSettings, save_adapter
-from shared.modeling import BaseSpec, load_base
+from shared.adapters import AdapterHost, save_adapter
+from shared.config import BaseSpec, LoraSettings
+from shared.loading import load_base
 from simulations.cli import main
 from simulations.datasets import build_synthetic_users
 

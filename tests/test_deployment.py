@@ -13,7 +13,7 @@ import pytest
 from client.personal_state import load_personal_state, personal_path
 from coordinator.checkpoint import load_checkpoint
 from coordinator.global_adapters import GlobalAdapters
-from shared.adapters import LoraSettings
+from shared.config import LoraSettings
 from shared.split import PERSONAL_ADAPTER, SplitSpec
 from shared.user_store import UserStore
 from simulations.datasets import build_synthetic_users
@@ -42,7 +42,7 @@ def test_a_superlink_and_two_supernodes_run_expert_and_personalization_rounds(mo
     checkpoint = load_checkpoint(tmp_path / "run")
     assert checkpoint.phase == "done"
     split = SplitSpec("dual")
-    shared_keys = set(GlobalAdapters(str(model_dir), LoraSettings(r=2, alpha=4)).initial_shared(split, 0))
+    shared_keys = set(GlobalAdapters(str(model_dir), LoraSettings(lora_r=2, lora_alpha=4)).initial_shared(split, 0))
     assert set(checkpoint.shared) == shared_keys
 
     for path, home in zip(users, device_homes, strict=True):

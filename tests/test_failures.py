@@ -9,9 +9,9 @@ import pytest
 from client.client_app import app as client_app
 from client.failures import FAILURE_CODES, failure_category
 from coordinator.federation import run_federation
+from shared.config import RunConfig
 from shared.errors import AdapterLoadError, ModelLoadError
 from shared.expert_package import ExpertDigestError
-from shared.run_config import RunConfig
 from shared.settings import SettingError
 from shared.user_store import DataError
 from simulations.datasets import build_synthetic_users

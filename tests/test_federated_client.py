@@ -6,10 +6,8 @@ import torch
 from client.federated import train_round
 from client.personal_state import load_personal_state
 from client.personalize import Device
-from client.trainer import TrainConfig
-from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-from shared.modeling import BaseSpec, load_base
-from shared.prompts import PromptConfig
+from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+from shared.loading import load_base
 from shared.split import SplitSpec
 from shared.user_store import UserStore
 from shared.wire import TRAIN_METRICS
@@ -22,7 +20,7 @@ CONFIG = TrainConfig(method="mce-only", max_steps=2, batch_size=4)
 def device(model_dir):
     base, tokenizer = load_base(BaseSpec(str(model_dir), device="cpu"))
     prompt = PromptConfig(history_tokens=48, context_tokens=24, response_tokens=24)
-    return Device(AdapterHost(base, LoraSettings(r=2, alpha=4)), tokenizer, base_fingerprint(model_dir), prompt)
+    return Device.around(base, tokenizer, model_dir, LoraSettings(lora_r=2, lora_alpha=4), prompt)
 
 
 @pytest.fixture
@@ -62,7 +60,7 @@ def test_the_full_split_shares_everything_and_keeps_nothing(device, store):
 
 def test_a_node_without_a_user_is_told_how_to_name_one():
     from client.federated import user_store
-    from shared.run_config import RunConfig
+    from shared.config import RunConfig
 
     with pytest.raises(ValueError, match="user-dir"):
         user_store({}, RunConfig())
@@ -70,7 +68,7 @@ def test_a_node_without_a_user_is_told_how_to_name_one():
 
 def test_simulated_nodes_map_partitions_to_user_stores_built_on_first_use(tmp_path):
     from client.federated import user_store
-    from shared.run_config import RunConfig
+    from shared.config import RunConfig
 
     config = RunConfig(dataset="synthetic", users_dir=str(tmp_path / "users"))
     stores = [user_store({"partition-id": i, "num-partitions": 3}, config) for i in range(3)]

@@ -14,10 +14,10 @@ from coordinator.checkpoint import load_checkpoint
 from coordinator.federation import run_federation
 from coordinator.nodes import NotEnoughNodes
 from shared.adapters import adapter_digest
+from shared.config import RunConfig
 from shared.errors import AdapterLoadError
 from shared.expert_package import expert_cache_dir
 from shared.paths import OutputExistsError
-from shared.run_config import RunConfig
 from shared.user_store import UserStore
 from shared.wire import EVALUATE_METRICS, TRAIN_METRICS
 from simulations.datasets import build_synthetic_users

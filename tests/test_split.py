@@ -5,13 +5,14 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from shared.adapters import LoraSettings
+from shared.adapters import lora_config
+from shared.config import LoraSettings
 from shared.split import SplitSpec
 
 
 def _model(model_dir, spec: SplitSpec):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraSettings(r=2, alpha=4).to_peft()
+    config = lora_config(LoraSettings(lora_r=2, lora_alpha=4))
     names = spec.adapters
     model = get_peft_model(base, config, adapter_name=names[0])
     for name in names[1:]:

@@ -1,0 +1,270 @@
+"""Every setting of NextQuill-Fed: one dataclass per concern, each field with its help and the
+values it accepts (`shared.settings`, PEFT's `LoraConfig` style).
+
+  BaseSpec      which base model and how it is loaded
+  PromptConfig  the token budgets of a prompt
+  LoraSettings  the LoRA every method trains
+  WeightScheme  how the expert's DCE becomes token weights ω
+  TrainConfig   local training: method, steps, optimiser, NextQuill's alpha, forward passes
+  RunConfig     Flower's run config (`[tool.flwr.app.config]`): its keys are views of the
+                fields above (`like`), plus what only a federated run has
+
+The command line's options are generated from the same fields (`simulations/cli.py`). This
+module is a leaf: it imports no model code (choices are constants here, the method table is
+plain data), so that reading or checking a config never loads torch or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from shared.methods import METHODS, Method
+from shared.named_bases import NAMED_BASES
+from shared.paths import data_dir
+from shared.settings import SettingError, check_settings, like, setting
+from shared.split import SPLIT_KINDS, SplitSpec
+
+QUANTIZATIONS = ("nf4", "none")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+WEIGHTINGS = ("threshold", "continuous")
+TRANSPORT_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Which base model and how to load it."""
+
+    model: str = setting("tiny", f"one of {list(NAMED_BASES)} (built or converted on first use) or a local "
+                                 "Hugging Face model directory")
+    quantization: str = setting("nf4", "'nf4' (bitsandbytes 4-bit, double quantization) or 'none'",
+                                choices=QUANTIZATIONS)
+    device: str = setting("auto", "where the model computes: auto (CUDA when present), cpu, cuda, cuda:N",
+                          pattern=r"auto|cpu|cuda(:[0-9]+)?", pattern_help="auto, cpu, cuda or cuda:N")
+    compute_dtype: str = setting(
+        "auto", "compute dtype of 4-bit layers: auto is bfloat16 on CUDA and float32 on the CPU (where bfloat16 "
+                "products are about 10x slower without native support); unquantized CPU models stay float32",
+        choices=COMPUTE_DTYPES,
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Token budgets of the prompt parts."""
+
+    history_tokens: int = setting(160, "prompt budget of the history items, in tokens", minimum=1)
+    context_tokens: int = setting(48, "prompt budget of the context x, in tokens (its end is kept)", minimum=1)
+    response_tokens: int = setting(48, "budget of the response y, in tokens, end marker included", minimum=1)
+    use_chat_template: bool = setting(True, "render through the tokenizer's chat template when it has one")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA every method trains (the same shape for every method, so they compare fairly).
+    Named as PEFT's `LoraConfig` names them; `lora_alpha` is LoRA's scaling, not NextQuill's α."""
+
+    lora_r: int = setting(8, "LoRA rank (of each adapter)", minimum=1)
+    lora_alpha: int = setting(16, "LoRA scaling numerator (scale = lora_alpha / lora_r)", minimum=1)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", minimum=0.0, maximum=0.99)
+    target_modules: tuple[str, ...] = setting(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "names of the linear layers that get a LoRA",
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How DCE values become token weights ω (`shared.losses.token_weights`)."""
+
+    weighting: str = setting("threshold", "DCE -> token weight: 'threshold' (the paper's) or 'continuous' "
+                                          "(threshold-free)", choices=WEIGHTINGS)
+    delta: float = setting(0.05, "threshold on DCE (a probability difference) above which ω = weight-high",
+                           minimum=0.0, maximum=1.0)
+    weight_high: float = setting(0.9, "λ: the weight of a preference-bearing token", above=0.0, maximum=1.0)
+    weight_low: float = setting(0.1, "ε: the weight of any other token", minimum=0.0, maximum=1.0)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.weight_low > self.weight_high:
+            raise SettingError("weight-low", f"(ε) = {self.weight_low} must not exceed weight-high (λ) = "
+                                             f"{self.weight_high}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training of one LoRA with one method (`shared.methods`)."""
+
+    method: str = setting("nextquill", f"one of {list(METHODS)}", choices=tuple(METHODS))
+    epochs: float = setting(2.0, "passes over the training samples", above=0.0)
+    max_steps: int | None = setting(None, "stop after this many steps (overrides epochs)", minimum=1)
+    batch_size: int = setting(8, "samples per step", minimum=1)
+    learning_rate: float = setting(3e-4, "AdamW learning rate of the LoRA", above=0.0)
+    alpha: float = setting(0.1, "NextQuill's α: the weight of the causal preference alignment loss L_p", minimum=0.0)
+    weight_scheme: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> token weights ω")
+    paired_pass: bool = setting(
+        False, "NextQuill's with- and no-history passes as one forward (block-diagonal mask) instead of two; same "
+               "gradients",
+    )
+    lean_memory: bool = setting(
+        False, "two-stage NextQuill backward: same gradients, the peak memory of the longer pass alone, for one "
+               "more short forward"
+    )
+    seed: int = setting(0, "seed of the sample order and of the LoRA initialisation")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    @property
+    def spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def needs_expert(self) -> bool:
+        return self.spec.needs_expert
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated NextQuill run is configured by: `[tool.flwr.app.config]` in
+    pyproject.toml (and `flwr run --run-config`), keys in kebab-case. Relative paths (run-dir,
+    users-dir, expert, a dataset file) are under the data directory. The number of users is the
+    number of SuperNodes (in simulation `--federation-config "num-supernodes=N"`), not a key."""
+
+    model: str = like(BaseSpec, "model", default="smollm2-135m")
+    quantization: str = like(BaseSpec, "quantization")
+    device: str = like(BaseSpec, "device")
+    compute_dtype: str = like(BaseSpec, "compute_dtype")
+    dataset: str = setting(
+        "shakespeare", "simulation users: 'shakespeare', 'synthetic' or the path of a LaMP-style JSON file"
+    )
+    users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>)")
+    clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
+    expert_rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
+    rounds: int = setting(2, "personalization rounds", minimum=0)
+    evaluate_every: int = setting(
+        0, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
+    )
+    evaluate_clients: int = setting(0, "devices sampled per evaluation (0: every one)", minimum=0)
+    evaluate_base: bool = setting(
+        True, "also evaluate the base alone (no adapter) on the same samples: what personalization bought"
+    )
+    local_steps: int = like(TrainConfig, "max_steps", default=3, help="local training steps per round")
+    batch_size: int = like(TrainConfig, "batch_size", default=4)
+    learning_rate: float = like(TrainConfig, "learning_rate")
+    method: str = like(TrainConfig, "method")
+    alpha: float = like(TrainConfig, "alpha")
+    lean_memory: bool = like(TrainConfig, "lean_memory")
+    paired_pass: bool = like(TrainConfig, "paired_pass")
+    weighting: str = like(WeightScheme, "weighting")
+    split: str = setting("dual", f"shared / personal split: one of {list(SPLIT_KINDS)}", choices=SPLIT_KINDS)
+    shared_layers: int = setting(0, "with split 'layers': decoder layers shared", minimum=0)
+    transport_dtype: str = setting(
+        "float32", f"dtype the shared parameters travel in: one of {list(TRANSPORT_DTYPES)}", choices=TRANSPORT_DTYPES
+    )
+    lora_r: int = like(LoraSettings, "lora_r")
+    lora_alpha: int = like(LoraSettings, "lora_alpha")
+    history_tokens: int = like(PromptConfig, "history_tokens", default=96)
+    context_tokens: int = like(PromptConfig, "context_tokens", default=32)
+    response_tokens: int = like(PromptConfig, "response_tokens", default=32)
+    expert: str = setting("", "an existing expert adapter directory (skips phase 1)")
+    min_replies: int = setting(1, "fewest valid replies a round may aggregate", minimum=1)
+    round_timeout: float = setting(1800.0, "seconds to wait for a round's replies", above=0.0)
+    connect_timeout: float = setting(
+        300.0, "seconds to wait for clients-per-round SuperNodes to connect; then the run goes on with those "
+               "connected (at least min-replies) or ends with a message", above=0.0,
+    )
+    run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume")
+    seed: int = setting(0, "seed of client sampling and initialisation")
+
+    def __post_init__(self) -> None:
+        check_settings(self, label=lambda name: f"run config {_key(name)}")
+        if self.min_replies > self.clients_per_round:
+            raise SettingError("run config min-replies",
+                               f"({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})")
+        if self.needs_expert and not self.expert and self.expert_rounds == 0:
+            raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
+                                                    "or expert to an existing expert adapter directory")
+        try:  # the objects derived from the keys check what they hold (same names, kebab-case)
+            self.base_spec, self.prompt, self.weight_scheme, self.lora  # noqa: B018
+        except SettingError as error:
+            raise error.renamed(f"run config {_key(error.name)}") from None
+        self.split_spec  # noqa: B018  (raises on an invalid split / shared-layers pair)
+
+    @classmethod
+    def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run config (kebab-case keys)."""
+        fields = {_key(f.name): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown run config keys {unknown}; known keys: {sorted(fields)}")
+        hints = get_type_hints(cls)
+        return cls(**{fields[key]: _coerce(key, value, hints[fields[key]]) for key, value in values.items()})
+
+    def to_flower(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def needs_expert(self) -> bool:
+        """Whether the personalization method weights tokens with the expert's DCE."""
+        return METHODS[self.method].needs_expert
+
+    def resolve(self, path: str) -> Path:
+        """A path of the config: relative ones are under the data directory, because the
+        apps run wherever Flower starts them, not where `flwr run` was typed."""
+        resolved = Path(path).expanduser()
+        return resolved if resolved.is_absolute() else data_dir() / resolved
+
+    @property
+    def split_spec(self) -> SplitSpec:
+        try:
+            return SplitSpec(self.split, self.shared_layers)
+        except ValueError as error:
+            raise ValueError(f"run config split: {error}") from None
+
+    @property
+    def base_spec(self) -> BaseSpec:
+        return BaseSpec(self.model, self.quantization, self.device, self.compute_dtype)
+
+    @property
+    def prompt(self) -> PromptConfig:
+        return PromptConfig(self.history_tokens, self.context_tokens, self.response_tokens)
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+
+    @property
+    def weight_scheme(self) -> WeightScheme:
+        return WeightScheme(self.weighting)
+
+    def train_config(self, method: str, seed: int) -> TrainConfig:
+        """A round's local training with `method` (the personalization method, or the expert
+        phase's context-sft)."""
+        return TrainConfig(method=method, max_steps=self.local_steps, batch_size=self.batch_size,
+                           learning_rate=self.learning_rate, alpha=self.alpha, weight_scheme=self.weight_scheme,
+                           paired_pass=self.paired_pass, lean_memory=self.lean_memory, seed=seed)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    # TOML integers are fine where a float is expected; nothing else is converted.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ValueError(f"run config {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value

@@ -1,0 +1,148 @@
+"""The local trainer: the step each method's row picks (passes, token weights, loss), chosen once
+per run; the paired and lean variants give the two passes' gradients; the loop's refusals."""
+
+import pytest
+import torch
+
+from client.trainer import (
+    TrainExample,
+    choose_forward,
+    choose_step,
+    history_pass,
+    lean_two_passes,
+    no_history_pass,
+    paired_passes,
+    right_aligned,
+    train_adapter,
+    two_passes,
+)
+from shared.adapters import AdapterHost
+from shared.batching import collate
+from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig, WeightScheme
+from shared.forward import response_logits
+from shared.loading import load_base
+from shared.losses import nextquill_loss, token_probabilities, token_weights
+from shared.methods import METHODS
+from shared.prompts import encode_sample
+
+CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def float_model(model_dir):
+    # Float32 throughout (the 4-bit layers compute in bf16), so that only the layout differs.
+    model, _ = load_base(BaseSpec(str(model_dir), quantization="none", device="cpu"))
+    return AdapterHost(model, LoraSettings(lora_r=4, lora_alpha=8)).new("trained", seed=1)
+
+
+def _uneven_batch(tokenizer):
+    """Samples of different history, context and response lengths, so both variants pad."""
+    encoded = []
+    for i in range(3):
+        history = [f"my old line {i} " * (i + 1), "and older"][: i + 1]
+        encoded.append(encode_sample(tokenizer, f"cue {i} " * (2 - i + 1), history, "my reply " * (i + 1), CONFIG))
+    return collate(encoded, tokenizer.pad_token_id)
+
+
+def _gradients(model, step, batch, probs):
+    model.zero_grad(set_to_none=True)
+    total, l_n, l_p = step(batch, probs)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, l_n, l_p, grads
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "forward"),
+    [
+        ("sft", {}, no_history_pass),
+        ("context-sft", {}, history_pass),
+        ("dce-only", {}, history_pass),
+        ("nextquill", {}, two_passes),
+        ("mce-only", {}, two_passes),
+        ("nextquill-authors", {}, two_passes),
+        ("nextquill", {"paired_pass": True}, paired_passes),
+        ("nextquill", {"lean_memory": True}, lean_two_passes),
+        ("nextquill", {"lean_memory": True, "paired_pass": True}, lean_two_passes),
+        ("context-sft", {"paired_pass": True, "lean_memory": True}, history_pass),  # one pass: nothing to pair
+    ],
+)
+def test_each_method_row_picks_its_forward_once(float_model, method, settings, forward):
+    assert choose_forward(TrainConfig(method=method, **settings), float_model) is forward
+
+
+def test_the_step_is_the_nextquill_loss_of_its_passes_and_weights(float_model, tokenizer):
+    batch = _uneven_batch(tokenizer)
+    probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
+    scheme = WeightScheme(delta=0.1)
+    config = TrainConfig(method="nextquill", alpha=0.3, weight_scheme=scheme)
+    total, l_n, l_p, _ = _gradients(float_model, choose_step(config, float_model), batch, probs)
+    with torch.no_grad():
+        with_history = response_logits(float_model, batch.with_history, batch.response_length).flatten(0, 1)
+        without = response_logits(float_model, batch.without_history, batch.response_length).flatten(0, 1)
+        weights = token_weights(scheme, probs[0].flatten(), probs[1].flatten())
+        want = nextquill_loss(with_history, without, batch.labels.flatten(), weights, alpha=0.3)
+    for got, expected in zip((total, l_n, l_p), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_authors_variant_weights_by_the_trained_model_and_leaves_l_p_unweighted(float_model, tokenizer):
+    batch = _uneven_batch(tokenizer)
+    total, l_n, l_p, _ = _gradients(float_model, choose_step(TrainConfig(method="nextquill-authors"), float_model),
+                                    batch, None)
+    labels = batch.labels.flatten()
+    with torch.no_grad():
+        with_history = response_logits(float_model, batch.with_history, batch.response_length).flatten(0, 1)
+        without = response_logits(float_model, batch.without_history, batch.response_length).flatten(0, 1)
+        weights = token_weights(WeightScheme(), token_probabilities(with_history, labels),
+                                token_probabilities(without, labels))
+        want = nextquill_loss(with_history, without, labels, weights, alpha=0.1, weighted_alignment=False)
+    for got, expected in zip((total, l_n, l_p), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sft", "context-sft", "mce-only"])
+def test_uniform_methods_train_on_the_plain_mean_and_align_only_when_their_row_says(float_model, tokenizer, method):
+    batch = _uneven_batch(tokenizer)
+    total, l_n, l_p, _ = _gradients(float_model, choose_step(TrainConfig(method=method), float_model), batch, None)
+    if METHODS[method].aligns_effects:
+        assert l_p > 0 and torch.isclose(total, l_n + 0.1 * l_p)
+    else:
+        assert l_p == 0 and torch.equal(total, l_n)
+
+
+@pytest.mark.parametrize("variant", [{"paired_pass": True}, {"lean_memory": True}])
+@pytest.mark.parametrize("method", ["nextquill", "mce-only"])
+def test_paired_and_lean_steps_give_the_two_pass_gradients(float_model, tokenizer, method, variant):
+    batch = _uneven_batch(tokenizer)
+    probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
+    plain = _gradients(float_model, choose_step(TrainConfig(method=method), float_model), batch, probs)
+    other = _gradients(float_model, choose_step(TrainConfig(method=method, **variant), float_model), batch, probs)
+    assert plain[2] > 0
+    for got, want in zip(other[:3], plain[:3], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert other[3].keys() == plain[3].keys() and plain[3]
+    for name, grad in plain[3].items():
+        torch.testing.assert_close(other[3][name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_lean_memory_refuses_a_lora_with_dropout(model_dir):
+    model, _ = load_base(BaseSpec(str(model_dir), quantization="none", device="cpu"))
+    dropping = AdapterHost(model, LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.1)).new("d", seed=0)
+    with pytest.raises(ValueError, match="needs it deterministic"):
+        choose_step(TrainConfig(method="nextquill", lean_memory=True), dropping)
+
+
+def test_right_aligned_puts_each_rows_values_at_its_end():
+    torch.testing.assert_close(right_aligned([[0.5], [0.1, 0.2], []], 3),
+                               torch.tensor([[0, 0, 0.5], [0, 0.1, 0.2], [0, 0, 0]]))
+
+
+def test_train_adapter_refuses_what_it_cannot_train(float_model, tokenizer):
+    example = TrainExample(encode_sample(tokenizer, "cue", ["old"], "reply", CONFIG))
+    with pytest.raises(ValueError, match="no training examples"):
+        train_adapter(float_model, [], tokenizer.pad_token_id, TrainConfig(method="sft"), progress=False)
+    with pytest.raises(ValueError, match="needs the expert's token probabilities"):
+        train_adapter(float_model, [example], tokenizer.pad_token_id, TrainConfig(method="nextquill"), progress=False)
+    report = train_adapter(float_model, [example] * 3, tokenizer.pad_token_id,
+                           TrainConfig(method="nextquill-authors", max_steps=2, batch_size=2), progress=False)
+    assert report.steps == 2 and report.examples == 4 and all(l_p > 0 for l_p in report.l_p)
