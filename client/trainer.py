@@ -178,8 +178,12 @@ def self_weights(scheme: WeightScheme) -> TokenWeights:
 
 
 def choose_token_weights(method: Method, scheme: WeightScheme) -> TokenWeights:
-    return {"uniform": lambda: uniform_weights, "expert": lambda: expert_weights(scheme),
-            "self": lambda: self_weights(scheme)}[method.weights]()
+    """Where `method`'s row says ω comes from."""
+    if method.weights == "expert":
+        return expert_weights(scheme)
+    if method.weights == "self":
+        return self_weights(scheme)
+    return uniform_weights
 
 
 @dataclass(frozen=True)

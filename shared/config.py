@@ -17,6 +17,7 @@ plain data), so that reading or checking a config never loads torch or bitsandby
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,14 @@ class RunConfig:
     def to_flower(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def flower_toml(cls) -> str:
+        """The `[tool.flwr.app.config]` table of pyproject.toml: every key with its default and
+        help, generated from the fields (`nextquill run-config` prints it; a test keeps the
+        file equal to it)."""
+        lines = [f"{_key(f.name)} = {_toml_value(f.default)}  # {f.metadata['help']}" for f in dataclasses.fields(cls)]
+        return "\n".join(lines) + "\n"
+
     @property
     def needs_expert(self) -> bool:
         """Whether the personalization method weights tokens with the expert's DCE."""
@@ -259,6 +268,12 @@ class RunConfig:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a TOML basic string, integer or float alike
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

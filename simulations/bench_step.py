@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from client.trainer import step_backward
+from client.trainer import choose_step
 from shared.adapters import AdapterHost
 from shared.batching import PairBatch, collate
 from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
@@ -135,13 +135,14 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     config = TrainConfig(method=method if method in ("context-sft", "nextquill") else "nextquill",
                          lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill-paired")
+    training_step = choose_step(config, model)
     model.train()
 
     def step() -> None:
         if method == "authors":
             authors_step_loss(model, batch, config.alpha, config.weight_scheme).backward()
         else:
-            step_backward(model, batch, config, expert if config.needs_expert else None)
+            training_step(batch, expert if config.needs_expert else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -29,11 +29,11 @@ import torch
 
 from client import federated
 from client.personalize import Device
-from shared.config import COMPUTE_DTYPES, BaseSpec, LoraSettings, RunConfig
+from shared.config import BaseSpec, LoraSettings, RunConfig
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
-from simulations.cli import run_command
+from simulations.cli import add_settings, run_command, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
-    p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
-    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
-                   help="of 4-bit layers; auto: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--device", default="auto")
+    add_settings(p, BaseSpec())  # --model also takes qwen2.5-0.5b-shape: a random model of Qwen2.5-0.5B's shape
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--history-tokens", type=int)
@@ -145,7 +141,7 @@ def _run(args) -> int:
         shape = bench_step.with_overrides(
             bench_step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,
             context_tokens=args.context_tokens, response_tokens=args.response_tokens)
-        spec = BaseSpec(args.model, args.quantization, args.device, args.compute_dtype)
+        spec = settings_from(args, BaseSpec())
         bench_step.step_benchmark(args.model, spec, shape, args.steps, Path(args.out), tuple(args.methods),
                                   Path(args.profile) if args.profile else None)
         return 0

@@ -6,6 +6,7 @@
   nextquill weights   the expert's DCE and token weights of a user's targets (JSON lines + HTML)
   nextquill evaluate  evaluate an adapter on user stores' held-out samples
   nextquill compare   the single-device comparison of methods on a handful of users
+  nextquill run-config  the run config table of pyproject.toml, generated from RunConfig
   nextquill certs     development TLS certificates for a SuperLink (a CA and a server certificate)
   nextquill keys      SuperNode authentication key pairs (register the .pub with the SuperLink)
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig, WeightScheme
+from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, TrainConfig, WeightScheme
 from shared.errors import USER_ERRORS, one_line
 from shared.methods import METHODS
 from shared.named_bases import NAMED_BASES
@@ -269,6 +270,11 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_run_config(args) -> int:
+    print(RunConfig.flower_toml(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextquill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -335,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     # compared replace the training's single method.
     add_settings(p, CompareConfig(), skip=("method", "generation"))
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("run-config", help="the [tool.flwr.app.config] table of pyproject.toml, from RunConfig")
+    p.set_defaults(func=cmd_run_config)
 
     p = sub.add_parser("certs", help="development TLS certificates for a SuperLink (never for production)")
     p.add_argument("--out", default="certs", help="folder for ca.crt, server.pem, server.key")

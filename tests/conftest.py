@@ -50,3 +50,48 @@ def model_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def nf4_base(model_dir):
+    """The test model loaded in 4-bit on the CPU: (model, tokenizer)."""
+    from shared.config import BaseSpec
+    from shared.loading import load_base
+
+    return load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def user_stores(tmp_path_factory):
+    """Three synthetic users' stores (ten samples each)."""
+    from shared.user_store import UserStore
+    from simulations.datasets import build_synthetic_users
+
+    root = tmp_path_factory.mktemp("users")
+    return [UserStore.open(p) for p in build_synthetic_users(root, n_users=3, samples_per_user=10)]
+
+
+@pytest.fixture(scope="module")
+def user_device(model_dir):
+    """A device with the test model resident in 4-bit, for on-device personalization."""
+    from client.personalize import Device
+    from shared.config import BaseSpec, LoraSettings
+    from shared.loading import load_base
+    from tests.samples import DEVICE_PROMPT
+
+    base, tokenizer = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+    return Device.around(base, tokenizer, model_dir, LoraSettings(lora_r=4, lora_alpha=8), DEVICE_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def experts(user_device, user_stores, tmp_path_factory):
+    """Two experts (ContextSFT on the other users, two seeds): (Expert, Expert)."""
+    from client.personalize import Expert
+    from shared.config import TrainConfig
+    from tests.samples import ONE_STEP
+
+    root = tmp_path_factory.mktemp("experts")
+    for seed in (0, 1):
+        user_device.train(user_stores[1:], TrainConfig(method="context-sft", seed=seed, **ONE_STEP),
+                          save_to=root / f"e{seed}", progress=False)
+    return Expert.from_dir(root / "e0"), Expert.from_dir(root / "e1")

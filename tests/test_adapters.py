@@ -1,31 +1,16 @@
 """LoRA adapters on a resident 4-bit base: training, a round trip through plain PEFT, and
 deterministic (re)initialisation."""
 
-import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 
-from client.trainer import TrainExample, train_adapter
+from client.trainer import train_adapter
 from shared.adapters import ADAPTER_FILES, AdapterHost, adapter_digest, save_adapter
 from shared.batching import collate
-from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+from shared.config import BaseSpec, LoraSettings, TrainConfig
 from shared.forward import response_logits
 from shared.loading import load_base
-from shared.prompts import encode_sample
-
-CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
-
-
-def _examples(tokenizer, n=6):
-    return [
-        TrainExample(encode_sample(tokenizer, f"cue {i}", [f"my old line {i}", "and older"], f"my reply {i}", CONFIG))
-        for i in range(n)
-    ]
-
-
-@pytest.fixture(scope="module")
-def nf4_base(model_dir):
-    return load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+from tests.samples import train_examples
 
 
 def test_qlora_trains_on_cpu_and_round_trips_through_plain_peft(nf4_base, tokenizer, tmp_path):
@@ -33,7 +18,7 @@ def test_qlora_trains_on_cpu_and_round_trips_through_plain_peft(nf4_base, tokeni
     host = AdapterHost(model, LoraSettings(lora_r=4, lora_alpha=8))
     peft_model = host.new("local", seed=0)
     before = {k: v.clone() for k, v in peft_model.named_parameters() if v.requires_grad}
-    report = train_adapter(peft_model, _examples(tokenizer), tokenizer.pad_token_id,
+    report = train_adapter(peft_model, train_examples(tokenizer), tokenizer.pad_token_id,
                            TrainConfig(method="mce-only", max_steps=3, batch_size=3), progress=False)
     assert report.steps == 3 and all(torch.isfinite(torch.tensor(report.loss)))
     after = dict(peft_model.named_parameters())
@@ -49,7 +34,7 @@ def test_qlora_trains_on_cpu_and_round_trips_through_plain_peft(nf4_base, tokeni
     restored = get_peft_model_state_dict(loaded)
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k].float(), restored[k].float()) for k in saved)
-    batch = collate([e.encoded for e in _examples(tokenizer, 2)], tokenizer.pad_token_id)
+    batch = collate([e.encoded for e in train_examples(tokenizer, 2)], tokenizer.pad_token_id)
     with torch.no_grad():
         want = response_logits(peft_model, batch.with_history, batch.response_length).float()
         got = response_logits(loaded, batch.with_history, batch.response_length).float()

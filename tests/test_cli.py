@@ -13,7 +13,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from shared.adapters import AdapterHost, save_adapter
 from shared.config import BaseSpec, LoraSettings
 from shared.loading import load_base
-from simulations.cli import main
+from shared.methods import METHODS
+from simulations.cli import METHOD_NAMES, main
 from simulations.datasets import build_synthetic_users
 
 SMALL = ["--device", "cpu", "--history-tokens", "32", "--context-tokens", "16", "--response-tokens", "16"]
@@ -97,7 +98,7 @@ def test_train_replaces_a_file_only_with_overwrite_and_leaves_no_debris(capsys, 
         (["--delta", "1.5"], "argument --delta: must be at most 1.0, got 1.5"),
         (["--delta", "-0.1"], "argument --delta: must be at least 0.0, got -0.1"),
         (["--weight-high", "1.2"], "argument --weight-high: must be at most 1.0, got 1.2"),
-        (["--weight-low", "0.95"], "token weight low (ε) = 0.95 must not exceed high (λ) = 0.9"),
+        (["--weight-low", "0.95"], "weight-low (ε) = 0.95 must not exceed weight-high (λ) = 0.9"),
         (["--device", "foo"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'foo'"),
         (["--batch-size", "eight"], "argument --batch-size: must be a whole number, got 'eight'"),
     ],
@@ -214,3 +215,29 @@ def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip() == "nextquill users: error: users lamp-json needs --records FILE (a LaMP-style JSON " \
                                  "file of input, output, profile)"
+
+
+def test_cli_offers_every_method_of_the_trainer():
+    assert sorted(METHOD_NAMES) == sorted(METHODS)
+
+
+def test_cli_reports_user_errors_by_name_without_a_traceback(tmp_path, capsys):
+    code = main(["train", "--users", str(tmp_path / "missing-user"), "--out", str(tmp_path / "a")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "missing-user" in err and "Traceback" not in err
+
+
+def test_cli_builds_users_trains_and_evaluates_an_adapter(model_dir, tmp_path, capsys):
+    assert main(["users", "synthetic", "--max-users", "2", "--out", str(tmp_path / "users")]) == 0
+    users = sorted(str(p) for p in (tmp_path / "users").iterdir())
+    common = ["--model", str(model_dir), "--history-tokens", "48", "--response-tokens", "24"]
+    assert main(["train", "--method", "context-sft", "--users", users[0], "--max-steps", "1",
+                 "--out", str(tmp_path / "adapter"), *common]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--method", "context-sft", "--adapter", str(tmp_path / "adapter"),
+                 "--users", *users, *common]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    per_user = [json.loads(line) for line in lines[: len(users)]]
+    assert [row["user_id"] for row in per_user] == ["synthetic-user-00", "synthetic-user-01"]
+    assert "macro_average" in json.loads("\n".join(lines[len(users):]))

@@ -9,23 +9,9 @@ from pathlib import Path
 import pytest
 
 from shared import corpus
-from shared.user_store import DataError, HistoryItem, Sample, UserStore, list_user_stores, write_user_store
+from shared.user_store import DataError, UserStore, list_user_stores
 from simulations.datasets import build_shakespeare_users, build_synthetic_users, build_users, import_lamp_json
-
-
-def _leftovers(out_dir: Path) -> list[str]:
-    return sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
-
-
-def _tiny_store(path: Path, **kwargs) -> UserStore:
-    history = [HistoryItem("h0", 0.0, "first words"), HistoryItem("h1", 1.0, "second words")]
-    samples = [
-        Sample("s0", 1.0, "cue one", "reply one", "train", ("h0",)),
-        Sample("s1", 2.0, "", "reply two", "test", ("h0", "h1"), ((0, 5),)),
-    ]
-    return write_user_store(path, "user/1", "synthetic", samples, history, extra_meta={"note": "x"}, **kwargs)
-
-
+from tests.samples import leftovers
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +84,7 @@ def test_builders_keep_existing_stores_unless_overwrite(tmp_path):
     assert UserStore.open(path).meta["marker"] == "kept"
     build_shakespeare_users(tmp_path, max_users=1, overwrite=True)
     assert "marker" not in UserStore.open(path).meta
-    assert _leftovers(tmp_path) == [path.name]
+    assert leftovers(tmp_path) == [path.name]
 
 
 def test_a_folder_in_the_way_of_a_new_store_is_refused_before_any_store_is_written(tmp_path):
@@ -251,7 +237,7 @@ def test_invalid_lamp_record_names_file_and_record_and_writes_nothing(tmp_path, 
     with pytest.raises(DataError, match=message) as caught:
         import_lamp_json(out_dir, records_file)
     assert "records.json, record 3" in str(caught.value)
-    assert _leftovers(out_dir) == []
+    assert leftovers(out_dir) == []
 
 
 def test_truncated_lamp_file_is_rejected_with_line_and_column(tmp_path):
@@ -263,7 +249,7 @@ def test_truncated_lamp_file_is_rejected_with_line_and_column(tmp_path):
     lines_file.write_text("".join(json.dumps(r) + "\n" for r in _GOOD)[:-20])
     with pytest.raises(DataError, match=r"records\.jsonl, line 4, column \d+: invalid JSON"):
         import_lamp_json(tmp_path / "out", lines_file)
-    assert _leftovers(tmp_path / "out") == []
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_unreadable_lamp_file_is_a_data_error(tmp_path):
@@ -282,7 +268,7 @@ def test_question_and_gold_must_pair_up(tmp_path, drop):
     with pytest.raises(DataError, match="'q1'") as caught:
         import_lamp_json(tmp_path / "out", questions_file, golds_file)
     assert "dev_questions.json" in str(caught.value) and "dev_outputs.json" in str(caught.value)
-    assert _leftovers(tmp_path / "out") == []
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_an_error_in_the_last_user_leaves_earlier_users_unwritten(tmp_path):

@@ -1,11 +1,12 @@
-"""Evaluation's generation: batched greedy decoding gives what one prompt at a time gives."""
+"""Evaluation of a personalized model: batched greedy decoding gives what one prompt at a time
+gives; a user's row holds generation metrics, NLL and history sensitivity."""
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from shared.config import PromptConfig
-
-CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
+from client.evaluation import donor_history
+from shared.config import TrainConfig
+from tests.samples import ONE_STEP, PROMPT
 
 
 def test_batched_greedy_generation_matches_one_prompt_at_a_time(tokenizer):
@@ -21,6 +22,15 @@ def test_batched_greedy_generation_matches_one_prompt_at_a_time(tokenizer):
                "### History\nA long line of history, my good lord, to make this prompt longer.\n"
                "### Context\nStand.\n### Response\n"]
     settings = GenerationSettings(max_new_tokens=8)
-    batched = generate(model, tokenizer, prompts, settings, CONFIG)
-    alone = [generate(model, tokenizer, [p], settings, CONFIG)[0] for p in prompts]
+    batched = generate(model, tokenizer, prompts, settings, PROMPT)
+    alone = [generate(model, tokenizer, [p], settings, PROMPT)[0] for p in prompts]
     assert batched == alone and batched[0] != batched[1]
+
+
+def test_evaluation_reports_generation_metrics_nll_and_history_sensitivity(user_device, user_stores):
+    user_device.train([user_stores[0]], TrainConfig(method="context-sft", **ONE_STEP), progress=False)
+    row = user_device.evaluate(user_stores[0], uses_history=True, other_history=donor_history(user_stores[1]))
+    for key in ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity"):
+        assert isinstance(row[key], float) and row[key] == row[key]
+    assert row["generation"]["do_sample"] is False
+    assert len(row["examples"]) == len(user_stores[0].samples("test"))

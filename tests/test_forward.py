@@ -4,27 +4,17 @@ paired pass the same as the two passes."""
 import pytest
 import torch
 
-from client.trainer import TrainExample
 from shared.adapters import AdapterHost
 from shared.batching import collate
-from shared.config import BaseSpec, LoraSettings, PromptConfig
+from shared.config import BaseSpec, LoraSettings
 from shared.forward import paired_response_logits, response_logits
 from shared.loading import load_base
-from shared.prompts import encode_sample
-
-CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
-
-
-def _examples(tokenizer, n=6):
-    return [
-        TrainExample(encode_sample(tokenizer, f"cue {i}", [f"my old line {i}", "and older"], f"my reply {i}", CONFIG))
-        for i in range(n)
-    ]
+from tests.samples import train_examples, uneven_batch
 
 
 def test_response_logits_equal_the_full_forward_at_response_positions(model_dir, tokenizer):
     model, _ = load_base(BaseSpec(str(model_dir), quantization="none", device="cpu"))
-    encoded = [e.encoded for e in _examples(tokenizer, 3)]
+    encoded = [e.encoded for e in train_examples(tokenizer, 3)]
     batch = collate(encoded, tokenizer.pad_token_id)
     kept = response_logits(model, batch.with_history, batch.response_length)
     for row, sample in enumerate(encoded):
@@ -33,15 +23,6 @@ def test_response_logits_equal_the_full_forward_at_response_positions(model_dir,
         n = len(sample.response)
         # Logits at positions T-n-1 .. T-2 predict the n response tokens.
         torch.testing.assert_close(kept[row, -n:], full[-n - 1 : -1], rtol=1e-4, atol=1e-4)
-
-
-def _uneven_batch(tokenizer):
-    """Samples of different history, context and response lengths, so both variants pad."""
-    encoded = []
-    for i in range(3):
-        history = [f"my old line {i} " * (i + 1), "and older"][: i + 1]
-        encoded.append(encode_sample(tokenizer, f"cue {i} " * (2 - i + 1), history, "my reply " * (i + 1), CONFIG))
-    return collate(encoded, tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -54,7 +35,7 @@ def test_the_paired_pass_equals_the_two_passes(model_dir, tokenizer, attention):
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    batch = _uneven_batch(tokenizer)
+    batch = uneven_batch(tokenizer)
     assert len(set(batch.with_history.attention_mask.sum(1).tolist())) == 3  # three lengths: padding in play
     paired_with, paired_without = paired_response_logits(peft_model, batch)
     torch.testing.assert_close(paired_with, response_logits(peft_model, batch.with_history, batch.response_length),

@@ -4,25 +4,11 @@ still trains after it has been evaluated."""
 import bitsandbytes as bnb
 import pytest
 
-from client.trainer import TrainExample, train_adapter
+from client.trainer import train_adapter
 from shared.adapters import AdapterHost
-from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+from shared.config import BaseSpec, LoraSettings, TrainConfig
 from shared.loading import load_base
-from shared.prompts import encode_sample
-
-CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
-
-
-def _examples(tokenizer, n=6):
-    return [
-        TrainExample(encode_sample(tokenizer, f"cue {i}", [f"my old line {i}", "and older"], f"my reply {i}", CONFIG))
-        for i in range(n)
-    ]
-
-
-@pytest.fixture(scope="module")
-def nf4_base(model_dir):
-    return load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+from tests.samples import PROMPT, train_examples
 
 
 def test_nf4_base_loads_on_cpu_with_bitsandbytes_4bit_layers(nf4_base):
@@ -49,7 +35,7 @@ def test_training_still_works_after_evaluating_the_4bit_base(model_dir, tokenize
     peft_model = host.new("local")
     with peft_model.disable_adapter():
         generate(peft_model, tokenizer, ["### Context\nhello\n### Response\n"], GenerationSettings(max_new_tokens=3),
-                 CONFIG)
-    report = train_adapter(peft_model, _examples(tokenizer), tokenizer.pad_token_id,
+                 PROMPT)
+    report = train_adapter(peft_model, train_examples(tokenizer), tokenizer.pad_token_id,
                            TrainConfig(method="sft", max_steps=1, batch_size=3), progress=False)
     assert report.steps == 1

@@ -17,15 +17,13 @@ from client.trainer import (
     two_passes,
 )
 from shared.adapters import AdapterHost
-from shared.batching import collate
-from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig, WeightScheme
+from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
 from shared.forward import response_logits
 from shared.loading import load_base
 from shared.losses import nextquill_loss, token_probabilities, token_weights
 from shared.methods import METHODS
 from shared.prompts import encode_sample
-
-CONFIG = PromptConfig(history_tokens=48, context_tokens=16, response_tokens=16)
+from tests.samples import PROMPT, uneven_batch
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +31,6 @@ def float_model(model_dir):
     # Float32 throughout (the 4-bit layers compute in bf16), so that only the layout differs.
     model, _ = load_base(BaseSpec(str(model_dir), quantization="none", device="cpu"))
     return AdapterHost(model, LoraSettings(lora_r=4, lora_alpha=8)).new("trained", seed=1)
-
-
-def _uneven_batch(tokenizer):
-    """Samples of different history, context and response lengths, so both variants pad."""
-    encoded = []
-    for i in range(3):
-        history = [f"my old line {i} " * (i + 1), "and older"][: i + 1]
-        encoded.append(encode_sample(tokenizer, f"cue {i} " * (2 - i + 1), history, "my reply " * (i + 1), CONFIG))
-    return collate(encoded, tokenizer.pad_token_id)
 
 
 def _gradients(model, step, batch, probs):
@@ -71,7 +60,7 @@ def test_each_method_row_picks_its_forward_once(float_model, method, settings, f
 
 
 def test_the_step_is_the_nextquill_loss_of_its_passes_and_weights(float_model, tokenizer):
-    batch = _uneven_batch(tokenizer)
+    batch = uneven_batch(tokenizer)
     probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
     scheme = WeightScheme(delta=0.1)
     config = TrainConfig(method="nextquill", alpha=0.3, weight_scheme=scheme)
@@ -86,7 +75,7 @@ def test_the_step_is_the_nextquill_loss_of_its_passes_and_weights(float_model, t
 
 
 def test_the_authors_variant_weights_by_the_trained_model_and_leaves_l_p_unweighted(float_model, tokenizer):
-    batch = _uneven_batch(tokenizer)
+    batch = uneven_batch(tokenizer)
     total, l_n, l_p, _ = _gradients(float_model, choose_step(TrainConfig(method="nextquill-authors"), float_model),
                                     batch, None)
     labels = batch.labels.flatten()
@@ -102,7 +91,7 @@ def test_the_authors_variant_weights_by_the_trained_model_and_leaves_l_p_unweigh
 
 @pytest.mark.parametrize("method", ["sft", "context-sft", "mce-only"])
 def test_uniform_methods_train_on_the_plain_mean_and_align_only_when_their_row_says(float_model, tokenizer, method):
-    batch = _uneven_batch(tokenizer)
+    batch = uneven_batch(tokenizer)
     total, l_n, l_p, _ = _gradients(float_model, choose_step(TrainConfig(method=method), float_model), batch, None)
     if METHODS[method].aligns_effects:
         assert l_p > 0 and torch.isclose(total, l_n + 0.1 * l_p)
@@ -113,7 +102,7 @@ def test_uniform_methods_train_on_the_plain_mean_and_align_only_when_their_row_s
 @pytest.mark.parametrize("variant", [{"paired_pass": True}, {"lean_memory": True}])
 @pytest.mark.parametrize("method", ["nextquill", "mce-only"])
 def test_paired_and_lean_steps_give_the_two_pass_gradients(float_model, tokenizer, method, variant):
-    batch = _uneven_batch(tokenizer)
+    batch = uneven_batch(tokenizer)
     probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
     plain = _gradients(float_model, choose_step(TrainConfig(method=method), float_model), batch, probs)
     other = _gradients(float_model, choose_step(TrainConfig(method=method, **variant), float_model), batch, probs)
@@ -138,7 +127,7 @@ def test_right_aligned_puts_each_rows_values_at_its_end():
 
 
 def test_train_adapter_refuses_what_it_cannot_train(float_model, tokenizer):
-    example = TrainExample(encode_sample(tokenizer, "cue", ["old"], "reply", CONFIG))
+    example = TrainExample(encode_sample(tokenizer, "cue", ["old"], "reply", PROMPT))
     with pytest.raises(ValueError, match="no training examples"):
         train_adapter(float_model, [], tokenizer.pad_token_id, TrainConfig(method="sft"), progress=False)
     with pytest.raises(ValueError, match="needs the expert's token probabilities"):

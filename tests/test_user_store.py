@@ -7,24 +7,11 @@ from pathlib import Path
 import pytest
 
 from shared.user_store import DataError, HistoryItem, Sample, UserStore, list_user_stores, write_user_store
-
-
-def _leftovers(out_dir: Path) -> list[str]:
-    return sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
-
-
-def _tiny_store(path: Path, **kwargs) -> UserStore:
-    history = [HistoryItem("h0", 0.0, "first words"), HistoryItem("h1", 1.0, "second words")]
-    samples = [
-        Sample("s0", 1.0, "cue one", "reply one", "train", ("h0",)),
-        Sample("s1", 2.0, "", "reply two", "test", ("h0", "h1"), ((0, 5),)),
-    ]
-    return write_user_store(path, "user/1", "synthetic", samples, history, extra_meta={"note": "x"}, **kwargs)
-
+from tests.samples import leftovers, tiny_store
 
 
 def test_write_then_open_round_trips(tmp_path):
-    written = _tiny_store(tmp_path / "u")
+    written = tiny_store(tmp_path / "u")
     opened = UserStore.open(tmp_path / "u")
     assert opened.user_id == written.user_id == "user/1"
     assert opened.samples() == written.samples()
@@ -43,21 +30,21 @@ def test_history_ties_go_to_the_item_later_in_the_file(tmp_path):
 
 
 def test_write_refuses_an_existing_store_unless_overwrite(tmp_path):
-    _tiny_store(tmp_path / "u")
+    tiny_store(tmp_path / "u")
     with pytest.raises(FileExistsError):
-        _tiny_store(tmp_path / "u")
-    _tiny_store(tmp_path / "u", overwrite=True)
-    assert _leftovers(tmp_path) == ["u"]
+        tiny_store(tmp_path / "u")
+    tiny_store(tmp_path / "u", overwrite=True)
+    assert leftovers(tmp_path) == ["u"]
 
 
 def test_cache_dir_is_created_inside_the_store(tmp_path):
-    store = _tiny_store(tmp_path / "u")
+    store = tiny_store(tmp_path / "u")
     assert store.cache_dir == tmp_path / "u" / "cache" and store.cache_dir.is_dir()
 
 
 def test_list_user_stores_finds_only_folders_with_user_json(tmp_path):
-    _tiny_store(tmp_path / "b")
-    _tiny_store(tmp_path / "a")
+    tiny_store(tmp_path / "b")
+    tiny_store(tmp_path / "a")
     (tmp_path / "not-a-store").mkdir()
     (tmp_path / "file.txt").write_text("")
     assert list_user_stores(tmp_path) == [tmp_path / "a", tmp_path / "b"]
@@ -79,7 +66,7 @@ def test_write_rejects_bad_samples_and_writes_nothing(tmp_path, bad_sample, mess
     with pytest.raises(DataError, match=message) as caught:
         write_user_store(tmp_path / "u", "u", "synthetic", [bad_sample], [])
     assert "samples.jsonl" in str(caught.value) and "'s'" in str(caught.value)
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def _cut_last_line(path: Path) -> None:
@@ -112,7 +99,7 @@ def _replace_in(name: str, old: str, new: str):
     ],
 )
 def test_open_rejects_a_damaged_store_naming_file_and_line(tmp_path, edit, file_name, message):
-    _tiny_store(tmp_path / "u")
+    tiny_store(tmp_path / "u")
     edit(tmp_path / "u")
     with pytest.raises(DataError, match=message) as caught:
         UserStore.open(tmp_path / "u")

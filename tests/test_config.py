@@ -20,6 +20,10 @@ def test_the_app_defaults_in_pyproject_are_valid_and_complete():
     assert set(values) == set(RunConfig().to_flower())
     # One source of each default: the app's run config is the dataclass's.
     assert RunConfig.from_flower(values) == RunConfig()
+    # ... and of each key's help: the table is the one generated from the fields.
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    table = text.split("[tool.flwr.app.config]\n", 1)[1].split("\n[", 1)[0]
+    assert table == RunConfig.flower_toml(), "regenerate the table with `nextquill run-config`"
 
 
 @pytest.mark.parametrize(

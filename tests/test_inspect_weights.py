@@ -1,0 +1,39 @@
+"""Inspecting the expert's DCE and token weights: one line per target, tokens with their
+character offsets, and an HTML view."""
+
+import json
+
+import pytest
+
+from client.inspect_weights import write_inspection
+from shared.config import WeightScheme
+from shared.user_store import UserStore
+from simulations.datasets import import_lamp_json
+
+
+def test_inspection_lists_each_target_token_with_offsets_dce_and_weight(user_device, user_stores, experts, tmp_path):
+    store = user_stores[0]
+    summary = write_inspection(user_device, store, experts[0], WeightScheme(), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "token_weights.jsonl").read_text().splitlines()]
+    assert len(rows) == len(store.samples())
+    for row in rows:
+        for token in row["tokens"]:
+            assert 0 <= token["start"] <= token["end"] <= len(row["target"])
+            assert token["weight"] in (pytest.approx(0.9), pytest.approx(0.1))
+        pieces = "".join(row["target"][t["start"]:t["end"]] for t in row["tokens"])
+        assert pieces.replace(" ", "") == row["target"].replace(" ", "")[: len(pieces.replace(" ", ""))]
+    assert summary["preference_tokens"] > 0 and "recall" in summary
+    html = (tmp_path / "token_weights.html").read_text()
+    assert html.startswith("<!doctype html>") and "DCE" in html
+
+
+def test_inspection_works_for_an_imported_lamp_store(user_device, experts, tmp_path):
+    records = [
+        {"id": f"r{i}", "user_id": "u1", "input": f"Write about item {i}", "output": f"Item {i} is lovely, truly.",
+         "profile": [{"id": f"p{j}", "text": f"Old review {j}, truly lovely."} for j in range(3)]}
+        for i in range(4)
+    ]
+    (tmp_path / "lamp.json").write_text(json.dumps(records))
+    store = UserStore.open(import_lamp_json(tmp_path / "user_stores", tmp_path / "lamp.json")[0])
+    summary = write_inspection(user_device, store, experts[0], WeightScheme(weighting="continuous"), tmp_path / "out")
+    assert summary["targets"] == len(store.samples()) and summary["tokens"] > 0
