@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +17,7 @@ from shared.forward import compute_autocast, model_device
 from shared.metrics import bleu, rouge
 from shared.prompts import render_prompt
 from shared.scoring import ScoringExample, history_nll
+from shared.settings import check_settings, setting
 from shared.user_store import UserStore
 
 
@@ -24,11 +25,14 @@ from shared.user_store import UserStore
 class GenerationSettings:
     """Decoding settings (recorded with every evaluation)."""
 
-    max_new_tokens: int | None = field(default=None, metadata={"help": "default: the response budget"})
-    do_sample: bool = field(default=False, metadata={"help": "False = deterministic greedy decoding"})
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    batch_size: int = 16
+    max_new_tokens: int | None = setting(None, "tokens generated at most (default: the response budget)", minimum=1)
+    do_sample: bool = setting(False, "sample instead of deterministic greedy decoding")
+    num_beams: int = setting(1, "beams of beam search (1: none)", minimum=1)
+    repetition_penalty: float = setting(1.0, "transformers' repetition penalty (1: none)", above=0.0)
+    batch_size: int = setting(16, "prompts generated together", minimum=1)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @torch.no_grad()

@@ -186,7 +186,8 @@ class RunConfig:
         300.0, "seconds to wait for clients-per-round SuperNodes to connect; then the run goes on with those "
                "connected (at least min-replies) or ends with a message", above=0.0,
     )
-    run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume")
+    run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume (relative: under the data "
+                                             "directory)")
     seed: int = setting(0, "seed of client sampling and initialisation")
 
     def __post_init__(self) -> None:
