@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from shared import corpus
 from shared.batching import left_pad
-from shared.config import PromptConfig
+from shared.config import GenerationSettings, PromptConfig
 from shared.forward import compute_autocast, model_device
 from shared.metrics import bleu, rouge
 from shared.prompts import render_prompt
 from shared.scoring import ScoringExample, history_nll
-from shared.settings import check_settings, setting
 from shared.user_store import UserStore
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings (recorded with every evaluation)."""
-
-    max_new_tokens: int | None = setting(None, "tokens generated at most (default: the response budget)", minimum=1)
-    do_sample: bool = setting(False, "sample instead of deterministic greedy decoding")
-    num_beams: int = setting(1, "beams of beam search (1: none)", minimum=1)
-    repetition_penalty: float = setting(1.0, "transformers' repetition penalty (1: none)", above=0.0)
-    batch_size: int = setting(16, "prompts generated together", minimum=1)
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 @torch.no_grad()

@@ -19,28 +19,23 @@ import torch
 from peft import PeftModel
 
 from client.evaluation import evaluate_user, public_donor_history
+from client.node_store import user_store
 from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
 from client.trainer import train_adapter
 from shared.config import RunConfig, TrainConfig
 from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
 from shared.methods import METHODS
-from shared.paths import file_lock
 from shared.split import EXPERT_SPLIT, SplitSpec
-from shared.user_store import UserStore, list_user_stores
+from shared.user_store import UserStore
 from shared.wire import NUM_EXAMPLES, Phase, RoundInstruction
-from simulations.datasets import DATASETS, build_users
 
 log = logging.getLogger(__name__)
 
-USER_DIR_KEY = "user-dir"
-PARTITION_ID_KEY = "partition-id"
-NUM_PARTITIONS_KEY = "num-partitions"
 
 # The process's resident device: a base model is loaded once and serves every virtual
 # client and round that this worker runs.
 _resident: dict[tuple, Device] = {}
-_store_paths: dict[tuple, list[Path]] = {}
 
 
 def resident_device(config: RunConfig) -> Device:
@@ -58,61 +53,6 @@ def forget_resident_device() -> None:
     """Drop the resident base: after a failure that may have left its adapters half built (a
     corrupt expert, a bug), the next message loads a clean one."""
     _resident.clear()
-
-
-# ---------------------------------------------------------------- which user this node is
-
-
-def simulation_users_dir(config: RunConfig) -> Path:
-    if config.users_dir:
-        return config.resolve(config.users_dir)
-    name = config.dataset if config.dataset in DATASETS else f"lamp-{Path(config.dataset).stem}"
-    return config.resolve(f"users/{name}")
-
-
-def simulation_store_paths(config: RunConfig, num_partitions: int) -> list[Path]:
-    """The simulated users' stores, built on first use (one process builds, the others wait)."""
-    root = simulation_users_dir(config)
-    key = (str(root), config.dataset, num_partitions)
-    if key in _store_paths:
-        return _store_paths[key]
-    with file_lock(root.parent / f".{root.name}.lock"):
-        paths = list_user_stores(root)
-        if len(paths) < num_partitions:
-            try:
-                if config.dataset in ("shakespeare", "synthetic"):
-                    build_users(config.dataset, root, max_users=None if config.dataset == "shakespeare" else
-                                num_partitions, seed=config.seed)
-                else:
-                    build_users("lamp-json", root, records=config.resolve(config.dataset))
-            except ValueError as error:
-                raise ValueError(f"dataset {config.dataset!r} cannot give {num_partitions} simulated users: {error}; "
-                                 "lower num-supernodes") from None
-            paths = list_user_stores(root)
-    if len(paths) < num_partitions:
-        raise ValueError(
-            f"the simulation has {num_partitions} SuperNodes but dataset {config.dataset!r} has only "
-            f"{len(paths)} users (in {root}); lower num-supernodes"
-        )
-    _store_paths[key] = paths
-    return paths
-
-
-def user_store(node_config: Mapping[str, Any], config: RunConfig) -> UserStore:
-    """The store of the user this node serves: `user-dir` in a deployment, `partition-id`
-    in a simulation."""
-    if USER_DIR_KEY in node_config:
-        return UserStore.open(Path(str(node_config[USER_DIR_KEY])).expanduser())
-    if PARTITION_ID_KEY in node_config and NUM_PARTITIONS_KEY in node_config:
-        paths = simulation_store_paths(config, int(node_config[NUM_PARTITIONS_KEY]))
-        return UserStore.open(paths[int(node_config[PARTITION_ID_KEY])])
-    raise ValueError(
-        f"node config {dict(node_config)} names no user: start the SuperNode with "
-        f"--node-config '{USER_DIR_KEY}=\"/path/to/user/store\"' (simulations set {PARTITION_ID_KEY})"
-    )
-
-
-# ---------------------------------------------------------------- rounds
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.evaluation import GenerationSettings, evaluate_user
+from client.evaluation import evaluate_user
 from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
 from client.trainer import TrainExample, TrainReport, train_adapter
 from shared.adapters import AdapterHost, adapter_digest, base_fingerprint, check_adapter_base, save_adapter
-from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, TrainConfig
 from shared.loading import load_base, resolve_model_dir
 from shared.paths import refuse_to_replace
 from shared.prompts import EncodedSample
@@ -52,13 +52,7 @@ class Device:
         """A device with the base `base` describes loaded and resident (once, however many users,
         rounds or methods it then serves), taking adapters of shape `lora`."""
         model, tokenizer = load_base(base)
-        return cls.around(model, tokenizer, resolve_model_dir(base.model), lora, prompt)
-
-    @classmethod
-    def around(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, model_dir: Path,
-               lora: LoraSettings, prompt: PromptConfig) -> Device:
-        """A device around a base loaded already from `model_dir`."""
-        return cls(AdapterHost(model, lora), tokenizer, base_fingerprint(model_dir), prompt)
+        return cls(AdapterHost(model, lora), tokenizer, base_fingerprint(resolve_model_dir(base.model)), prompt)
 
     def encoded(self, store: UserStore, split: str | None = "train") -> list[tuple[Sample, EncodedSample]]:
         """The store's samples of `split` with both prompt variants encoded."""

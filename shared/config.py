@@ -5,6 +5,7 @@ values it accepts (`shared.settings`, PEFT's `LoraConfig` style).
   PromptConfig  the token budgets of a prompt
   LoraSettings  the LoRA every method trains
   WeightScheme  how the expert's DCE becomes token weights ω
+  GenerationSettings  decoding in evaluation
   TrainConfig   local training: method, steps, optimiser, NextQuill's alpha, forward passes
   RunConfig     Flower's run config (`[tool.flwr.app.config]`): its keys are views of the
                 fields above (`like`), plus what only a federated run has
@@ -101,6 +102,20 @@ class WeightScheme:
         if self.weight_low > self.weight_high:
             raise SettingError("weight-low", f"(ε) = {self.weight_low} must not exceed weight-high (λ) = "
                                              f"{self.weight_high}")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings (recorded with every evaluation)."""
+
+    max_new_tokens: int | None = setting(None, "tokens generated at most (default: the response budget)", minimum=1)
+    do_sample: bool = setting(False, "sample instead of deterministic greedy decoding")
+    num_beams: int = setting(1, "beams of beam search (1: none)", minimum=1)
+    repetition_penalty: float = setting(1.0, "transformers' repetition penalty (1: none)", above=0.0)
+    batch_size: int = setting(16, "prompts generated together", minimum=1)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TokenWeights = Literal["uniform", "expert", "self"]
+WeightSource = Literal["uniform", "expert", "self"]
 
 
 @dataclass(frozen=True)
 class Method:
     uses_history: bool  # the prompt holds the user's history
     aligns_effects: bool  # adds alpha · L_p, which needs the no-history pass
-    weights: TokenWeights  # ω: all 1, from the expert's DCE, or from the trained model's own DCE
+    weights: WeightSource  # ω: all 1, from the expert's DCE, or from the trained model's own DCE
     weighted_alignment: bool = True  # L_p weighted by ω (the paper) or a plain mean (the authors' code)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ import torch
 from shared.config import RunConfig
 from shared.loading import resolve_device
 from shared.paths import atomic_write_bytes, atomic_write_json
+from shared.wire import Phase
 from simulations.datasets import build_synthetic_users
 from simulations.deployment import local_simulation, run_app
 
@@ -110,7 +111,7 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
         run_id = None
         memory = _run_in_process(run_config, users)
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    personalize = [r for r in rows if r["phase"] == "personalize" and r.get("aggregated")]
+    personalize = [r for r in rows if r["phase"] == Phase.PERSONALIZE and r.get("aggregated")]
     trained = sum(r["accepted"] for r in personalize)
     seconds = sum(r["seconds"] for r in personalize)
 

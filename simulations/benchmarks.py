@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from client import federated
+from client.node_store import simulation_store_paths
 from client.personalize import Device
-from shared.config import BaseSpec, LoraSettings, RunConfig
+from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, TrainConfig
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
-from simulations.cli import add_settings, run_command, settings_from
+from simulations.cli import add_settings, checked, run_command, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
     add_settings(p, BaseSpec())  # --model also takes qwen2.5-0.5b-shape: a random model of Qwen2.5-0.5B's shape
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--history-tokens", type=int)
-    p.add_argument("--context-tokens", type=int)
-    p.add_argument("--response-tokens", type=int)
+    # The step's shape: each defaults to the model's benchmark shape (bench_step.default_shape).
+    p.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"))
+    for name in ("history_tokens", "context_tokens", "response_tokens"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=checked(PromptConfig, name))
     p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS), choices=bench_step.METHODS)
     p.add_argument("--out", default="runs/benchmarks/step.json")
     p.add_argument("--profile", metavar="DIR", help="also write a PyTorch profiler table per method into DIR")
@@ -160,11 +161,11 @@ def _run(args) -> int:
         from simulations.bench_dce import dce_benchmark
 
         config = RunConfig(model=args.model, dataset="shakespeare")
-        paths = federated.simulation_store_paths(config, args.users)[: args.users]
+        paths = simulation_store_paths(config, args.users)[: args.users]
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
     config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
-    paths = federated.simulation_store_paths(config, args.clients)[: args.clients]
+    paths = simulation_store_paths(config, args.clients)[: args.clients]
     setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
     return 0
 

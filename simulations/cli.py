@@ -2,7 +2,7 @@
 
   nextquill base      build (first use) and measure a base model: perplexity, history sensitivity
   nextquill users     build user stores (shakespeare, synthetic, lamp-json)
-  nextquill train     train one LoRA (sft, context-sft, nextquill, mce-only, dce-only) on user stores
+  nextquill train     train one LoRA with one method (shared/methods.py) on user stores
   nextquill weights   the expert's DCE and token weights of a user's targets (JSON lines + HTML)
   nextquill evaluate  evaluate an adapter on user stores' held-out samples
   nextquill compare   the single-device comparison of methods on a handful of users
@@ -30,10 +30,12 @@ from shared.methods import METHODS
 from shared.named_bases import NAMED_BASES
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
 from shared.settings import field_rules, value_problem
-from simulations.single_device import CompareConfig
+from simulations.compare_config import CompareConfig
+from simulations.datasets import DATASETS, GENERATED, MIN_SAMPLES
 
 log = logging.getLogger("nextquill")
-METHOD_NAMES = list(METHODS)
+# The methods compared replace the training's single method; decoding keeps its defaults.
+COMPARE_SKIPS = ("method", "generation")
 
 
 def checked(config_class: type, name: str) -> Callable[[str], Any]:
@@ -65,20 +67,21 @@ def _value_type(hint: Any) -> type:
     return args[0] if args else hint
 
 
-def add_settings(parser: argparse.ArgumentParser, settings: Any, skip: tuple[str, ...] = ()) -> None:
+def add_settings(parser: argparse.ArgumentParser, settings: Any, skip: tuple[str, ...] = (),
+                 only: tuple[str, ...] | None = None, help: str | None = None) -> None:  # noqa: A002
     """One option per field of the settings dataclass `settings` (nested settings flattened):
     `--field-name`, with the field's type, rules and help, and its value in `settings` as the
-    default. The command line is generated from the settings, never written beside them."""
+    default. The command line is generated from the settings, never written beside them.
+    `skip`: fields (at any depth) that get no option; `only`: the fields that do; `help`
+    replaces the field's help where the command means more by it."""
     hints = get_type_hints(type(settings))
-    for spec in dataclasses.fields(settings):
+    for spec in _optional_fields(settings, skip, only):
         value = getattr(settings, spec.name)
-        if spec.name in skip:
-            continue
         if dataclasses.is_dataclass(value):
-            add_settings(parser, value, skip)
+            add_settings(parser, value, skip, only, help)
             continue
         flag = "--" + spec.name.replace("_", "-")
-        help_text = f"{spec.metadata.get('help', '')} (default: %(default)s)"
+        help_text = f"{help or spec.metadata.get('help', '')} (default: %(default)s)"
         choices = spec.metadata.get("choices")
         if hints[spec.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
@@ -91,20 +94,28 @@ def add_settings(parser: argparse.ArgumentParser, settings: Any, skip: tuple[str
             parser.add_argument(flag, default=value, type=checked(type(settings), spec.name), help=help_text)
 
 
-def settings_from(args: argparse.Namespace, settings: Any, **fixed: Any) -> Any:
-    """`settings` with every field that `add_settings` made an option for taken from `args`
-    (nested settings too); `fixed` sets fields that have no option."""
-    values = {}
-    for spec in dataclasses.fields(settings):
+def settings_from(args: argparse.Namespace, settings: Any, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None, **fixed: Any) -> Any:
+    """`settings` with every field that `add_settings(parser, settings, skip, only)` made an
+    option for taken from `args` (nested settings too); `fixed` sets fields by name."""
+    values = {name: value for name, value in fixed.items() if name in {f.name for f in dataclasses.fields(settings)}}
+    for spec in _optional_fields(settings, skip, only):
         value = getattr(settings, spec.name)
         if spec.name in fixed:
-            values[spec.name] = fixed[spec.name]
-        elif dataclasses.is_dataclass(value):
-            values[spec.name] = settings_from(args, value, **fixed)
+            continue
+        if dataclasses.is_dataclass(value):
+            values[spec.name] = settings_from(args, value, skip, only, **fixed)
         elif hasattr(args, spec.name):
             option = getattr(args, spec.name)
             values[spec.name] = tuple(option) if isinstance(option, list) else option
     return dataclasses.replace(settings, **values)
+
+
+def _optional_fields(settings: Any, skip: tuple[str, ...], only: tuple[str, ...] | None) -> list:
+    """The fields of `settings` that options are made for: nested settings, and the fields
+    named in `only` (all when None), less those in `skip`."""
+    return [spec for spec in dataclasses.fields(settings) if spec.name not in skip and (
+        only is None or spec.name in only or dataclasses.is_dataclass(getattr(settings, spec.name)))]
 
 
 def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -246,7 +257,7 @@ def cmd_compare(args) -> int:
     args.max_users = args.max_users or None
     args.overwrite_users = False
     paths = _build_users(args.dataset, stores_dir, args)
-    config = settings_from(args, CompareConfig(), expert=Path(args.expert) if args.expert else None)
+    config = settings_from(args, CompareConfig(), skip=COMPARE_SKIPS, expert=Path(args.expert) if args.expert else None)
     result = run_compare([UserStore.open(p) for p in paths], config, run_dir, overwrite=args.overwrite)
     print(summary_table(result["summary"]))
     print(f"run directory: {run_dir} (per_user.csv, results.json, summary.md, summary.png)")
@@ -288,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_base)
 
     p = sub.add_parser("users", help="build user stores")
-    p.add_argument("dataset", choices=["shakespeare", "synthetic", "lamp-json"])
+    p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out", help="folder of the stores (default: <data-dir>/users/<dataset>)")
-    p.add_argument("--min-samples", type=int, default=30)
+    p.add_argument("--min-samples", type=int, default=MIN_SAMPLES, help="shakespeare: fewest speeches of a user")
     p.add_argument("--max-users", type=int, default=None)
     p.add_argument("--records", help="lamp-json: records file (or LaMP questions file)")
     p.add_argument("--golds", help="lamp-json: LaMP outputs file with 'golds'")
@@ -324,22 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate an adapter (or the base) on user stores")
     p.add_argument("--users", nargs="+", required=True)
     p.add_argument("--adapter", help="adapter folder (default: the base alone)")
-    p.add_argument("--method", default="nextquill", choices=METHOD_NAMES,
-                   help="the method it was trained with (picks the prompt)")
+    add_settings(p, TrainConfig(), only=("method",), help="the method it was trained with (picks the prompt)")
     add_settings(p, BaseSpec())
     add_settings(p, PromptConfig())
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="single-device comparison of methods on a handful of users")
-    p.add_argument("--dataset", default="shakespeare", choices=["shakespeare", "synthetic"])
+    p.add_argument("--dataset", default="shakespeare", choices=GENERATED)
     p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
-    p.add_argument("--min-samples", type=int, default=30, help="shakespeare: fewest speeches of a user")
+    p.add_argument("--min-samples", type=int, default=MIN_SAMPLES, help="shakespeare: fewest speeches of a user")
     p.add_argument("--max-users", type=int, default=0, help="users built (0: every one; synthetic: 16)")
     p.add_argument("--run-dir", default="runs/compare")
     _add_overwrite_option(p, "--run-dir")
     # The comparison's own settings, then its base, prompt, training and LoRA; the methods
     # compared replace the training's single method.
-    add_settings(p, CompareConfig(), skip=("method", "generation"))
+    add_settings(p, CompareConfig(), skip=COMPARE_SKIPS)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run-config", help="the [tool.flwr.app.config] table of pyproject.toml, from RunConfig")

@@ -11,43 +11,20 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from client.evaluation import GenerationSettings, donor_history
+from client.evaluation import donor_history
 from client.personalize import Device, Expert
-from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
 from shared.methods import METHODS
 from shared.metrics import macro_average
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_text
-from shared.settings import check_settings, setting
 from shared.user_store import UserStore
+from simulations.compare_config import CompareConfig
 
 log = logging.getLogger(__name__)
 
 REPORTED = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity", "seconds_per_step")
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """The single-device comparison, sized by default for the real pretrained base on a 2-core
-    CPU (a step of 4 samples takes about 8 s there)."""
-
-    base: BaseSpec = setting(default_factory=lambda: BaseSpec(model="smollm2-135m"), help="the base model")
-    users: int = setting(4, "users evaluated (each gets one adapter per method)", minimum=1)
-    expert_users: int = setting(8, "other users the expert is trained on", minimum=1)
-    methods: tuple[str, ...] = setting(("sft", "context-sft", "nextquill"), "the methods compared",
-                                       choices=tuple(METHODS))
-    train: TrainConfig = setting(default_factory=lambda: TrainConfig(max_steps=6, batch_size=4),
-                                 help="each method's training (its method field is set per method)")
-    expert_epochs: float = setting(1.0, "passes of the expert's ContextSFT over its users' samples", above=0.0)
-    expert: Path | None = setting(None, "use this expert adapter instead of training one")
-    prompt: PromptConfig = setting(default_factory=lambda: PromptConfig(96, 32, 32), help="token budgets")
-    lora: LoraSettings = setting(default_factory=LoraSettings, help="the LoRA of every method")
-    generation: GenerationSettings = setting(default_factory=GenerationSettings, help="decoding")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
 
 
 def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[UserStore], list[UserStore]]:

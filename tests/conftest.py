@@ -76,11 +76,10 @@ def user_device(model_dir):
     """A device with the test model resident in 4-bit, for on-device personalization."""
     from client.personalize import Device
     from shared.config import BaseSpec, LoraSettings
-    from shared.loading import load_base
     from tests.samples import DEVICE_PROMPT
 
-    base, tokenizer = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
-    return Device.around(base, tokenizer, model_dir, LoraSettings(lora_r=4, lora_alpha=8), DEVICE_PROMPT)
+    return Device.load(BaseSpec(str(model_dir), quantization="nf4", device="cpu"), LoraSettings(lora_r=4, lora_alpha=8),
+                       DEVICE_PROMPT)
 
 
 @pytest.fixture(scope="module")

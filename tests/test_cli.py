@@ -14,7 +14,7 @@ from shared.adapters import AdapterHost, save_adapter
 from shared.config import BaseSpec, LoraSettings
 from shared.loading import load_base
 from shared.methods import METHODS
-from simulations.cli import METHOD_NAMES, main
+from simulations.cli import build_parser, main
 from simulations.datasets import build_synthetic_users
 
 SMALL = ["--device", "cpu", "--history-tokens", "32", "--context-tokens", "16", "--response-tokens", "16"]
@@ -218,7 +218,12 @@ def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
 
 
 def test_cli_offers_every_method_of_the_trainer():
-    assert sorted(METHOD_NAMES) == sorted(METHODS)
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("train", "evaluate"):
+        method = next(a for a in commands[command]._actions if a.dest == "method")
+        assert method.choices == tuple(METHODS) and method.default == "nextquill"
+    methods = next(a for a in commands["compare"]._actions if a.dest == "methods")
+    assert methods.choices == tuple(METHODS)
 
 
 def test_cli_reports_user_errors_by_name_without_a_traceback(tmp_path, capsys):

@@ -10,7 +10,8 @@ from tests.samples import ONE_STEP, PROMPT
 
 
 def test_batched_greedy_generation_matches_one_prompt_at_a_time(tokenizer):
-    from client.evaluation import GenerationSettings, generate
+    from client.evaluation import generate
+    from shared.config import GenerationSettings
 
     # A sharply initialised random model, so the continuation depends on the context and on
     # the positions (a default-initialised one emits newlines whatever it is given).

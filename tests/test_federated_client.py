@@ -7,7 +7,6 @@ from client.federated import train_round
 from client.personal_state import load_personal_state
 from client.personalize import Device
 from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
-from shared.loading import load_base
 from shared.split import SplitSpec
 from shared.user_store import UserStore
 from shared.wire import TRAIN_METRICS
@@ -18,9 +17,8 @@ CONFIG = TrainConfig(method="mce-only", max_steps=2, batch_size=4)
 
 @pytest.fixture(scope="module")
 def device(model_dir):
-    base, tokenizer = load_base(BaseSpec(str(model_dir), device="cpu"))
     prompt = PromptConfig(history_tokens=48, context_tokens=24, response_tokens=24)
-    return Device.around(base, tokenizer, model_dir, LoraSettings(lora_r=2, lora_alpha=4), prompt)
+    return Device.load(BaseSpec(str(model_dir), device="cpu"), LoraSettings(lora_r=2, lora_alpha=4), prompt)
 
 
 @pytest.fixture
@@ -56,22 +54,3 @@ def test_the_full_split_shares_everything_and_keeps_nothing(device, store):
     initial = split.shared_state(device.host.new(*split.adapters, seed=0))
     result = train_round(device, store, split, initial, CONFIG, "expert")
     assert result.shared and load_personal_state(store, "expert") == {}
-
-
-def test_a_node_without_a_user_is_told_how_to_name_one():
-    from client.federated import user_store
-    from shared.config import RunConfig
-
-    with pytest.raises(ValueError, match="user-dir"):
-        user_store({}, RunConfig())
-
-
-def test_simulated_nodes_map_partitions_to_user_stores_built_on_first_use(tmp_path):
-    from client.federated import user_store
-    from shared.config import RunConfig
-
-    config = RunConfig(dataset="synthetic", users_dir=str(tmp_path / "users"))
-    stores = [user_store({"partition-id": i, "num-partitions": 3}, config) for i in range(3)]
-    assert len({s.user_id for s in stores}) == 3
-    with pytest.raises(ValueError, match="lower num-supernodes"):
-        user_store({"partition-id": 0, "num-partitions": 30000}, config)

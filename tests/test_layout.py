@@ -112,9 +112,12 @@ def test_no_module_imports_itself_back_through_others():
     assert not cycles
 
 
-def test_reading_a_config_loads_no_model_code():
-    probe = ("import sys, shared.config as c; c.RunConfig.from_flower({'method': 'dce-only'}); "
-             "c.TrainConfig(); print(sorted(m for m in ('torch', 'bitsandbytes', 'peft', 'transformers', 'flwr') "
-             "if m in sys.modules))")
+@pytest.mark.parametrize("reading", [
+    "import shared.config as c; c.RunConfig.from_flower({'method': 'dce-only'}); c.TrainConfig()",
+    "import simulations.cli as cli; cli.build_parser().parse_args(['compare', '--max-steps', '2'])",
+])
+def test_reading_a_config_or_the_command_line_loads_no_model_code(reading):
+    probe = (f"import sys; {reading}; "
+             "print(sorted(m for m in ('torch', 'bitsandbytes', 'peft', 'transformers') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"

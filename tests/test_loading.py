@@ -28,7 +28,8 @@ def test_unknown_model_directory_is_a_clear_error(tmp_path):
 
 
 def test_training_still_works_after_evaluating_the_4bit_base(model_dir, tokenizer):
-    from client.evaluation import GenerationSettings, generate
+    from client.evaluation import generate
+    from shared.config import GenerationSettings
 
     model, _ = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
     host = AdapterHost(model, LoraSettings(lora_r=4, lora_alpha=8))

@@ -56,3 +56,29 @@ def test_methods_with_expert_weights_refuse_to_train_without_an_expert(user_devi
 def test_authors_variant_trains_without_an_expert(user_device, user_stores):
     config = TrainConfig(method="nextquill-authors", **ONE_STEP)
     assert user_device.train([user_stores[0]], config, None, progress=False).steps == 1
+
+
+@pytest.mark.parametrize("method", ["nextquill", "mce-only"])
+def test_lean_memory_gives_the_same_gradients_on_the_4bit_device(user_device, user_stores, experts, method):
+    from client.trainer import choose_step, right_aligned
+    from shared.batching import collate
+
+    config = TrainConfig(method=method, **ONE_STEP)
+    examples = user_device.examples([user_stores[0]], config, experts[0])[:4]
+    model = user_device.host.new("lean-check", seed=3)
+    model.train()
+    batch = collate([e.encoded for e in examples], user_device.tokenizer.pad_token_id)
+    probs = None
+    if config.needs_expert:  # the expert's real token probabilities
+        probs = (right_aligned([e.expert_probs.prob_with for e in examples], batch.response_length),
+                 right_aligned([e.expert_probs.prob_without for e in examples], batch.response_length))
+    grads = []
+    for lean in (False, True):
+        model.zero_grad(set_to_none=True)
+        _, _, l_p = choose_step(TrainConfig(method=method, lean_memory=lean, **ONE_STEP), model)(batch, probs)
+        assert l_p > 0
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.eval()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

@@ -41,7 +41,6 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
 
     from client.personalize import Device
     from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
-    from shared.loading import load_base
     from shared.prompts import encode_sample
     from shared.user_store import UserStore
     from simulations.datasets import build_synthetic_users
@@ -51,10 +50,12 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     assert record["source_sha256"] == PRETRAINED["smollm2-135m"].sha256 and record["parameters"] > 100e6
     assert ensure_pretrained_base("smollm2-135m") == folder  # converted once
 
-    base, tokenizer = load_base(BaseSpec("smollm2-135m", quantization="nf4", device="cpu"))
+    prompt = PromptConfig(history_tokens=48, context_tokens=24, response_tokens=24)
+    device = Device.load(BaseSpec("smollm2-135m", quantization="nf4", device="cpu"),
+                         LoraSettings(lora_r=2, lora_alpha=4), prompt)
+    base, tokenizer = device.host.base, device.tokenizer
     assert getattr(base, "is_loaded_in_4bit", False)
     assert tokenizer.chat_template  # prompts go through the model's chat template
-    prompt = PromptConfig(history_tokens=48, context_tokens=24, response_tokens=24)
     # A history far over its budget is cut; the response, after the assistant turn's opening, is not.
     encoded = encode_sample(tokenizer, "Tell me about the lamp.", ["word " * 400, "older"], "A fine lamp.", prompt)
     assert tokenizer.decode(encoded.response) == "A fine lamp." + tokenizer.eos_token
@@ -62,6 +63,5 @@ def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     assert tokenizer.decode(encoded.prompt_without).endswith("<|im_start|>assistant\n")
     assert len(encoded.prompt_with) - len(encoded.prompt_without) <= prompt.history_tokens + 16
     store = UserStore.open(build_synthetic_users(tmp_path / "users", n_users=1, samples_per_user=6)[0])
-    device = Device.around(base, tokenizer, folder, LoraSettings(lora_r=2, lora_alpha=4), prompt)
     report = device.train([store], TrainConfig(method="mce-only", max_steps=1, batch_size=2), progress=False)
     assert report.steps == 1 and torch.isfinite(torch.tensor(report.loss)).all()

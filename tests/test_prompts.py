@@ -1,4 +1,4 @@
-"""Prompt building: history order and budget, response-only labels, aligned variants."""
+"""Prompt building: history order and budget, the end marker, the chat template."""
 
 
 from shared.config import PromptConfig

@@ -14,10 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from simulations.datasets.lamp import import_lamp_json
-from simulations.datasets.shakespeare import build_shakespeare_users
+from simulations.datasets.plans import TEST_FRACTION
+from simulations.datasets.shakespeare import MIN_SAMPLES, build_shakespeare_users
 from simulations.datasets.synthetic import build_synthetic_users
 
 DATASETS = ("shakespeare", "synthetic", "lamp-json")
+GENERATED = ("shakespeare", "synthetic")  # built from what the packages ship: no input file
 
 
 def build_users(
@@ -25,10 +27,10 @@ def build_users(
     out_dir: str | Path,
     *,
     max_users: int | None = None,
-    min_samples: int = 30,
+    min_samples: int = MIN_SAMPLES,
     records: str | Path | None = None,
     golds: str | Path | None = None,
-    test_fraction: float = 0.1,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
     overwrite: bool = False,
 ) -> list[Path]:
@@ -53,4 +55,5 @@ def build_users(
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
-__all__ = ["DATASETS", "build_shakespeare_users", "build_synthetic_users", "build_users", "import_lamp_json"]
+__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_shakespeare_users", "build_synthetic_users", "build_users",
+           "import_lamp_json"]

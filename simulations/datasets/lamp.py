@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.user_store import DataError, HistoryItem, Sample, is_finite_number, required_field, required_text
-from simulations.datasets.plans import UserPlan, test_count, write_plans
+from simulations.datasets.plans import TEST_FRACTION, UserPlan, test_count, write_plans
 
 
 def _read_text(path: Path) -> str:
@@ -208,7 +208,7 @@ def import_lamp_json(
     out_dir: str | Path,
     records_path: str | Path,
     golds_path: str | Path | None = None,
-    test_fraction: float = 0.1,
+    test_fraction: float = TEST_FRACTION,
     overwrite: bool = False,
 ) -> list[Path]:
     """User stores from LaMP / LongLaMP-style JSON.

@@ -14,6 +14,8 @@ from shared.user_store import HistoryItem, Sample, prepare_store, write_user_sto
 
 log = logging.getLogger(__name__)
 
+TEST_FRACTION = 0.1  # of each user's samples, the latest, held out
+
 @dataclass
 class UserPlan:
     """A store to be written: everything `write_user_store` needs."""

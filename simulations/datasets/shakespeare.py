@@ -7,13 +7,15 @@ from pathlib import Path
 
 from shared import corpus
 from shared.user_store import HistoryItem
-from simulations.datasets.plans import UserPlan, chronological_samples, write_plans
+from simulations.datasets.plans import TEST_FRACTION, UserPlan, chronological_samples, write_plans
+
+MIN_SAMPLES = 30  # fewest speeches that make a speaker a user
 
 
 def build_shakespeare_users(
     out_dir: str | Path,
-    min_samples: int = 30,
-    test_fraction: float = 0.1,
+    min_samples: int = MIN_SAMPLES,
+    test_fraction: float = TEST_FRACTION,
     max_users: int | None = None,
     overwrite: bool = False,
 ) -> list[Path]:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from shared.user_store import HistoryItem
-from simulations.datasets.plans import UserPlan, chronological_samples, write_plans
+from simulations.datasets.plans import TEST_FRACTION, UserPlan, chronological_samples, write_plans
 
 # Each signature phrase uses words no other phrase uses, so users' markers never overlap.
 # fmt: off
@@ -69,7 +69,7 @@ def build_synthetic_users(
     out_dir: str | Path,
     n_users: int = 8,
     samples_per_user: int = 40,
-    test_fraction: float = 0.1,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
     overwrite: bool = False,
 ) -> list[Path]:

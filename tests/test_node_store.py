@@ -1,0 +1,34 @@
+"""Which user a node serves: a deployment names its store, a simulation maps partitions to
+stores built on first use, and a node that names none is told how."""
+
+import json
+
+import pytest
+
+from client.node_store import user_store
+from shared.config import RunConfig
+
+
+def test_a_node_without_a_user_is_told_how_to_name_one():
+    with pytest.raises(ValueError, match="user-dir"):
+        user_store({}, RunConfig())
+
+
+def test_simulated_nodes_map_partitions_to_user_stores_built_on_first_use(tmp_path):
+    config = RunConfig(dataset="synthetic", users_dir=str(tmp_path / "users"))
+    stores = [user_store({"partition-id": i, "num-partitions": 3}, config) for i in range(3)]
+    assert len({s.user_id for s in stores}) == 3
+    with pytest.raises(ValueError, match="lower num-supernodes"):
+        user_store({"partition-id": 0, "num-partitions": 30000}, config)
+
+
+def test_a_deployed_node_opens_the_store_it_names_and_a_lamp_dataset_gets_its_own_folder(tmp_path):
+    records = [{"id": f"r{i}", "user_id": f"u{i % 2}", "input": f"Write {i}", "output": f"Text {i}.",
+                "profile": [{"id": "p", "text": "Old text."}]} for i in range(6)]
+    (tmp_path / "reviews.json").write_text(json.dumps(records))
+    config = RunConfig(dataset=str(tmp_path / "reviews.json"), run_dir=str(tmp_path / "run"))
+    simulated = [user_store({"partition-id": i, "num-partitions": 2}, config) for i in range(2)]
+    assert sorted(s.user_id for s in simulated) == ["u0", "u1"]
+    assert simulated[0].path.parent.name == "lamp-reviews"
+    deployed = user_store({"user-dir": str(simulated[1].path)}, config)
+    assert deployed.user_id == simulated[1].user_id
