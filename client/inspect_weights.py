@@ -56,8 +56,48 @@ def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
             "mean_dce_other_tokens": sum(t["dce"] for t in others) / max(1, len(others)),
             "precision": hits / max(1, len(high)),
             "recall": hits / len(truth),
+            "roc_auc": roc_auc([t["dce"] for t in tokens], [t["preference"] for t in tokens]),
         })
     return summary
+
+
+def roc_auc(scores: list[float], positive: list[bool]) -> float:
+    """Area under the ROC curve of `scores` for telling `positive` items from the others: the
+    chance that a random positive scores above a random negative (ties count half)."""
+    n_pos = sum(positive)
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):  # average ranks over ties
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    positive_ranks = sum(rank for rank, pos in zip(ranks, positive, strict=True) if pos)
+    return (positive_ranks - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def roc_curve(scores: list[float], positive: list[bool], points: int = 200) -> tuple[list[float], list[float]]:
+    """(false positive rates, true positive rates) as the threshold falls through `scores`, at
+    most `points` of them (for a plot)."""
+    n_pos = sum(positive)
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
+        return [], []
+    ranked = sorted(zip(scores, positive, strict=True), key=lambda pair: -pair[0])
+    fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
+    every = max(1, len(ranked) // points)
+    for index, (_, pos) in enumerate(ranked, start=1):
+        tp, fp = tp + pos, fp + (not pos)
+        if index % every == 0 or index == len(ranked):
+            fpr.append(fp / n_neg)
+            tpr.append(tp / n_pos)
+    return fpr, tpr
 
 
 def render_html(rows: list[dict], title: str) -> str:

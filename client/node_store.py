@@ -31,7 +31,7 @@ def _build_simulated_users(config: RunConfig, root: Path, num_partitions: int) -
     """The users of `config.dataset` in `root`: a generated dataset (synthetic: one user per
     SuperNode; shakespeare: every speaker), or the users of a LaMP-style JSON file."""
     if config.dataset in GENERATED:
-        max_users = num_partitions if config.dataset == "synthetic" else None
+        max_users = None if config.dataset == "shakespeare" else num_partitions
         build_users(config.dataset, root, max_users=max_users, seed=config.seed)
     else:
         build_users("lamp-json", root, records=config.resolve(config.dataset))

@@ -34,6 +34,7 @@ QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 WEIGHTINGS = ("threshold", "continuous")
 TRANSPORT_DTYPES = ("float32", "float16")
+EMPTY_HISTORIES = ("removed", "none")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class PromptConfig:
     context_tokens: int = setting(48, "prompt budget of the context x, in tokens (its end is kept)", minimum=1)
     response_tokens: int = setting(48, "budget of the response y, in tokens, end marker included", minimum=1)
     use_chat_template: bool = setting(True, "render through the tokenizer's chat template when it has one")
+    empty_history: str = setting(
+        "removed", "the history-free prompt (x, ∅): 'removed' (no history block, the paper) or 'none' (the block "
+                   "holds the literal None, as the authors' dataset code writes it)", choices=EMPTY_HISTORIES,
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -163,7 +168,8 @@ class RunConfig:
     device: str = like(BaseSpec, "device")
     compute_dtype: str = like(BaseSpec, "compute_dtype")
     dataset: str = setting(
-        "shakespeare", "simulation users: 'shakespeare', 'synthetic' or the path of a LaMP-style JSON file"
+        "shakespeare", "simulation users: 'shakespeare', 'synthetic', 'reviewers' or the path of a LaMP-style JSON "
+                       "file"
     )
     users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>)")
     clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
@@ -194,6 +200,7 @@ class RunConfig:
     history_tokens: int = like(PromptConfig, "history_tokens", default=96)
     context_tokens: int = like(PromptConfig, "context_tokens", default=32)
     response_tokens: int = like(PromptConfig, "response_tokens", default=32)
+    empty_history: str = like(PromptConfig, "empty_history")
     expert: str = setting("", "an existing expert adapter directory (skips phase 1)")
     min_replies: int = setting(1, "fewest valid replies a round may aggregate", minimum=1)
     round_timeout: float = setting(1800.0, "seconds to wait for a round's replies", above=0.0)
@@ -264,7 +271,8 @@ class RunConfig:
 
     @property
     def prompt(self) -> PromptConfig:
-        return PromptConfig(self.history_tokens, self.context_tokens, self.response_tokens)
+        return PromptConfig(self.history_tokens, self.context_tokens, self.response_tokens,
+                            empty_history=self.empty_history)
 
     @property
     def lora(self) -> LoraSettings:

@@ -21,6 +21,8 @@ HISTORY_HEADER = "### History\n"
 HISTORY_SEPARATOR = "\n---\n"
 CONTEXT_HEADER = "### Context\n"
 RESPONSE_HEADER = "### Response\n"
+# What the authors' dataset code writes where the history is empty (PromptConfig.empty_history).
+EMPTY_HISTORY_PLACEHOLDER = "None"
 # Below this many tokens of budget, a truncated history item is noise rather than signal.
 _MIN_TRUNCATED_ITEM_TOKENS = 8
 
@@ -71,6 +73,8 @@ def render_prompt(
     if len(context_ids) > config.context_tokens:
         x = tokenizer.decode(context_ids[-config.context_tokens :])
     items = cut_history(tokenizer, history, config.history_tokens) if history else []
+    if not items and config.empty_history == "none":
+        items = [EMPTY_HISTORY_PLACEHOLDER]
 
     if config.use_chat_template and getattr(tokenizer, "chat_template", None):
         parts = []

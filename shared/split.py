@@ -9,6 +9,8 @@ Four layouts, by parameter name (PEFT state-dict keys, adapter names removed):
   a-shared  one adapter; its LoRA A matrices travel, its B matrices stay (FedSA-LoRA style).
   layers    one adapter; the LoRA of the first `shared_layers` decoder layers travels, the
             rest stays (FedPer style: the layers near the output stay personal).
+  local     one adapter, none of it shared: each device trains only on its own data (the
+            OPPU-style local baseline; the rounds only pace the training and evaluation).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if TYPE_CHECKING:  # the run config checks a split without loading model code; P
     import torch
     from peft import PeftModel
 
-SPLIT_KINDS = ("full", "dual", "a-shared", "layers")
+SPLIT_KINDS = ("full", "dual", "a-shared", "layers", "local")
 SHARED_ADAPTER = "shared"
 PERSONAL_ADAPTER = "personal"
 LOCAL_ADAPTER = "local"  # the one adapter of a single-adapter split, and of training on one device
@@ -60,6 +62,8 @@ class SplitSpec:
         """Whether parameter `key` of `adapter` travels to the coordinator."""
         if self.kind == "full":
             return True
+        if self.kind == "local":
+            return False
         if self.kind == "dual":
             return adapter == SHARED_ADAPTER
         if self.kind == "a-shared":

@@ -34,7 +34,7 @@ from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, Train
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
-from simulations.cli import add_settings, checked, run_command, settings_from
+from simulations.options import add_settings, checked, run_command, settings_from
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@
   nextquill weights   the expert's DCE and token weights of a user's targets (JSON lines + HTML)
   nextquill evaluate  evaluate an adapter on user stores' held-out samples
   nextquill compare   the single-device comparison of methods on a handful of users
+  nextquill study     NextQuill-Fed against every baseline and ablation (resumable), with a report
   nextquill run-config  the run config table of pyproject.toml, generated from RunConfig
   nextquill certs     development TLS certificates for a SuperLink (a CA and a server certificate)
   nextquill keys      SuperNode authentication key pairs (register the .pub with the SuperLink)
@@ -14,108 +15,24 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
 
 from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, TrainConfig, WeightScheme
-from shared.errors import USER_ERRORS, one_line
 from shared.methods import METHODS
 from shared.named_bases import NAMED_BASES
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
-from shared.settings import field_rules, value_problem
 from simulations.compare_config import CompareConfig
 from simulations.datasets import DATASETS, GENERATED, MIN_SAMPLES
+from simulations.options import add_settings, run_command, settings_from
 
 log = logging.getLogger("nextquill")
 # The methods compared replace the training's single method; decoding keeps its defaults.
 COMPARE_SKIPS = ("method", "generation")
-
-
-def checked(config_class: type, name: str) -> Callable[[str], Any]:
-    """An argparse `type` for field `name` of a settings dataclass: the field's own type and
-    rules (`shared.settings`), so that `--alpha nan` is refused by argparse, naming the flag."""
-    rules = field_rules(config_class, name)
-    kind = _value_type(get_type_hints(config_class)[name])
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
-        problem = value_problem(value, rules)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _value_type(hint: Any) -> type:
-    """int for `int | None`, str for `tuple[str, ...]`: the type one command-line word becomes."""
-    args = [arg for arg in get_args(hint) if arg is not type(None) and arg is not Ellipsis]
-    if get_origin(hint) is tuple:
-        return args[0]
-    return args[0] if args else hint
-
-
-def add_settings(parser: argparse.ArgumentParser, settings: Any, skip: tuple[str, ...] = (),
-                 only: tuple[str, ...] | None = None, help: str | None = None) -> None:  # noqa: A002
-    """One option per field of the settings dataclass `settings` (nested settings flattened):
-    `--field-name`, with the field's type, rules and help, and its value in `settings` as the
-    default. The command line is generated from the settings, never written beside them.
-    `skip`: fields (at any depth) that get no option; `only`: the fields that do; `help`
-    replaces the field's help where the command means more by it."""
-    hints = get_type_hints(type(settings))
-    for spec in _optional_fields(settings, skip, only):
-        value = getattr(settings, spec.name)
-        if dataclasses.is_dataclass(value):
-            add_settings(parser, value, skip, only, help)
-            continue
-        flag = "--" + spec.name.replace("_", "-")
-        help_text = f"{help or spec.metadata.get('help', '')} (default: %(default)s)"
-        choices = spec.metadata.get("choices")
-        if hints[spec.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
-        elif get_origin(hints[spec.name]) is tuple:
-            parser.add_argument(flag, nargs="+", default=value, choices=choices, help=help_text,
-                                type=_value_type(hints[spec.name]))
-        elif choices is not None:
-            parser.add_argument(flag, default=value, choices=choices, help=help_text)
-        else:
-            parser.add_argument(flag, default=value, type=checked(type(settings), spec.name), help=help_text)
-
-
-def settings_from(args: argparse.Namespace, settings: Any, skip: tuple[str, ...] = (),
-                  only: tuple[str, ...] | None = None, **fixed: Any) -> Any:
-    """`settings` with every field that `add_settings(parser, settings, skip, only)` made an
-    option for taken from `args` (nested settings too); `fixed` sets fields by name."""
-    values = {name: value for name, value in fixed.items() if name in {f.name for f in dataclasses.fields(settings)}}
-    for spec in _optional_fields(settings, skip, only):
-        value = getattr(settings, spec.name)
-        if spec.name in fixed:
-            continue
-        if dataclasses.is_dataclass(value):
-            values[spec.name] = settings_from(args, value, skip, only, **fixed)
-        elif hasattr(args, spec.name):
-            option = getattr(args, spec.name)
-            values[spec.name] = tuple(option) if isinstance(option, list) else option
-    return dataclasses.replace(settings, **values)
-
-
-def _optional_fields(settings: Any, skip: tuple[str, ...], only: tuple[str, ...] | None) -> list:
-    """The fields of `settings` that options are made for: nested settings, and the fields
-    named in `only` (all when None), less those in `skip`."""
-    return [spec for spec in dataclasses.fields(settings) if spec.name not in skip and (
-        only is None or spec.name in only or dataclasses.is_dataclass(getattr(settings, spec.name)))]
 
 
 def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -281,6 +198,14 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from simulations.study import run_study, study_from
+
+    study, out = study_from(args)
+    print(f"report: {run_study(study, out) / 'report.md'}")
+    return 0
+
+
 def cmd_run_config(args) -> int:
     print(RunConfig.flower_toml(), end="")
     return 0
@@ -352,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(p, CompareConfig(), skip=COMPARE_SKIPS)
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("study", help="every baseline and ablation against NextQuill-Fed, resumable, with a report")
+    from simulations.study import build_parser as study_options
+
+    study_options(p)
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("run-config", help="the [tool.flwr.app.config] table of pyproject.toml, from RunConfig")
     p.set_defaults(func=cmd_run_config)
 
@@ -368,21 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_option(p, "<name>.key and <name>.pub in --out, when they are not a matching pair")
     p.set_defaults(func=cmd_keys)
     return parser
-
-
-def run_command(prog: str, command: Callable[[], int]) -> int:
-    """The one place where the errors a user can cause (`shared.errors.USER_ERRORS`: paths,
-    values, data and model files) end as one line on stderr and exit status 2; the traceback
-    is logged at debug level (`-v`). Any other exception is a bug and keeps its traceback."""
-    try:
-        return command()
-    except USER_ERRORS as error:
-        log.debug("details", exc_info=True)
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

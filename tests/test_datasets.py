@@ -289,3 +289,27 @@ def test_build_users_dispatches_by_dataset_and_names_what_it_needs(tmp_path):
     with pytest.raises(ValueError, match="dataset must be one of"):
         build_users("reddit", tmp_path / "reddit")
     assert not (tmp_path / "lamp").exists() and not (tmp_path / "reddit").exists()
+
+
+def test_reviewers_mix_content_from_the_input_with_style_words_of_user_specific_taste(tmp_path):
+    from simulations.datasets.reviewers import ADJECTIVES, CLOSERS, OPENERS, TICS
+
+    stores = [UserStore.open(p) for p in build_users("reviewers", tmp_path / "r", max_users=4, seed=2)]
+    style_words = {w.lower().strip(",.") for phrase in (*OPENERS, *ADJECTIVES, *CLOSERS, *TICS) for w in phrase.split()}
+    for store in stores:
+        for sample in store.samples():
+            marked = [sample.y[s:e] for s, e in sample.preference_spans]
+            assert marked and all(w.lower() in style_words for w in marked)
+            item = re.search(r"Review the (.+?): it has (.+?) and (.+?), priced at \$(\d+)", sample.x).groups()
+            assert all(fact in sample.y for fact in item)  # the content is the input's
+    # Each user favours a few adjectives: their own reviews use them far more than others' do.
+    def share(store, words):
+        used = [sample.y[s:e] for sample in store.samples() for s, e in sample.preference_spans]
+        return sum(w in words for w in used) / len(used)
+
+    for store in stores:
+        mine = set(store.meta["favourites"]["adjectives"])
+        others = [share(other, mine) for other in stores if other is not store]
+        assert share(store, mine) > 2 * max(others)
+    again = [UserStore.open(p) for p in build_users("reviewers", tmp_path / "again", max_users=4, seed=2)]
+    assert [s.samples()[0].y for s in again] == [s.samples()[0].y for s in stores]

@@ -54,3 +54,12 @@ def test_the_full_split_shares_everything_and_keeps_nothing(device, store):
     initial = split.shared_state(device.host.new(*split.adapters, seed=0))
     result = train_round(device, store, split, initial, CONFIG, "expert")
     assert result.shared and load_personal_state(store, "expert") == {}
+
+
+def test_the_local_split_shares_nothing_and_keeps_everything(device, store):
+    split = SplitSpec("local")
+    assert split.shared_state(device.host.new(*split.adapters, seed=0)) == {}
+    result = train_round(device, store, split, {}, CONFIG, "local")
+    assert result.shared == {} and result.metrics["train-steps"] == CONFIG.max_steps
+    kept = load_personal_state(store, "local")
+    assert set(kept) == {"local"} and kept["local"]

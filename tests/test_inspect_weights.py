@@ -37,3 +37,14 @@ def test_inspection_works_for_an_imported_lamp_store(user_device, experts, tmp_p
     store = UserStore.open(import_lamp_json(tmp_path / "user_stores", tmp_path / "lamp.json")[0])
     summary = write_inspection(user_device, store, experts[0], WeightScheme(weighting="continuous"), tmp_path / "out")
     assert summary["targets"] == len(store.samples()) and summary["tokens"] > 0
+
+
+def test_roc_auc_is_the_chance_a_positive_outscores_a_negative():
+    from client.inspect_weights import roc_auc, roc_curve
+
+    assert roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.5], [True, False, True, False]) == 0.5
+    assert roc_auc([0.3, 0.6, 0.1, 0.6], [True, True, False, False]) == pytest.approx(0.625)
+    fpr, tpr = roc_curve([0.9, 0.8, 0.1, 0.2], [True, True, False, False])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0) and tpr[2] == 1.0 and fpr[2] == 0.0

@@ -31,3 +31,12 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer):
     tokenizer.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
     prompt = render_prompt(tokenizer, "the cue", ["an old line"], PromptConfig())
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>") and "an old line" in prompt
+
+
+def test_the_empty_history_can_be_written_as_none_like_the_authors_data_code(tokenizer):
+    config = PromptConfig(empty_history="none", use_chat_template=False)
+    bare = render_prompt(tokenizer, "cue", None, config)
+    assert bare.startswith(HISTORY_HEADER + "None\n") and bare.endswith("cue\n### Response\n")
+    assert render_prompt(tokenizer, "cue", [], config) == bare  # a user with no history yet reads the same
+    assert "None" not in render_prompt(tokenizer, "cue", ["an old line"], config)
+    assert HISTORY_HEADER not in render_prompt(tokenizer, "cue", None, PromptConfig(use_chat_template=False))

@@ -3,6 +3,8 @@
 
   shakespeare  every (user play, speaker) with enough speeches (`shakespeare.py`)
   synthetic    users whose replies carry known preference words (`synthetic.py`)
+  reviewers    product reviews: content from the input, style words drawn with user-specific
+               probabilities, ground truth kept (`reviewers.py`)
   lamp-json    LaMP / LongLaMP-style JSON files of input, output, profile (`lamp.py`)
 
 Every input is checked before anything is written; stores that exist already are kept unless
@@ -15,11 +17,12 @@ from pathlib import Path
 
 from simulations.datasets.lamp import import_lamp_json
 from simulations.datasets.plans import TEST_FRACTION
+from simulations.datasets.reviewers import build_reviewer_users
 from simulations.datasets.shakespeare import MIN_SAMPLES, build_shakespeare_users
 from simulations.datasets.synthetic import build_synthetic_users
 
-DATASETS = ("shakespeare", "synthetic", "lamp-json")
-GENERATED = ("shakespeare", "synthetic")  # built from what the packages ship: no input file
+DATASETS = ("shakespeare", "synthetic", "reviewers", "lamp-json")
+GENERATED = ("shakespeare", "synthetic", "reviewers")  # built from what the packages ship: no input file
 
 
 def build_users(
@@ -36,8 +39,8 @@ def build_users(
 ) -> list[Path]:
     """The stores of `dataset` in `out_dir`, one folder per user; returns their paths.
 
-    max_users: shakespeare keeps the first ones (play order); synthetic builds that many
-    (default 16). min_samples: shakespeare's fewest speeches per speaker. records, golds:
+    max_users: shakespeare keeps the first ones (play order); synthetic and reviewers build
+    that many (default 16). min_samples: shakespeare's fewest speeches per speaker. records, golds:
     lamp-json's records file and, for LaMP's split files, its outputs file.
     """
     if dataset == "shakespeare":
@@ -46,6 +49,9 @@ def build_users(
     if dataset == "synthetic":
         return build_synthetic_users(out_dir, n_users=max_users or 16, test_fraction=test_fraction, seed=seed,
                                      overwrite=overwrite)
+    if dataset == "reviewers":
+        return build_reviewer_users(out_dir, n_users=max_users or 16, test_fraction=test_fraction, seed=seed,
+                                    overwrite=overwrite)
     if dataset == "lamp-json":
         if records is None:
             raise ValueError("dataset lamp-json needs a records file (a LaMP-style JSON file of input, output, "
@@ -55,5 +61,5 @@ def build_users(
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
-__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_shakespeare_users", "build_synthetic_users", "build_users",
-           "import_lamp_json"]
+__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_reviewer_users", "build_shakespeare_users",
+           "build_synthetic_users", "build_users", "import_lamp_json"]

@@ -1,0 +1,334 @@
+"""The study: NextQuill-Fed against every baseline and its own ablations, through the same
+Flower apps, data, base and budget; one resumable command and a report.
+
+    python -m simulations.study            (or `nextquill study`)
+    python -m simulations.study --quick    (`tiny`, few users, one seed: minutes on 2 cores)
+
+Every (dataset, seed, method) cell is a federated run of the real ServerApp and ClientApp
+with real Flower messages, in this process (`simulations.inprocess`: no SuperLink, no Ray,
+the base resident once for all cells), except `nextquill-central`, which trains the same
+losses on every user's data pooled on one machine (the non-private reference). Each cell's
+result is written, atomically, as soon as it finishes (`<out>/cells/`); a rerun skips the
+finished ones and resumes an interrupted one from its coordinator checkpoint, so a study
+larger than one sitting runs in pieces. `simulations/study_report.py` turns the cells into
+the report (tables with 95% intervals over seeds, CSV, plots).
+
+The expert of a (dataset, seed) is the global adapter of its `fedit-context-sft` cell:
+federated ContextSFT with the same budget, the paper's expert. Every method trains for the
+same rounds × local steps × batch, every client in every round; all decode greedily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.config import RunConfig
+from shared.methods import METHODS
+from shared.paths import atomic_write_json, data_dir, ensure_folder
+from shared.settings import check_settings, setting
+from simulations.datasets import GENERATED
+
+log = logging.getLogger("nextquill.study")
+
+EXPERT_CELL = "fedit-context-sft"
+
+
+@dataclass(frozen=True)
+class StudyMethod:
+    """A row of the study: the run-config keys that make the method, or `central`."""
+
+    label: str
+    keys: dict[str, Any] = field(default_factory=dict)
+    central: bool = False  # trained on the pooled data of all users, outside the federation
+    group: str = "baseline"  # baseline, ours, ablation, reference
+
+    @property
+    def needs_expert(self) -> bool:
+        return self.central or METHODS[self.keys["method"]].needs_expert
+
+
+STUDY_METHODS: dict[str, StudyMethod] = {
+    "base": StudyMethod("no training, no history", {"method": "sft", "rounds": 0}),
+    "history-prompt": StudyMethod("no training, recent history in the prompt (retrieval)",
+                                  {"method": "context-sft", "rounds": 0}),
+    "fedit-sft": StudyMethod("FedAvg of one LoRA, no history", {"method": "sft", "split": "full"}),
+    EXPERT_CELL: StudyMethod("FedAvg of one LoRA, history in the prompt (ContextSFT)",
+                             {"method": "context-sft", "split": "full"}),
+    "local": StudyMethod("one LoRA per user on its device only (OPPU-style)", {"method": "context-sft",
+                                                                                "split": "local"}),
+    "fedsa": StudyMethod("LoRA A shared, B personal; ContextSFT", {"method": "context-sft", "split": "a-shared"}),
+    "feddpa": StudyMethod("shared + personal adapter; ContextSFT", {"method": "context-sft", "split": "dual"}),
+    "nextquill-fed": StudyMethod("ours: NextQuill on the dual split", {"method": "nextquill", "split": "dual"},
+                                 group="ours"),
+    "mce-only": StudyMethod("ablation: L_p, ω = 1", {"method": "mce-only"}, group="ablation"),
+    "dce-only": StudyMethod("ablation: ω from DCE, α = 0", {"method": "dce-only"}, group="ablation"),
+    "continuous": StudyMethod("ablation: continuous ω", {"method": "nextquill", "weighting": "continuous"},
+                              group="ablation"),
+    "alpha-0": StudyMethod("ablation: α = 0", {"method": "nextquill", "alpha": 0.0}, group="ablation"),
+    "alpha-0.5": StudyMethod("ablation: α = 0.5", {"method": "nextquill", "alpha": 0.5}, group="ablation"),
+    "authors-code": StudyMethod("ablation: ω from the trained model, unweighted L_p (the authors' code)",
+                                {"method": "nextquill-authors"}, group="ablation"),
+    "split-a-shared": StudyMethod("ablation: NextQuill on the A-shared split",
+                                  {"method": "nextquill", "split": "a-shared"}, group="ablation"),
+    "split-layers": StudyMethod("ablation: NextQuill, the first half of the layers shared",
+                                {"method": "nextquill", "split": "layers", "shared-layers": "half"},
+                                group="ablation"),
+    "history-none": StudyMethod("ablation: the empty history as the literal None (the authors' data code)",
+                                {"method": "nextquill", "empty-history": "none"}, group="ablation"),
+    "nextquill-central": StudyMethod("reference: NextQuill on all users' data pooled on one machine",
+                                     {"method": "nextquill"}, central=True, group="reference"),
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study runs; the defaults are the size that fits a 2-core CPU on the real base."""
+
+    model: str = setting("smollm2-135m", "the base of every headline number")
+    datasets: tuple[str, ...] = setting(("reviewers", "shakespeare"),
+                                        f"{list(GENERATED)} or paths of LaMP-style JSON files")
+    methods: tuple[str, ...] = setting(tuple(STUDY_METHODS), "the study's rows", choices=tuple(STUDY_METHODS))
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds of initialisation and sample order (intervals over them)")
+    users: int = setting(4, "users (SuperNodes) per dataset; every one trains in every round", minimum=2)
+    rounds: int = setting(2, "rounds of every method (and of the expert)", minimum=1)
+    local_steps: int = setting(3, "local steps per round", minimum=1)
+    batch_size: int = setting(4, "samples per step", minimum=1)
+    learning_rate: float = setting(3e-4, "AdamW learning rate", above=0.0)
+    history_tokens: int = setting(96, "prompt budget of the history, in tokens", minimum=1)
+    context_tokens: int = setting(32, "prompt budget of the context, in tokens", minimum=1)
+    response_tokens: int = setting(32, "budget of the response, in tokens", minimum=1)
+    evaluate_every: int = setting(1, "also evaluate after every N rounds (the per-round plot; 0: only the end)",
+                                  minimum=0)
+    device: str = setting("auto", "where the devices compute: auto, cpu, cuda, cuda:N")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    @property
+    def digest(self) -> str:
+        """Names this protocol: cells of another protocol never mix with its cells."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+QUICK = {"model": "tiny", "seeds": (0,), "users": 4, "rounds": 2, "local_steps": 3}
+
+
+def cell_path(out: Path, dataset: str, seed: int, method: str) -> Path:
+    return out / "cells" / _dataset_name(dataset) / f"seed-{seed}" / f"{method}.json"
+
+
+def _dataset_name(dataset: str) -> str:
+    return dataset if dataset in GENERATED else f"lamp-{Path(dataset).stem}"
+
+
+def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert: Path | None,
+               work: Path) -> RunConfig:
+    """The federated run of one cell."""
+    keys = dict(STUDY_METHODS[method].keys)
+    if keys.get("shared-layers") == "half":
+        keys["shared-layers"] = max(1, _decoder_layers(study.model) // 2)
+    values = {
+        "model": study.model, "device": study.device, "dataset": dataset,
+        "users-dir": str(work / "users" / _dataset_name(dataset)), "clients-per-round": study.users,
+        "expert-rounds": 0, "rounds": study.rounds, "evaluate-every": study.evaluate_every,
+        "evaluate-base": False, "local-steps": study.local_steps, "batch-size": study.batch_size,
+        "learning-rate": study.learning_rate, "history-tokens": study.history_tokens,
+        "context-tokens": study.context_tokens, "response-tokens": study.response_tokens,
+        "min-replies": study.users, "connect-timeout": 60.0,
+        "run-dir": str(work / "runs" / _dataset_name(dataset) / f"seed-{seed}" / method), "seed": seed,
+        **keys,
+    }
+    if METHODS[keys["method"]].needs_expert:
+        values["expert"] = str(expert)
+    return RunConfig.from_flower(values)
+
+
+def _decoder_layers(model: str) -> int:
+    from shared.loading import resolve_model_dir
+
+    return int(json.loads((resolve_model_dir(model) / "config.json").read_text())["num_hidden_layers"])
+
+
+def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
+    """One federated cell through the real apps: per-user and macro metrics, metrics per
+    round, upload bytes per client per round."""
+    from client.client_app import app as client_app
+    from coordinator.federation import run_federation
+    from coordinator.report import EVALUATION_FILE, RoundLog
+    from simulations.inprocess import InProcessGrid
+
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": users} for i in range(users)],
+                         config.to_flower())
+    result = run_federation(grid, config)
+    run_dir = config.resolve(config.run_dir)
+    rows = RoundLog(run_dir).rows
+    import csv
+
+    with (run_dir / EVALUATION_FILE).open() as handle:
+        per_user = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+    trained = [r for r in rows if r["phase"] == "personalize" and "upload_bytes_per_client" in r]
+    evaluated = [{"round": r["round"], **{k: v for k, v in r.items() if k.startswith("eval-")}}
+                 for r in rows if any(k.startswith("eval-") for k in r)]
+    return {
+        "macro": {k.removeprefix("eval-"): v for k, v in result.summary["macro_average"].items()
+                  if k.startswith("eval-")},
+        "per_user": [{k.removeprefix("eval-"): v for k, v in row.items()} for row in per_user],
+        "per_round": [{k.removeprefix("eval-"): v for k, v in row.items()} for row in evaluated],
+        "upload_bytes_per_client_round": max((r["upload_bytes_per_client"] for r in trained), default=0),
+        "train_seconds": sum(r["seconds"] for r in trained),
+    }
+
+
+def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, Any]:
+    """NextQuill on every user's training samples pooled on one machine, for the same number of
+    samples the federation trains on (users × rounds × local steps steps); each user evaluated
+    on its held-out samples as a device evaluates (the same prompt, donor history, decoding)."""
+    from client import federated
+    from client.evaluation import public_donor_history
+    from client.node_store import simulation_store_paths
+    from client.personalize import Expert
+    from shared.metrics import macro_average
+    from shared.user_store import UserStore
+
+    device = federated.resident_device(config)
+    stores = [UserStore.open(p) for p in simulation_store_paths(config, users)[:users]]
+    steps = users * config.rounds * config.local_steps
+    train = dataclasses.replace(config.train_config(config.method, config.seed), max_steps=steps)
+    report = device.train(stores, train, Expert.from_dir(expert), progress=False)
+    keys = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity")
+    per_user = []
+    for index, store in enumerate(stores):
+        row = device.evaluate(store, uses_history=True, other_history=list(public_donor_history()))
+        per_user.append({"node_id": float(index), **{k.replace("_", "-"): row[k] for k in keys}})
+    macro = macro_average(per_user, [k.replace("_", "-") for k in keys])
+    return {"macro": macro, "per_user": per_user, "per_round": [], "upload_bytes_per_client_round": 0,
+            "train_seconds": report.seconds}
+
+
+def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any] | None:
+    """How well the expert's DCE picks out the known preference words of generated users:
+    ROC AUC over every target token, precision and recall of the high-weight tokens, and the
+    ROC curve; None when the users carry no ground truth."""
+    from client import federated
+    from client.inspect_weights import detection_summary, roc_curve, token_rows
+    from client.node_store import simulation_store_paths
+    from client.personalize import Expert
+    from shared.user_store import UserStore
+
+    stores = [UserStore.open(p) for p in simulation_store_paths(config, users)[:users]]
+    if not any(s.preference_spans for store in stores for s in store.samples()):
+        return None
+    device = federated.resident_device(config)
+    rows = [row for store in stores for row in token_rows(device, store, Expert.from_dir(expert),
+                                                          config.weight_scheme)]
+    summary = detection_summary(rows, config.weight_scheme)
+    tokens = [t for row in rows for t in row["tokens"]]
+    fpr, tpr = roc_curve([t["dce"] for t in tokens], [t["preference"] for t in tokens])
+    return {**summary, "roc_fpr": fpr, "roc_tpr": tpr}
+
+
+def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
+    """(dataset, seed, method) in running order: seed by seed (a study cut short still has every
+    dataset at its first seeds), and a dataset's expert cell before the cells that need it."""
+    needs_expert = any(STUDY_METHODS[m].needs_expert for m in study.methods)
+    methods = [m for m in study.methods if m != EXPERT_CELL]
+    if EXPERT_CELL in study.methods or needs_expert:
+        methods = [EXPERT_CELL, *methods]
+    return [(dataset, seed, method) for seed in study.seeds for dataset in study.datasets for method in methods]
+
+
+def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
+    """Run every cell not finished yet, then write the report; returns the report folder."""
+    from tqdm.auto import tqdm
+
+    from simulations.study_report import write_report
+
+    out = Path(out)
+    ensure_folder(out)
+    recorded = out / "study.json"
+    protocol = {**json.loads(json.dumps(dataclasses.asdict(study))), "digest": study.digest}
+    if recorded.is_file():
+        earlier = json.loads(recorded.read_text())
+        different = sorted(k for k in protocol if k not in ("methods", "datasets", "seeds", "digest")
+                           and earlier.get(k) != protocol[k])
+        if different:
+            raise ValueError(f"{out} holds a study with other settings ({', '.join(different)}); its cells would "
+                             "not compare: choose another --out")
+    atomic_write_json(recorded, protocol)
+    work = data_dir() / "study" / _protocol_digest(study)
+    todo = cells(study)
+    bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress)
+    for dataset, seed, method in bar:
+        bar.set_postfix_str(f"{_dataset_name(dataset)} seed {seed} {method}", refresh=True)
+        path = cell_path(out, dataset, seed, method)
+        if path.is_file():
+            continue
+        expert = work / "runs" / _dataset_name(dataset) / f"seed-{seed}" / EXPERT_CELL / "shared_adapter"
+        config = run_config(study, dataset, seed, method, expert, work)
+        started = time.perf_counter()
+        if STUDY_METHODS[method].central:
+            result = run_central_cell(config, study.users, expert)
+        else:
+            result = run_federated_cell(config, study.users)
+        if method == EXPERT_CELL:
+            detection = dce_detection(config, study.users, expert)
+            if detection is not None:
+                atomic_write_json(path.with_name("dce.json"), detection)
+        atomic_write_json(path, {"dataset": _dataset_name(dataset), "seed": seed, "method": method,
+                                 "wall_seconds": time.perf_counter() - started, "run_config": config.to_flower(),
+                                 **result})
+        log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
+                 result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
+                 time.perf_counter() - started)
+    return write_report(out, study, STUDY_METHODS)
+
+
+def _protocol_digest(study: StudyConfig) -> str:
+    """The study's run folders depend on the protocol, not on which rows or seeds are asked."""
+    fixed = {k: v for k, v in dataclasses.asdict(study).items() if k not in ("methods", "datasets", "seeds")}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from simulations.options import add_settings
+
+    parser = parser or argparse.ArgumentParser(prog="python -m simulations.study", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the quick size ({', '.join(f'{k}={v}' for k, v in QUICK.items())}): minutes on 2 cores")
+    parser.add_argument("--out", help="the study folder: cells and report (default: simulations/results/"
+                                      "study-<model> in this checkout, or study-quick with --quick)")
+    add_settings(parser, StudyConfig())
+    return parser
+
+
+def study_from(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
+    from simulations.options import settings_from
+
+    study = settings_from(args, StudyConfig())
+    if args.quick:
+        study = dataclasses.replace(study, **QUICK)
+    default = Path(__file__).parent / "results" / ("study-quick" if args.quick else f"study-{study.model}")
+    return study, Path(args.out) if args.out else default
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simulations.options import run_command
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    study, out = study_from(args)
+    return run_command("study", lambda: print(f"report: {run_study(study, out) / 'report.md'}") or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The study's report, from the cells `simulations/study.py` wrote: per dataset a Markdown table
+of every method with 95% intervals over seeds, the comparisons the study is for, a CSV of
+every number, and plots (metrics per round, ablations, DCE's ROC on generated users, quality
+against upload bytes). Rewritten whole from the cells, so it always matches them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from shared.paths import atomic_write_text
+
+METRICS = ("rouge1", "rougeL", "bleu", "nll", "history-sensitivity")
+HIGHER_IS_BETTER = {"rouge1": True, "rougeL": True, "bleu": True, "nll": False, "history-sensitivity": True}
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (t over seeds; nan with one seed)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return mean, _T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+
+
+def load_cells(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/*/seed-*/*.json")) if p.name != "dce.json"]
+
+
+def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """dataset -> method -> {metric: (mean, half-width), seeds, upload, seconds}."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for cell in cells:
+        table.setdefault(cell["dataset"], {}).setdefault(cell["method"], {"cells": []})["cells"].append(cell)
+    for methods in table.values():
+        for row in methods.values():
+            row["seeds"] = sorted(c["seed"] for c in row["cells"])
+            for metric in METRICS:
+                row[metric] = interval([c["macro"].get(metric) for c in row["cells"]])
+            row["upload_mb"] = max(c["upload_bytes_per_client_round"] for c in row["cells"]) / 1e6
+            row["seconds"] = sum(c["wall_seconds"] for c in row["cells"]) / len(row["cells"])
+    return table
+
+
+def _cell(mean: float, half: float, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def comparisons(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """The study's questions, answered from the numbers."""
+    lines = []
+
+    def relative(a: str, b: str) -> str | None:
+        if a not in methods or b not in methods:
+            return None
+        parts = []
+        for metric in ("rouge1", "nll"):
+            (ma, ha), (mb, hb) = methods[a][metric], methods[b][metric]
+            if math.isnan(ma) or math.isnan(mb):
+                continue
+            overlap = "intervals overlap" if math.isnan(ha) or math.isnan(hb) or abs(ma - mb) <= ha + hb \
+                else "intervals do not overlap"
+            change = f"{100 * (ma - mb) / mb:+.1f}% relative; " if mb else ""
+            parts.append(f"{metric} {ma:.4f} vs {mb:.4f} ({change}{overlap})")
+        return f"`{a}` vs `{b}`: " + "; ".join(parts) if parts else None
+
+    for other in ("fedit-context-sft", "fedit-sft", "local", "fedsa", "feddpa", "history-prompt", "base",
+                  "nextquill-central"):
+        line = relative("nextquill-fed", other)
+        if line:
+            lines.append(line)
+    federated = [m for m in ("fedit-sft", "fedit-context-sft", "local", "fedsa", "feddpa") if m in methods]
+    if "nextquill-fed" in methods and federated:
+        ours = methods["nextquill-fed"]["rouge1"][0]
+        best = max(federated, key=lambda m: methods[m]["rouge1"][0])
+        verdict = "above" if ours > methods[best]["rouge1"][0] else "not above"
+        lines.append(f"`nextquill-fed` is {verdict} the best federated or local baseline (`{best}`) in ROUGE-1.")
+    order = [m for m in ("fedit-sft", "mce-only", "dce-only", "nextquill-fed") if m in methods]
+    if len(order) > 1:
+        ranked = " < ".join(sorted(order, key=lambda m: methods[m]["rouge1"][0]))
+        lines.append(f"ROUGE-1 order of SFT and the ablations here: {ranked} (the paper: fedit-sft < mce-only < "
+                     "dce-only < nextquill-fed).")
+    return lines
+
+
+def write_report(out: Path, study: Any, rows: dict[str, Any]) -> Path:
+    """Write report.md, cells.csv, per_user.csv and the plots into `out`; returns `out`.
+    `rows`: the study's method table (name -> a row with `label` and `group`), in order."""
+    out = Path(out)
+    cells = load_cells(out)
+    table = summarize(cells)
+    order = {name: index for index, name in enumerate(rows)}
+    detections = {p: json.loads(p.read_text()) for p in sorted(out.glob("cells/*/seed-*/dce.json"))}
+    lines = [
+        "# NextQuill-Fed study", "",
+        f"Base `{study.model}`; {study.users} users per dataset, every one training in every round; "
+        f"{study.rounds} rounds × {study.local_steps} local steps × batch {study.batch_size} for every method "
+        f"(the central reference: the same number of samples, pooled); greedy decoding; prompt budgets "
+        f"{study.history_tokens}/{study.context_tokens}/{study.response_tokens} tokens. Intervals: 95% over seeds "
+        "(t); with one seed, none. Metrics are macro-averages over users of their held-out (latest) samples.",
+        "", f"Machine: {_machine()}. Made by `python -m simulations.study` with the settings in `study.json`.", "",
+    ]
+    for dataset, methods in table.items():
+        lines += [f"## {dataset}", "",
+                  "| method | what | seeds | " + " | ".join(METRICS) + " | upload MB/client/round | s/cell |",
+                  "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+        for method in sorted(methods, key=lambda m: order.get(m, 99)):
+            row = methods[method]
+            label = rows[method].label if method in rows else ""
+            cells_text = " | ".join(_cell(*row[m]) for m in METRICS)
+            lines.append(f"| `{method}` | {label} | {len(row['seeds'])} | {cells_text} | {row['upload_mb']:.2f} | "
+                         f"{row['seconds']:.0f} |")
+        lines += ["", *[f"- {line}" for line in comparisons(methods)], ""]
+        found = [d for p, d in detections.items() if p.parts[-3] == dataset]
+        if found:
+            auc = interval([d["roc_auc"] for d in found])
+            precision = interval([d["precision"] for d in found])
+            recall = interval([d["recall"] for d in found])
+            lines += [f"DCE of the expert as a detector of the known preference words ({len(found)} seeds): "
+                      f"ROC AUC {_cell(*auc, 3)}, precision {_cell(*precision, 3)} and recall {_cell(*recall, 3)} "
+                      "of the high-weight tokens.", ""]
+    lines += ["Files: `cells.csv` (every cell's macro metrics), `per_user.csv`, `cells/` (one JSON per cell), "
+              "plots `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, `dce-roc.png`.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    _write_csvs(out, cells)
+    _plot(out, table, detections, order, {name: row.group for name, row in rows.items()})
+    return out
+
+
+def _machine() -> str:
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        text = cpuinfo.read_text()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                     platform.processor())
+        have = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        flags = f"{model} (flags: {', '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in have)})"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            flags += f", {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    return flags or platform.platform()
+
+
+def _write_csvs(out: Path, cells: list[dict[str, Any]]) -> None:
+    columns = ["dataset", "method", "seed", *METRICS, "upload_bytes_per_client_round", "wall_seconds"]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    for cell in cells:
+        writer.writerow({**{k: cell[k] for k in ("dataset", "method", "seed", "upload_bytes_per_client_round",
+                                                  "wall_seconds")}, **{m: cell["macro"].get(m) for m in METRICS}})
+    atomic_write_text(out / "cells.csv", table.getvalue())
+    users = io.StringIO()
+    writer = csv.DictWriter(users, ["dataset", "method", "seed", "node_id", *METRICS], extrasaction="ignore")
+    writer.writeheader()
+    for cell in cells:
+        for row in cell["per_user"]:
+            writer.writerow({"dataset": cell["dataset"], "method": cell["method"], "seed": cell["seed"], **row})
+    atomic_write_text(out / "per_user.csv", users.getvalue())
+
+
+def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(out / name)
+
+    for dataset, methods in table.items():
+        names = sorted(methods, key=lambda m: order.get(m, 99))
+        # Metrics per round (mean over seeds) of the methods that trained.
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for method in names:
+            rounds: dict[int, list[dict]] = {}
+            for cell in methods[method]["cells"]:
+                for row in cell["per_round"]:
+                    rounds.setdefault(row["round"], []).append(row)
+            if len(rounds) < 2:
+                continue
+            xs = sorted(rounds)
+            style = "-" if method == "nextquill-fed" else "--"
+            for ax, metric in zip(axes, ("rougeL", "nll"), strict=True):
+                ys = [sum(r[metric] for r in rounds[x]) / len(rounds[x]) for x in xs]
+                ax.plot(xs, ys, style, marker="o", label=method, linewidth=2 if style == "-" else 1)
+        for ax, metric in zip(axes, ("rougeL", "nll"), strict=True):
+            ax.set_xlabel("round")
+            ax.set_title(f"{dataset}: held-out {metric} per round")
+            ax.grid(alpha=0.3)
+        if axes[0].lines:
+            axes[1].legend(fontsize=7, loc="best")
+        save(fig, f"rounds-{dataset}.png")
+        # Ours against its ablations and the main baselines, with intervals.
+        shown = [m for m in names if m in ("fedit-context-sft", "nextquill-fed", "nextquill-central")
+                 or groups.get(m) == "ablation"]
+        if shown:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for ax, metric in zip(axes, ("rouge1", "nll"), strict=True):
+                means = [methods[m][metric][0] for m in shown]
+                errors = [0 if math.isnan(methods[m][metric][1]) else methods[m][metric][1] for m in shown]
+                colours = ["#c44e52" if m == "nextquill-fed" else "#4c72b0" for m in shown]
+                ax.barh(range(len(shown)), means, xerr=errors, color=colours, capsize=3)
+                ax.set_yticks(range(len(shown)), shown, fontsize=8)
+                ax.set_title(f"{dataset}: {metric} (95% interval over seeds)")
+                finite = [v for v in means if not math.isnan(v)]
+                if finite:  # differences are small against the values: zoom in on them
+                    low, high = min(finite), max(finite)
+                    pad = max((high - low) * 0.6, 1e-3)
+                    ax.set_xlim(low - pad, high + pad)
+                ax.grid(axis="x", alpha=0.3)
+            save(fig, f"ablations-{dataset}.png")
+        # Quality against what each client uploads.
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in names:
+            mean = methods[method]["rouge1"][0]
+            if not math.isnan(mean):
+                ax.scatter(methods[method]["upload_mb"], mean, color="#c44e52" if method == "nextquill-fed"
+                           else "#4c72b0")
+                ax.annotate(method, (methods[method]["upload_mb"], mean), fontsize=7)
+        ax.set_xlabel("upload per client per round (MB)")
+        ax.set_ylabel("ROUGE-1")
+        ax.set_title(f"{dataset}: quality vs upload")
+        ax.grid(alpha=0.3)
+        save(fig, f"quality-vs-upload-{dataset}.png")
+    if detections:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for path, found in detections.items():
+            ax.plot(found["roc_fpr"], found["roc_tpr"], label=f"{path.parts[-3]} {path.parts[-2]} "
+                                                             f"(AUC {found['roc_auc']:.3f})")
+        ax.plot([0, 1], [0, 1], ":", color="#888888")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title("expert DCE: ROC for the known preference tokens")
+        ax.legend(fontsize=7)
+        save(fig, "dce-roc.png")
+

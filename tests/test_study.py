@@ -1,0 +1,88 @@
+"""The study: every cell through the real apps (or pooled, for the central reference), results
+saved as each cell finishes, a rerun that skips finished cells, and the report."""
+
+import json
+
+import pytest
+
+from simulations import study as study_module
+from simulations.study import STUDY_METHODS, StudyConfig, cells, run_study
+
+METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "nextquill-central")
+
+
+@pytest.fixture(scope="module")
+def finished(model_dir, tmp_path_factory):
+    config = StudyConfig(model=str(model_dir), datasets=("reviewers",), methods=METHODS, seeds=(0,), users=2,
+                         rounds=2, local_steps=1, batch_size=2, history_tokens=48, context_tokens=24,
+                         response_tokens=24, device="cpu")
+    out = tmp_path_factory.mktemp("study")
+    run_study(config, out, progress=False)
+    return config, out
+
+
+def test_the_expert_cell_runs_first_and_only_once_per_dataset_and_seed():
+    config = StudyConfig(datasets=("reviewers", "shakespeare"), methods=("nextquill-fed", "fedit-sft"), seeds=(0, 1))
+    order = cells(config)
+    assert len(order) == 2 * 2 * 3
+    for index in range(0, len(order), 3):
+        assert [m for _, _, m in order[index:index + 3]] == ["fedit-context-sft", "nextquill-fed", "fedit-sft"]
+    assert [(d, s) for d, s, _ in order[::3]] == [("reviewers", 0), ("shakespeare", 0), ("reviewers", 1),
+                                                  ("shakespeare", 1)]
+    assert cells(StudyConfig(methods=("base", "fedit-sft"), datasets=("reviewers",), seeds=(0,))) == [
+        ("reviewers", 0, "base"), ("reviewers", 0, "fedit-sft")]
+
+
+def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
+    _, out = finished
+    saved = {p.stem: json.loads(p.read_text()) for p in (out / "cells" / "reviewers" / "seed-0").glob("*.json")}
+    assert set(saved) == {*METHODS, "fedit-context-sft", "dce"}
+    for method in (*METHODS, "fedit-context-sft"):
+        cell = saved[method]
+        assert {"rouge1", "rougeL", "bleu", "nll", "history-sensitivity"} <= set(cell["macro"])
+        assert len(cell["per_user"]) == 2
+    # What travels: nothing for the local baseline, the whole LoRA for FedIT, a part for the splits.
+    uploads = {m: saved[m]["upload_bytes_per_client_round"] for m in ("local", "fedit-context-sft",
+                                                                         "nextquill-fed", "split-layers")}
+    assert uploads["local"] == 0 and 0 < uploads["split-layers"] < uploads["fedit-context-sft"]
+    assert saved["nextquill-fed"]["run_config"]["expert"].endswith("fedit-context-sft/shared_adapter")
+    assert [r["round"] for r in saved["nextquill-fed"]["per_round"]] == [1, 2]  # evaluated after every round
+    assert saved["base"]["run_config"]["rounds"] == 0
+    # The untrained prompts differ only in the history: the history-prompt row reads it.
+    assert saved["history-prompt"]["run_config"]["method"] == "context-sft"
+    assert 0.0 <= saved["dce"]["roc_auc"] <= 1.0 and saved["dce"]["roc_tpr"][-1] == 1.0
+
+
+def test_the_report_holds_the_table_csv_and_plots(finished):
+    _, out = finished
+    report = (out / "report.md").read_text()
+    for method in METHODS:
+        assert f"| `{method}` |" in report
+    assert "`nextquill-fed` vs `fedit-context-sft`" in report and "ROC AUC" in report
+    rows = (out / "cells.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(METHODS) + 1
+    for plot in ("rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png", "dce-roc.png"):
+        assert (out / plot).stat().st_size > 1000
+
+
+def test_a_rerun_skips_finished_cells_and_another_protocol_is_refused(finished, monkeypatch):
+    config, out = finished
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(study_module, "run_federated_cell", no_training)
+    monkeypatch.setattr(study_module, "run_central_cell", no_training)
+    run_study(config, out, progress=False)
+    with pytest.raises(ValueError, match="other settings \\(rounds\\)"):
+        run_study(StudyConfig(**{**config.__dict__, "rounds": 3}), out, progress=False)
+
+
+def test_every_study_row_is_a_valid_run_config(tmp_path):
+    study = StudyConfig(model="tiny")
+    for method, row in STUDY_METHODS.items():
+        if row.keys.get("shared-layers") == "half":
+            continue  # needs the model's depth (checked in the study run above)
+        config = study_module.run_config(study, "reviewers", 0, method, tmp_path / "expert", tmp_path)
+        assert config.method == row.keys["method"]
+        assert (config.expert != "") == config.needs_expert
