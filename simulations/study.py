@@ -289,7 +289,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
                  result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
                  time.perf_counter() - started)
-    return write_report(out, study, STUDY_METHODS)
+    return write_report(out, study, STUDY_METHODS, planned=len(todo))
 
 
 def _protocol_digest(study: StudyConfig) -> str:

@@ -70,8 +70,10 @@ def comparisons(methods: dict[str, dict[str, Any]]) -> list[str]:
             (ma, ha), (mb, hb) = methods[a][metric], methods[b][metric]
             if math.isnan(ma) or math.isnan(mb):
                 continue
-            overlap = "intervals overlap" if math.isnan(ha) or math.isnan(hb) or abs(ma - mb) <= ha + hb \
-                else "intervals do not overlap"
+            if math.isnan(ha) or math.isnan(hb):
+                overlap = "one seed: no interval"
+            else:
+                overlap = "intervals overlap" if abs(ma - mb) <= ha + hb else "intervals do not overlap"
             change = f"{100 * (ma - mb) / mb:+.1f}% relative; " if mb else ""
             parts.append(f"{metric} {ma:.4f} vs {mb:.4f} ({change}{overlap})")
         return f"`{a}` vs `{b}`: " + "; ".join(parts) if parts else None
@@ -95,9 +97,10 @@ def comparisons(methods: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, study: Any, rows: dict[str, Any]) -> Path:
+def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | None = None) -> Path:
     """Write report.md, cells.csv, per_user.csv and the plots into `out`; returns `out`.
-    `rows`: the study's method table (name -> a row with `label` and `group`), in order."""
+    `rows`: the study's method table (name -> a row with `label` and `group`), in order;
+    `planned`: how many cells the study has in all (the report says how far it is)."""
     out = Path(out)
     cells = load_cells(out)
     table = summarize(cells)
@@ -112,6 +115,10 @@ def write_report(out: Path, study: Any, rows: dict[str, Any]) -> Path:
         "(t); with one seed, none. Metrics are macro-averages over users of their held-out (latest) samples.",
         "", f"Machine: {_machine()}. Made by `python -m simulations.study` with the settings in `study.json`.", "",
     ]
+    if planned is not None:
+        lines += [f"Cells finished: {len(cells)} of {planned}"
+                  + (" (the study is under way: rerunning the same command goes on)." if len(cells) < planned
+                     else "."), ""]
     for dataset, methods in table.items():
         lines += [f"## {dataset}", "",
                   "| method | what | seeds | " + " | ".join(METRICS) + " | upload MB/client/round | s/cell |",
@@ -181,6 +188,7 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
@@ -192,8 +200,9 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
     for dataset, methods in table.items():
         names = sorted(methods, key=lambda m: order.get(m, 99))
         # Metrics per round (mean over seeds) of the methods that trained.
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for method in names:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        colours = plt.get_cmap("tab20").colors
+        for index, method in enumerate(names):
             rounds: dict[int, list[dict]] = {}
             for cell in methods[method]["cells"]:
                 for row in cell["per_round"]:
@@ -204,13 +213,17 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
             style = "-" if method == "nextquill-fed" else "--"
             for ax, metric in zip(axes, ("rougeL", "nll"), strict=True):
                 ys = [sum(r[metric] for r in rounds[x]) / len(rounds[x]) for x in xs]
-                ax.plot(xs, ys, style, marker="o", label=method, linewidth=2 if style == "-" else 1)
+                ax.plot(xs, ys, style, marker="o", label=method, linewidth=2.5 if style == "-" else 1,
+                        color="#c44e52" if method == "nextquill-fed" else colours[index % len(colours)])
         for ax, metric in zip(axes, ("rougeL", "nll"), strict=True):
             ax.set_xlabel("round")
-            ax.set_title(f"{dataset}: held-out {metric} per round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            # The coordinator's per-round metrics are means weighted by each user's test samples.
+            ax.set_title(f"{dataset}: held-out {metric} per round\n(mean over users, weighted by test samples)",
+                         fontsize=10)
             ax.grid(alpha=0.3)
         if axes[0].lines:
-            axes[1].legend(fontsize=7, loc="best")
+            axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         save(fig, f"rounds-{dataset}.png")
         # Ours against its ablations and the main baselines, with intervals.
         shown = [m for m in names if m in ("fedit-context-sft", "nextquill-fed", "nextquill-central")
