@@ -178,10 +178,12 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
     trained = [r for r in rows if r["phase"] == "personalize" and "upload_bytes_per_client" in r]
     evaluated = [{"round": r["round"], **{k: v for k, v in r.items() if k.startswith("eval-")}}
                  for r in rows if any(k.startswith("eval-") for k in r)]
+    # The study evaluates the base as rows of its own (evaluate-base is off): keep the model's metrics.
     return {
         "macro": {k.removeprefix("eval-"): v for k, v in result.summary["macro_average"].items()
-                  if k.startswith("eval-")},
-        "per_user": [{k.removeprefix("eval-"): v for k, v in row.items()} for row in per_user],
+                  if k.startswith("eval-") and not k.startswith("eval-base-")},
+        "per_user": [{k.removeprefix("eval-"): v for k, v in row.items() if not k.startswith("eval-base-")}
+                     for row in per_user],
         "per_round": [{k.removeprefix("eval-"): v for k, v in row.items()} for row in evaluated],
         "upload_bytes_per_client_round": max((r["upload_bytes_per_client"] for r in trained), default=0),
         "train_seconds": sum(r["seconds"] for r in trained),
@@ -219,7 +221,7 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     ROC AUC over every target token, precision and recall of the high-weight tokens, and the
     ROC curve; None when the users carry no ground truth."""
     from client import federated
-    from client.inspect_weights import detection_summary, roc_curve, token_rows
+    from client.inspect_weights import detection_summary, roc_auc, roc_curve, token_rows
     from client.node_store import simulation_store_paths
     from client.personalize import Expert
     from shared.user_store import UserStore
@@ -233,7 +235,53 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     summary = detection_summary(rows, config.weight_scheme)
     tokens = [t for row in rows for t in row["tokens"]]
     fpr, tpr = roc_curve([t["dce"] for t in tokens], [t["preference"] for t in tokens])
-    return {**summary, "roc_fpr": fpr, "roc_tpr": tpr}
+    # A diagnostic: the same expert's effect of the user's own history against another user's
+    # (instead of against none), which cancels what any history teaches (the format).
+    contrast = _own_vs_other_history(device, stores, expert)
+    truth = [t["preference"] for row in rows for t in row["tokens"]]
+    return {**summary, "roc_fpr": fpr, "roc_tpr": tpr,
+            "roc_auc_own_vs_other_history": roc_auc(contrast, truth) if len(contrast) == len(truth) else None}
+
+
+def _own_vs_other_history(device: Any, stores: list, expert: Path) -> list[float]:
+    """p_E(y_t | x, own h) - p_E(y_t | x, another user's h) of every target token, in the
+    order `token_rows` lists them (stores, then samples, then tokens)."""
+    import torch
+
+    from client.personalize import EXPERT_ADAPTER
+    from shared.batching import collate
+    from shared.forward import model_device, response_logits
+    from shared.losses import token_probabilities
+    from shared.prompts import encode_sample
+
+    model = device.load_adapter(EXPERT_ADAPTER, expert)
+    model.eval()
+
+    def probabilities(encoded: list) -> list[list[float]]:  # with-history pass only
+        out = []
+        for start in range(0, len(encoded), 16):
+            chunk = encoded[start:start + 16]
+            batch = collate(chunk, device.tokenizer.pad_token_id).to(model_device(model))
+            with torch.no_grad():
+                logits = response_logits(model, batch.with_history, batch.response_length)
+            probs = token_probabilities(logits.flatten(0, 1), batch.labels.flatten()).view(len(chunk), -1)
+            out += [probs[row, -len(sample.response):].tolist() for row, sample in enumerate(chunk)]
+        return out
+
+    scores = []
+    for index, store in enumerate(stores):
+        donor = stores[(index + 1) % len(stores)]
+        donor_samples = donor.samples()
+        own, other = [], []
+        for position, sample in enumerate(store.samples()):
+            donor_sample = donor_samples[min(position, len(donor_samples) - 1)]
+            own.append(encode_sample(device.tokenizer, sample.x, [h.text for h in store.history_for(sample)],
+                                     sample.y, device.prompt))
+            other.append(encode_sample(device.tokenizer, sample.x, [h.text for h in donor.history_for(donor_sample)],
+                                       sample.y, device.prompt))
+        for mine, theirs in zip(probabilities(own), probabilities(other), strict=True):
+            scores += [a - b for a, b in zip(mine, theirs, strict=True)]
+    return scores
 
 
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:

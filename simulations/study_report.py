@@ -135,9 +135,11 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
             auc = interval([d["roc_auc"] for d in found])
             precision = interval([d["precision"] for d in found])
             recall = interval([d["recall"] for d in found])
+            contrast = interval([d.get("roc_auc_own_vs_other_history") or float("nan") for d in found])
             lines += [f"DCE of the expert as a detector of the known preference words ({len(found)} seeds): "
                       f"ROC AUC {_cell(*auc, 3)}, precision {_cell(*precision, 3)} and recall {_cell(*recall, 3)} "
-                      "of the high-weight tokens.", ""]
+                      "of the high-weight tokens. The same expert's effect of the user's own history against "
+                      f"another user's history (not against none) scores ROC AUC {_cell(*contrast, 3)}.", ""]
     lines += ["Files: `cells.csv` (every cell's macro metrics), `per_user.csv`, `cells/` (one JSON per cell), "
               "plots `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, `dce-roc.png`.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))

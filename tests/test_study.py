@@ -51,6 +51,7 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     # The untrained prompts differ only in the history: the history-prompt row reads it.
     assert saved["history-prompt"]["run_config"]["method"] == "context-sft"
     assert 0.0 <= saved["dce"]["roc_auc"] <= 1.0 and saved["dce"]["roc_tpr"][-1] == 1.0
+    assert 0.0 <= saved["dce"]["roc_auc_own_vs_other_history"] <= 1.0
 
 
 def test_the_report_holds_the_table_csv_and_plots(finished):
