@@ -121,3 +121,20 @@ def test_reading_a_config_or_the_command_line_loads_no_model_code(reading):
              "print(sorted(m for m in ('torch', 'bitsandbytes', 'peft', 'transformers') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_the_readme_names_every_module_where_it_lives():
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## What is where", 1)[1].split("\n## ", 1)[0]
+    sections = {}
+    for package in PACKAGES:  # the text from "<package>/" to the next package's heading
+        start = layout.index(f"\n{package}/")
+        ends = [layout.find(f"\n{other}/", start + 1) for other in (*PACKAGES, "tests")]
+        sections[package] = layout[start: min(end for end in ends if end > start)]
+    unnamed = [
+        str(path.relative_to(REPO)) for package in PACKAGES for path in (REPO / package).rglob("*.py")
+        if path.name != "__init__.py" and path.name not in sections[package]
+        and not (path.name.startswith("bench_") and "bench_*.py" in sections[package])
+        and f"{path.parent.name}/" not in sections[package].replace(f"{package}/", "", 1)
+    ]
+    assert not unnamed
