@@ -140,6 +140,9 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                       f"ROC AUC {_cell(*auc, 3)}, precision {_cell(*precision, 3)} and recall {_cell(*recall, 3)} "
                       "of the high-weight tokens. The same expert's effect of the user's own history against "
                       f"another user's history (not against none) scores ROC AUC {_cell(*contrast, 3)}.", ""]
+    findings = out / "findings.md"  # written by hand from the numbers; kept when the report is rewritten
+    if findings.is_file():
+        lines += ["## Findings", "", findings.read_text().strip(), ""]
     lines += ["Files: `cells.csv` (every cell's macro metrics), `per_user.csv`, `cells/` (one JSON per cell), "
               "plots `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, `dce-roc.png`.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
