@@ -14,7 +14,7 @@ from shared import corpus
 from shared.batching import left_pad
 from shared.config import GenerationSettings, PromptConfig
 from shared.forward import compute_autocast, model_device
-from shared.metrics import bleu, rouge
+from shared.metrics import bleu, meteor, rouge
 from shared.prompts import render_prompt
 from shared.scoring import ScoringExample, history_nll
 from shared.user_store import UserStore
@@ -106,6 +106,7 @@ def evaluate_user(
         "test_samples": len(samples),
         **rouge(predictions, references),
         "bleu": bleu(predictions, references),
+        "meteor": meteor(predictions, references),
         "nll": scored["nll_own_history"] if uses_history else scored["nll_none_history"],
         "nll_own_history": scored["nll_own_history"],
         "nll_no_history": scored["nll_none_history"],

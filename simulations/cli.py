@@ -144,7 +144,7 @@ def cmd_weights(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from client.evaluation import donor_history
-    from shared.metrics import macro_average
+    from shared.metrics import SCORES, macro_average
 
     stores = _open_stores(args.users)
     device = _device(args)
@@ -158,8 +158,7 @@ def cmd_evaluate(args) -> int:
         row.pop("examples")
         rows.append(row)
         print(json.dumps(row))
-    keys = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity")
-    print(json.dumps({"macro_average": macro_average(rows, keys)}, indent=2))
+    print(json.dumps({"macro_average": macro_average(rows, SCORES)}, indent=2))
     return 0
 
 

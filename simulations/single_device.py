@@ -17,14 +17,14 @@ from pathlib import Path
 from client.evaluation import donor_history
 from client.personalize import Device, Expert
 from shared.methods import METHODS
-from shared.metrics import macro_average
+from shared.metrics import SCORES, macro_average
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_text
 from shared.user_store import UserStore
 from simulations.compare_config import CompareConfig
 
 log = logging.getLogger(__name__)
 
-REPORTED = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity", "seconds_per_step")
+REPORTED = (*SCORES, "seconds_per_step")
 
 
 def split_users(stores: list[UserStore], config: CompareConfig) -> tuple[list[UserStore], list[UserStore]]:

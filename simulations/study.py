@@ -198,7 +198,7 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
     from client.evaluation import public_donor_history
     from client.node_store import simulation_store_paths
     from client.personalize import Expert
-    from shared.metrics import macro_average
+    from shared.metrics import SCORES, macro_average
     from shared.user_store import UserStore
 
     device = federated.resident_device(config)
@@ -206,12 +206,12 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
     steps = users * config.rounds * config.local_steps
     train = dataclasses.replace(config.train_config(config.method, config.seed), max_steps=steps)
     report = device.train(stores, train, Expert.from_dir(expert), progress=False)
-    keys = ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity")
+    keys = [score.replace("_", "-") for score in SCORES]  # as the federation reports them
     per_user = []
     for index, store in enumerate(stores):
         row = device.evaluate(store, uses_history=True, other_history=list(public_donor_history()))
-        per_user.append({"node_id": float(index), **{k.replace("_", "-"): row[k] for k in keys}})
-    macro = macro_average(per_user, [k.replace("_", "-") for k in keys])
+        per_user.append({"node_id": float(index), **{k: row[k.replace("-", "_")] for k in keys}})
+    macro = macro_average(per_user, keys)
     return {"macro": macro, "per_user": per_user, "per_round": [], "upload_bytes_per_client_round": 0,
             "train_seconds": report.seconds}
 
@@ -246,42 +246,21 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
 def _own_vs_other_history(device: Any, stores: list, expert: Path) -> list[float]:
     """p_E(y_t | x, own h) - p_E(y_t | x, another user's h) of every target token, in the
     order `token_rows` lists them (stores, then samples, then tokens)."""
-    import torch
-
     from client.personalize import EXPERT_ADAPTER
-    from shared.batching import collate
-    from shared.forward import model_device, response_logits
-    from shared.losses import token_probabilities
+    from client.token_weights import compute_token_probs
     from shared.prompts import encode_sample
+    from shared.scoring import store_scoring_examples
 
     model = device.load_adapter(EXPERT_ADAPTER, expert)
-    model.eval()
+    examples = store_scoring_examples(stores, split=None)
 
-    def probabilities(encoded: list) -> list[list[float]]:  # with-history pass only
-        out = []
-        for start in range(0, len(encoded), 16):
-            chunk = encoded[start:start + 16]
-            batch = collate(chunk, device.tokenizer.pad_token_id).to(model_device(model))
-            with torch.no_grad():
-                logits = response_logits(model, batch.with_history, batch.response_length)
-            probs = token_probabilities(logits.flatten(0, 1), batch.labels.flatten()).view(len(chunk), -1)
-            out += [probs[row, -len(sample.response):].tolist() for row, sample in enumerate(chunk)]
-        return out
+    def with_history(own: bool) -> list[list[float]]:
+        encoded = [encode_sample(device.tokenizer, e.x, e.own_history if own else e.other_history, e.y,
+                                 device.prompt) for e in examples]
+        return [p.prob_with for p in compute_token_probs(model, encoded, device.tokenizer.pad_token_id)]
 
-    scores = []
-    for index, store in enumerate(stores):
-        donor = stores[(index + 1) % len(stores)]
-        donor_samples = donor.samples()
-        own, other = [], []
-        for position, sample in enumerate(store.samples()):
-            donor_sample = donor_samples[min(position, len(donor_samples) - 1)]
-            own.append(encode_sample(device.tokenizer, sample.x, [h.text for h in store.history_for(sample)],
-                                     sample.y, device.prompt))
-            other.append(encode_sample(device.tokenizer, sample.x, [h.text for h in donor.history_for(donor_sample)],
-                                       sample.y, device.prompt))
-        for mine, theirs in zip(probabilities(own), probabilities(other), strict=True):
-            scores += [a - b for a, b in zip(mine, theirs, strict=True)]
-    return scores
+    return [a - b for mine, theirs in zip(with_history(True), with_history(False), strict=True)
+            for a, b in zip(mine, theirs, strict=True)]
 
 
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
@@ -312,7 +291,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
             raise ValueError(f"{out} holds a study with other settings ({', '.join(different)}); its cells would "
                              "not compare: choose another --out")
     atomic_write_json(recorded, protocol)
-    work = data_dir() / "study" / _protocol_digest(study)
+    work = work_dir(study)
     todo = cells(study)
     bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress)
     for dataset, seed, method in bar:
@@ -340,10 +319,11 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     return write_report(out, study, STUDY_METHODS, planned=len(todo))
 
 
-def _protocol_digest(study: StudyConfig) -> str:
-    """The study's run folders depend on the protocol, not on which rows or seeds are asked."""
+def work_dir(study: StudyConfig) -> Path:
+    """The study's users and run folders in the data directory: they depend on the protocol,
+    not on which rows or seeds are asked."""
     fixed = {k: v for k, v in dataclasses.asdict(study).items() if k not in ("methods", "datasets", "seeds")}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
+    return data_dir() / "study" / hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from client.evaluation import donor_history
 from shared.config import TrainConfig
+from shared.metrics import SCORES
 from tests.samples import ONE_STEP, PROMPT
 
 
@@ -31,7 +32,7 @@ def test_batched_greedy_generation_matches_one_prompt_at_a_time(tokenizer):
 def test_evaluation_reports_generation_metrics_nll_and_history_sensitivity(user_device, user_stores):
     user_device.train([user_stores[0]], TrainConfig(method="context-sft", **ONE_STEP), progress=False)
     row = user_device.evaluate(user_stores[0], uses_history=True, other_history=donor_history(user_stores[1]))
-    for key in ("rouge1", "rougeL", "bleu", "nll", "history_sensitivity"):
+    for key in SCORES:
         assert isinstance(row[key], float) and row[key] == row[key]
     assert row["generation"]["do_sample"] is False
     assert len(row["examples"]) == len(user_stores[0].samples("test"))

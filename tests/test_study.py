@@ -39,7 +39,7 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     assert set(saved) == {*METHODS, "fedit-context-sft", "dce"}
     for method in (*METHODS, "fedit-context-sft"):
         cell = saved[method]
-        assert {"rouge1", "rougeL", "bleu", "nll", "history-sensitivity"} <= set(cell["macro"])
+        assert {"rouge1", "rougeL", "bleu", "meteor", "nll", "history-sensitivity"} <= set(cell["macro"])
         assert len(cell["per_user"]) == 2
     # What travels: nothing for the local baseline, the whole LoRA for FedIT, a part for the splits.
     uploads = {m: saved[m]["upload_bytes_per_client_round"] for m in ("local", "fedit-context-sft",

@@ -1,0 +1,159 @@
+"""Does DCE find the preference words once its expert is trained long enough? ROC AUC,
+precision and recall of DCE on the generated reviewers, under ContextSFT experts trained for
+more and more steps on the users' pooled training samples (0 steps: the base itself, as an
+untrained LoRA, whose B is zero).
+
+    python -m simulations.expert_budget                    (steps 0 24 96 on the study's users)
+    python -m simulations.expert_budget --steps 0 24 96 384
+
+The users, base, prompt budgets, batch and learning rate are the study's (`StudyConfig`); the
+study's own expert is federated ContextSFT of users × rounds × local steps samples' worth of
+steps (24 at the default size). Each budget's result is written as soon as it is measured
+(`<out>/steps-<n>.json`, its adapter in the data directory) and skipped on a rerun; the report
+(`report.md`, `auc-vs-steps.png`) is rewritten from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import TrainConfig
+from shared.paths import atomic_write_json, atomic_write_text, ensure_folder
+from simulations.study import EXPERT_CELL, StudyConfig, dce_detection, run_config, work_dir
+
+log = logging.getLogger("nextquill.expert_budget")
+
+DATASET = "reviewers"  # generated users: the ones with ground truth of their preference words
+DEFAULT_OUT = Path(__file__).parent / "results" / "expert-budget"
+# The study's settings an expert's budget run takes; the rest (rounds, seeds, rows) are the study's own.
+BUDGET_SETTINGS = ("model", "users", "batch_size", "learning_rate", "history_tokens", "context_tokens",
+                   "response_tokens", "device")
+
+
+def measure(study: StudyConfig, steps: int, seed: int, work: Path) -> dict[str, Any]:
+    """Train (or, for 0 steps, only initialise) the expert, then score its DCE."""
+    from client.federated import resident_device
+    from client.node_store import simulation_store_paths
+    from shared.adapters import save_adapter
+    from shared.split import LOCAL_ADAPTER
+    from shared.user_store import UserStore
+
+    config = run_config(study, DATASET, seed, EXPERT_CELL, None, work)
+    device = resident_device(config)
+    stores = [UserStore.open(p) for p in simulation_store_paths(config, study.users)[:study.users]]
+    expert = work / "experts" / f"seed-{seed}" / f"steps-{steps}"
+    started = time.perf_counter()
+    if not expert.is_dir():
+        if steps == 0:
+            model = device.host.new(LOCAL_ADAPTER, seed=seed)
+            save_adapter(model, expert, adapter_name=LOCAL_ADAPTER, metadata={"method": "untrained", "base":
+                                                                                  device.base_id})
+        else:
+            train = TrainConfig(method="context-sft", max_steps=steps, batch_size=study.batch_size,
+                                learning_rate=study.learning_rate, seed=seed)
+            device.train(stores, train, save_to=expert)
+    train_seconds = time.perf_counter() - started
+    detection = dce_detection(config, study.users, expert)
+    if detection is None:
+        raise ValueError(f"the {DATASET} users in {config.users_dir} carry no preference spans")
+    return {"steps": steps, "seed": seed, "train_seconds": train_seconds, **detection}
+
+
+def write_report(out: Path, study: StudyConfig) -> Path:
+    """report.md (a table) and auc-vs-steps.png from the measured budgets."""
+    import platform
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((json.loads(p.read_text()) for p in out.glob("steps-*.json")), key=lambda r: (r["steps"], r["seed"]))
+    study_steps = study.users * study.rounds * study.local_steps
+    lines = [
+        "# DCE against the expert's training budget", "",
+        f"Command: `python -m simulations.expert_budget --steps {' '.join(str(r['steps']) for r in rows)}`; "
+        f"base `{study.model}`, {study.users} generated reviewers, ContextSFT experts on their pooled training "
+        f"samples, batch {study.batch_size}, learning rate {study.learning_rate}; machine: {platform.machine()}, "
+        f"{platform.processor() or 'cpu'}. The study's expert is federated, {study_steps} client steps in all.", "",
+        "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (train and test "
+        "samples); precision and recall of the tokens DCE weights high (DCE > δ); the same AUC for the "
+        "contrast of the user's own history against another user's instead of none.", "",
+        "| expert steps | seed | ROC AUC | AUC own vs other history | precision | recall | mean DCE pref. | "
+        "mean DCE other | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        contrast = r.get("roc_auc_own_vs_other_history")
+        lines.append(f"| {r['steps']} | {r['seed']} | {r['roc_auc']:.3f} | "
+                     f"{'–' if contrast is None else f'{contrast:.3f}'} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{r['mean_dce_preference_tokens']:.3f} | {r['mean_dce_other_tokens']:.3f} | "
+                     f"{r['train_seconds']:.0f} |")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for key, label in (("roc_auc", "DCE (own history vs none)"), ("roc_auc_own_vs_other_history",
+                                                                    "own vs another user's history")):
+        points = [(r["steps"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", label=label)
+    ax.axhline(0.5, color="#888888", linestyle=":", label="chance")
+    ax.axhline(0.9, color="#c44e52", linestyle="--", label="the issue's aim")
+    ax.axvline(study_steps, color="#55a868", linestyle="-.", label="the study's expert")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel(f"expert training steps (batch {study.batch_size})")
+    ax.set_ylabel("ROC AUC, preference tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    ensure_folder(out)
+    partial = out / ".auc-vs-steps.png.partial"
+    fig.savefig(partial, dpi=120, format="png")
+    partial.replace(out / "auc-vs-steps.png")
+    plt.close(fig)
+    lines += ["", "![ROC AUC against expert steps](auc-vs-steps.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out / "report.md"
+
+
+def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, progress: bool = True) -> Path:
+    from tqdm.auto import tqdm
+
+    ensure_folder(out)
+    work = work_dir(study)
+    for steps in tqdm(budgets, desc="expert budgets", unit="budget", disable=not progress):
+        path = out / f"steps-{steps}-seed-{seed}.json"
+        if path.is_file():
+            continue
+        result = measure(study, steps, seed, work)
+        result.pop("roc_fpr"), result.pop("roc_tpr")
+        atomic_write_json(path, result)
+        log.info("expert of %d steps: ROC AUC %.3f (own vs other %.3f), precision %.3f, recall %.3f", steps,
+                 result["roc_auc"], result["roc_auc_own_vs_other_history"] or float("nan"), result["precision"],
+                 result["recall"])
+    return write_report(out, study)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simulations.options import add_settings, run_command, settings_from
+
+    parser = argparse.ArgumentParser(prog="python -m simulations.expert_budget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, nargs="+", default=[0, 24, 96], help="expert training steps to measure")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the expert's initialisation and sample order")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder of the results and report")
+    add_settings(parser, StudyConfig(), only=BUDGET_SETTINGS)
+    args = parser.parse_args(argv)
+    if any(s < 0 for s in args.steps):
+        parser.error("--steps must be 0 or more")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    study = settings_from(args, StudyConfig(), only=BUDGET_SETTINGS)
+    return run_command("expert-budget", lambda: print(f"report: {run(study, args.steps, args.seed, Path(args.out))}")
+                       or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

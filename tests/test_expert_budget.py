@@ -1,0 +1,28 @@
+"""DCE against the expert's budget: each budget measured once, the 0-step expert is the base."""
+
+import json
+
+from safetensors.torch import load_file
+
+from simulations.expert_budget import run
+from simulations.study import StudyConfig, work_dir
+
+
+def test_each_budget_is_measured_once_and_the_untrained_expert_is_the_base(model_dir, tmp_path):
+    study = StudyConfig(model=str(model_dir), users=2, batch_size=2, history_tokens=48, context_tokens=24,
+                        response_tokens=24, device="cpu")
+    out = tmp_path / "budget"
+    report = run(study, [0, 2], seed=0, out=out, progress=False)
+    rows = {row["steps"]: row for row in (json.loads(p.read_text()) for p in out.glob("steps-*.json"))}
+    assert set(rows) == {0, 2}
+    for row in rows.values():
+        assert 0.0 <= row["roc_auc"] <= 1.0 and row["preference_tokens"] > 0 and row["tokens"] > row["preference_tokens"]
+    untrained = load_file(work_dir(study) / "experts" / "seed-0" / "steps-0" / "adapter_model.safetensors")
+    assert all(not tensor.any() for name, tensor in untrained.items() if "lora_B" in name)  # B = 0: the base
+    assert rows[0]["mean_dce"] != rows[2]["mean_dce"]
+    text = report.read_text()
+    assert "| 0 | 0 |" in text and "| 2 | 0 |" in text and (out / "auc-vs-steps.png").stat().st_size > 0
+
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("steps-*.json")}
+    run(study, [0, 2], seed=0, out=out, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("steps-*.json")} == written
