@@ -35,7 +35,14 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
                 "dce": p.prob_with[i] - p.prob_without[i],
                 "weight": weights[i],
                 "preference": any(s < end and start < e for s, e in sample.preference_spans),
+                "preference_start": False,
             })
+        # The token where a preference span begins is where the user's choice is made; the
+        # rest of a multi-token word or phrase follows from it, with or without history.
+        for span_start, span_end in sample.preference_spans:
+            first = next((t for t in tokens if span_start < t["end"] and t["start"] < span_end), None)
+            if first is not None:
+                first["preference_start"] = True
         rows.append({"sample_id": sample.id, "split": sample.split, "target": sample.y, "tokens": tokens})
     return rows
 
@@ -43,7 +50,8 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
 def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
     """How DCE separates tokens; with ground truth, precision/recall of the high-weight tokens."""
     tokens = [t for row in rows for t in row["tokens"]]
-    high = [t for t in tokens if t["weight"] > (scheme.weight_low + scheme.weight_high) / 2]
+    threshold = (scheme.weight_low + scheme.weight_high) / 2
+    high = [t for t in tokens if t["weight"] > threshold]
     summary = {"targets": len(rows), "tokens": len(tokens), "high_weight_tokens": len(high),
                "mean_dce": sum(t["dce"] for t in tokens) / max(1, len(tokens))}
     truth = [t for t in tokens if t["preference"]]
@@ -57,6 +65,15 @@ def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
             "precision": hits / max(1, len(high)),
             "recall": hits / len(truth),
             "roc_auc": roc_auc([t["dce"] for t in tokens], [t["preference"] for t in tokens]),
+        })
+        # The same, counting only the first token of each preference span against the tokens
+        # outside every span.
+        decisive = [t for t in tokens if t["preference_start"] or not t["preference"]]
+        starts = [t for t in decisive if t["preference_start"]]
+        summary.update({
+            "preference_spans": len(starts),
+            "recall_span_start": sum(1 for t in starts if t["weight"] > threshold) / max(1, len(starts)),
+            "roc_auc_span_start": roc_auc([t["dce"] for t in decisive], [t["preference_start"] for t in decisive]),
         })
     return summary
 

@@ -83,21 +83,23 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         f"samples, batch {study.batch_size}, learning rate {study.learning_rate}; machine: {platform.machine()}, "
         f"{platform.processor() or 'cpu'}. The study's expert is federated, {study_steps} client steps in all.", "",
         "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (train and test "
-        "samples); precision and recall of the tokens DCE weights high (DCE > δ); the same AUC for the "
-        "contrast of the user's own history against another user's instead of none.", "",
-        "| expert steps | seed | ROC AUC | AUC own vs other history | precision | recall | mean DCE pref. | "
-        "mean DCE other | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "samples); the same counting only the first token of each preference word or phrase (where the "
+        "choice is made) against the tokens outside them; precision and recall of the tokens DCE weights "
+        "high (DCE > δ); the AUC of the contrast of the user's own history against another user's instead "
+        "of none.", "",
+        "| expert steps | seed | ROC AUC | AUC, span starts | AUC own vs other history | precision | recall | "
+        "mean DCE pref. | mean DCE other | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         contrast = r.get("roc_auc_own_vs_other_history")
-        lines.append(f"| {r['steps']} | {r['seed']} | {r['roc_auc']:.3f} | "
+        lines.append(f"| {r['steps']} | {r['seed']} | {r['roc_auc']:.3f} | {r['roc_auc_span_start']:.3f} | "
                      f"{'–' if contrast is None else f'{contrast:.3f}'} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['mean_dce_preference_tokens']:.3f} | {r['mean_dce_other_tokens']:.3f} | "
                      f"{r['train_seconds']:.0f} |")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for key, label in (("roc_auc", "DCE (own history vs none)"), ("roc_auc_own_vs_other_history",
-                                                                    "own vs another user's history")):
+    for key, label in (("roc_auc", "DCE, all preference tokens"), ("roc_auc_span_start", "DCE, span starts"),
+                       ("roc_auc_own_vs_other_history", "own vs another user's history")):
         points = [(r["steps"], r[key]) for r in rows if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), "o-", label=label)

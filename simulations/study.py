@@ -297,25 +297,26 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     for dataset, seed, method in bar:
         bar.set_postfix_str(f"{_dataset_name(dataset)} seed {seed} {method}", refresh=True)
         path = cell_path(out, dataset, seed, method)
-        if path.is_file():
-            continue
         expert = work / "runs" / _dataset_name(dataset) / f"seed-{seed}" / EXPERT_CELL / "shared_adapter"
         config = run_config(study, dataset, seed, method, expert, work)
-        started = time.perf_counter()
-        if STUDY_METHODS[method].central:
-            result = run_central_cell(config, study.users, expert)
-        else:
-            result = run_federated_cell(config, study.users)
-        if method == EXPERT_CELL:
+        if not path.is_file():
+            started = time.perf_counter()
+            if STUDY_METHODS[method].central:
+                result = run_central_cell(config, study.users, expert)
+            else:
+                result = run_federated_cell(config, study.users)
+            atomic_write_json(path, {"dataset": _dataset_name(dataset), "seed": seed, "method": method,
+                                     "wall_seconds": time.perf_counter() - started,
+                                     "run_config": config.to_flower(), **result})
+            log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
+                     result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
+                     time.perf_counter() - started)
+        # Scored apart from the cell, so a study folder whose scores predate a new one gets it
+        # when its dce.json is removed and the study rerun.
+        if method == EXPERT_CELL and not path.with_name("dce.json").is_file():
             detection = dce_detection(config, study.users, expert)
             if detection is not None:
                 atomic_write_json(path.with_name("dce.json"), detection)
-        atomic_write_json(path, {"dataset": _dataset_name(dataset), "seed": seed, "method": method,
-                                 "wall_seconds": time.perf_counter() - started, "run_config": config.to_flower(),
-                                 **result})
-        log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
-                 result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
-                 time.perf_counter() - started)
     return write_report(out, study, STUDY_METHODS, planned=len(todo))
 
 

@@ -16,7 +16,8 @@ def test_each_budget_is_measured_once_and_the_untrained_expert_is_the_base(model
     rows = {row["steps"]: row for row in (json.loads(p.read_text()) for p in out.glob("steps-*.json"))}
     assert set(rows) == {0, 2}
     for row in rows.values():
-        assert 0.0 <= row["roc_auc"] <= 1.0 and row["preference_tokens"] > 0 and row["tokens"] > row["preference_tokens"]
+        assert 0.0 <= row["roc_auc"] <= 1.0 and 0.0 <= row["roc_auc_span_start"] <= 1.0
+        assert 0 < row["preference_spans"] <= row["preference_tokens"] < row["tokens"]
     untrained = load_file(work_dir(study) / "experts" / "seed-0" / "steps-0" / "adapter_model.safetensors")
     assert all(not tensor.any() for name, tensor in untrained.items() if "lora_B" in name)  # B = 0: the base
     assert rows[0]["mean_dce"] != rows[2]["mean_dce"]

@@ -23,6 +23,16 @@ def test_inspection_lists_each_target_token_with_offsets_dce_and_weight(user_dev
         pieces = "".join(row["target"][t["start"]:t["end"]] for t in row["tokens"])
         assert pieces.replace(" ", "") == row["target"].replace(" ", "")[: len(pieces.replace(" ", ""))]
     assert summary["preference_tokens"] > 0 and "recall" in summary
+    spans = {s.id: s.preference_spans for s in store.samples()}
+    scored_spans = 0
+    for row in rows:  # each preference span starts at its first token, and only there
+        for begin, end in spans[row["sample_id"]]:
+            inside = [t for t in row["tokens"] if begin < t["end"] and t["start"] < end]
+            if inside:  # else beyond the response budget
+                scored_spans += 1
+                assert inside[0]["preference_start"] and not any(t["preference_start"] for t in inside[1:])
+    assert summary["preference_spans"] == scored_spans > 0
+    assert 0.0 <= summary["roc_auc_span_start"] <= 1.0
     html = (tmp_path / "token_weights.html").read_text()
     assert html.startswith("<!doctype html>") and "DCE" in html
 
