@@ -105,6 +105,18 @@ def no_history_pass(model: torch.nn.Module, batch: PairBatch) -> Passes:
     return Passes(_logits(model, batch, with_history=False))
 
 
+def history_dropout_pass(rate: float, seed: int) -> Forward:
+    """ContextSFT with the history removed from the prompt in a `rate` fraction of the steps
+    (drawn per step, seeded): an expert trained so keeps p(y | x, ∅) a model of what all users'
+    targets share, and DCE measures what this user's history adds to it."""
+    rng = random.Random(f"history-dropout-{seed}")  # not the sample order's sequence
+
+    def forward(model: torch.nn.Module, batch: PairBatch) -> Passes:
+        return Passes(_logits(model, batch, with_history=rng.random() >= rate))
+
+    return forward
+
+
 def two_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
     """NextQuill: (x, h, y) and (x, ∅, y), two forwards, both in the graph."""
     return Passes(_logits(model, batch, with_history=True), _logits(model, batch, with_history=False))
@@ -139,7 +151,7 @@ def choose_forward(config: TrainConfig, model: torch.nn.Module) -> Forward:
     if not method.uses_history:
         return no_history_pass
     if not method.aligns_effects:
-        return history_pass
+        return history_dropout_pass(config.history_dropout, config.seed) if config.history_dropout else history_pass
     if config.lean_memory:
         if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
             raise ValueError("lean_memory recomputes the no-history pass and needs it deterministic: set dropout to 0")

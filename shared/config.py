@@ -142,10 +142,18 @@ class TrainConfig:
         False, "two-stage NextQuill backward: same gradients, the peak memory of the longer pass alone, for one "
                "more short forward"
     )
+    history_dropout: float = setting(
+        0.0, "ContextSFT, DCE-only: the fraction of steps that read the prompt with the history removed, so "
+             "that an expert's no-history prompt learns what every user's targets share",
+        minimum=0.0, maximum=1.0,
+    )
     seed: int = setting(0, "seed of the sample order and of the LoRA initialisation")
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.history_dropout and (not self.spec.uses_history or self.spec.aligns_effects):
+            raise ValueError(f"history_dropout applies to a method that reads the history in one pass "
+                             f"(context-sft, dce-only), not to {self.method!r}")
 
     @property
     def spec(self) -> Method:

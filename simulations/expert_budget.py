@@ -36,7 +36,7 @@ BUDGET_SETTINGS = ("model", "users", "batch_size", "learning_rate", "history_tok
                    "response_tokens", "device")
 
 
-def measure(study: StudyConfig, steps: int, seed: int, work: Path) -> dict[str, Any]:
+def measure(study: StudyConfig, steps: int, seed: int, history_dropout: float, work: Path) -> dict[str, Any]:
     """Train (or, for 0 steps, only initialise) the expert, then score its DCE."""
     from client.federated import resident_device
     from client.node_store import simulation_store_paths
@@ -47,7 +47,7 @@ def measure(study: StudyConfig, steps: int, seed: int, work: Path) -> dict[str, 
     config = run_config(study, DATASET, seed, EXPERT_CELL, None, work)
     device = resident_device(config)
     stores = [UserStore.open(p) for p in simulation_store_paths(config, study.users)[:study.users]]
-    expert = work / "experts" / f"seed-{seed}" / f"steps-{steps}"
+    expert = work / "experts" / f"seed-{seed}" / _name(steps, history_dropout)
     started = time.perf_counter()
     if not expert.is_dir():
         if steps == 0:
@@ -56,13 +56,18 @@ def measure(study: StudyConfig, steps: int, seed: int, work: Path) -> dict[str, 
                                                                                   device.base_id})
         else:
             train = TrainConfig(method="context-sft", max_steps=steps, batch_size=study.batch_size,
-                                learning_rate=study.learning_rate, seed=seed)
+                                learning_rate=study.learning_rate, history_dropout=history_dropout, seed=seed)
             device.train(stores, train, save_to=expert)
     train_seconds = time.perf_counter() - started
     detection = dce_detection(config, study.users, expert)
     if detection is None:
         raise ValueError(f"the {DATASET} users in {config.users_dir} carry no preference spans")
-    return {"steps": steps, "seed": seed, "train_seconds": train_seconds, **detection}
+    return {"steps": steps, "history_dropout": history_dropout, "seed": seed, "train_seconds": train_seconds,
+            **detection}
+
+
+def _name(steps: int, history_dropout: float) -> str:
+    return f"steps-{steps}" + (f"-dropout-{history_dropout:g}" if history_dropout else "")
 
 
 def write_report(out: Path, study: StudyConfig) -> Path:
@@ -74,11 +79,13 @@ def write_report(out: Path, study: StudyConfig) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((json.loads(p.read_text()) for p in out.glob("steps-*.json")), key=lambda r: (r["steps"], r["seed"]))
+    rows = sorted((json.loads(p.read_text()) for p in out.glob("steps-*.json")),
+                  key=lambda r: (r["history_dropout"], r["steps"], r["seed"]))
     study_steps = study.users * study.rounds * study.local_steps
     lines = [
         "# DCE against the expert's training budget", "",
-        f"Command: `python -m simulations.expert_budget --steps {' '.join(str(r['steps']) for r in rows)}`; "
+        "Command: `python -m simulations.expert_budget --steps "
+        f"{' '.join(sorted({str(r['steps']) for r in rows}, key=int))}` (and `--history-dropout 0.5`); "
         f"base `{study.model}`, {study.users} generated reviewers, ContextSFT experts on their pooled training "
         f"samples, batch {study.batch_size}, learning rate {study.learning_rate}; machine: {platform.machine()}, "
         f"{platform.processor() or 'cpu'}. The study's expert is federated, {study_steps} client steps in all.", "",
@@ -86,23 +93,28 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         "samples); the same counting only the first token of each preference word or phrase (where the "
         "choice is made) against the tokens outside them; precision and recall of the tokens DCE weights "
         "high (DCE > δ); the AUC of the contrast of the user's own history against another user's instead "
-        "of none.", "",
-        "| expert steps | seed | ROC AUC | AUC, span starts | AUC own vs other history | precision | recall | "
-        "mean DCE pref. | mean DCE other | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "of none. History dropout: the fraction of the expert's training steps whose prompt had the "
+        "history removed (0: ContextSFT as the study trains it).", "",
+        "| expert steps | history dropout | seed | ROC AUC | AUC, span starts | AUC own vs other history | "
+        "precision | recall | mean DCE pref. | mean DCE other | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         contrast = r.get("roc_auc_own_vs_other_history")
-        lines.append(f"| {r['steps']} | {r['seed']} | {r['roc_auc']:.3f} | {r['roc_auc_span_start']:.3f} | "
+        lines.append(f"| {r['steps']} | {r['history_dropout']:g} | {r['seed']} | {r['roc_auc']:.3f} | "
+                     f"{r['roc_auc_span_start']:.3f} | "
                      f"{'–' if contrast is None else f'{contrast:.3f}'} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['mean_dce_preference_tokens']:.3f} | {r['mean_dce_other_tokens']:.3f} | "
                      f"{r['train_seconds']:.0f} |")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for key, label in (("roc_auc", "DCE, all preference tokens"), ("roc_auc_span_start", "DCE, span starts"),
-                       ("roc_auc_own_vs_other_history", "own vs another user's history")):
-        points = [(r["steps"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), "o-", label=label)
+    untrained = [r for r in rows if r["steps"] == 0]
+    for dropout in sorted({r["history_dropout"] for r in rows}):
+        curve = [r for r in rows if r["history_dropout"] == dropout and r["seed"] == rows[0]["seed"]]
+        curve = sorted(curve + ([] if dropout == 0 else untrained[:1]), key=lambda r: r["steps"])
+        for key, label, style in (("roc_auc", "all preference tokens", "o-"), ("roc_auc_span_start", "span starts",
+                                                                              "s--")):
+            ax.plot([r["steps"] for r in curve], [r[key] for r in curve], style,
+                    label=f"{label}, history dropout {dropout:g}")
     ax.axhline(0.5, color="#888888", linestyle=":", label="chance")
     ax.axhline(0.9, color="#c44e52", linestyle="--", label="the issue's aim")
     ax.axvline(study_steps, color="#55a868", linestyle="-.", label="the study's expert")
@@ -121,16 +133,18 @@ def write_report(out: Path, study: StudyConfig) -> Path:
     return out / "report.md"
 
 
-def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, progress: bool = True) -> Path:
+def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, history_dropout: float = 0.0,
+        progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     ensure_folder(out)
     work = work_dir(study)
     for steps in tqdm(budgets, desc="expert budgets", unit="budget", disable=not progress):
-        path = out / f"steps-{steps}-seed-{seed}.json"
+        dropout = history_dropout if steps else 0.0  # an untrained expert is the same whatever the dropout
+        path = out / f"{_name(steps, dropout)}-seed-{seed}.json"
         if path.is_file():
             continue
-        result = measure(study, steps, seed, work)
+        result = measure(study, steps, seed, dropout, work)
         result.pop("roc_fpr"), result.pop("roc_tpr")
         atomic_write_json(path, result)
         log.info("expert of %d steps: ROC AUC %.3f (own vs other %.3f), precision %.3f, recall %.3f", steps,
@@ -147,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 24, 96], help="expert training steps to measure")
     parser.add_argument("--seed", type=int, default=0, help="seed of the expert's initialisation and sample order")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder of the results and report")
+    add_settings(parser, TrainConfig(), only=("history_dropout",))
     add_settings(parser, StudyConfig(), only=BUDGET_SETTINGS)
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.steps):
         parser.error("--steps must be 0 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     study = settings_from(args, StudyConfig(), only=BUDGET_SETTINGS)
-    return run_command("expert-budget", lambda: print(f"report: {run(study, args.steps, args.seed, Path(args.out))}")
-                       or 0)
+    return run_command("expert-budget", lambda: print(
+        f"report: {run(study, args.steps, args.seed, Path(args.out), args.history_dropout)}") or 0)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,13 @@ def test_each_budget_is_measured_once_and_the_untrained_expert_is_the_base(model
     untrained = load_file(work_dir(study) / "experts" / "seed-0" / "steps-0" / "adapter_model.safetensors")
     assert all(not tensor.any() for name, tensor in untrained.items() if "lora_B" in name)  # B = 0: the base
     assert rows[0]["mean_dce"] != rows[2]["mean_dce"]
-    text = report.read_text()
-    assert "| 0 | 0 |" in text and "| 2 | 0 |" in text and (out / "auc-vs-steps.png").stat().st_size > 0
 
     written = {p.name: p.stat().st_mtime_ns for p in out.glob("steps-*.json")}
-    run(study, [0, 2], seed=0, out=out, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("steps-*.json")} == written
+    report = run(study, [0, 2], seed=0, out=out, history_dropout=0.5, progress=False)
+    again = {p.name: p.stat().st_mtime_ns for p in out.glob("steps-*.json")}
+    assert again.keys() - written.keys() == {"steps-2-dropout-0.5-seed-0.json"}  # 0 steps: the same expert
+    assert {name: again[name] for name in written} == written  # measured once
+    text = report.read_text()
+    for row in ("| 0 | 0 | 0 |", "| 2 | 0 | 0 |", "| 2 | 0.5 | 0 |"):
+        assert row in text
+    assert (out / "auc-vs-steps.png").stat().st_size > 0

@@ -1,6 +1,8 @@
 """The local trainer: the step each method's row picks (passes, token weights, loss), chosen once
 per run; the paired and lean variants give the two passes' gradients; the loop's refusals."""
 
+import math
+
 import pytest
 import torch
 
@@ -97,6 +99,24 @@ def test_uniform_methods_train_on_the_plain_mean_and_align_only_when_their_row_s
         assert l_p > 0 and torch.isclose(total, l_n + 0.1 * l_p)
     else:
         assert l_p == 0 and torch.equal(total, l_n)
+
+
+def test_history_dropout_drops_the_history_in_that_fraction_of_steps(float_model, tokenizer):
+    batch = uneven_batch(tokenizer)
+    with_history, without = (float(_gradients(float_model, choose_step(TrainConfig(method=m), float_model), batch,
+                                               None)[1]) for m in ("context-sft", "sft"))
+
+    def losses() -> list[float]:
+        step = choose_step(TrainConfig(method="context-sft", history_dropout=0.5, seed=3), float_model)
+        return [float(step(batch)[1]) for _ in range(16)]
+
+    first = losses()
+    assert all(math.isclose(x, with_history, rel_tol=1e-5) or math.isclose(x, without, rel_tol=1e-5) for x in first)
+    assert 3 <= sum(math.isclose(x, without, rel_tol=1e-5) for x in first) <= 13  # about half of the steps
+    assert losses() == pytest.approx(first, rel=1e-5)  # the same steps under the same seed
+    float_model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="history_dropout applies"):
+        TrainConfig(method="nextquill", history_dropout=0.5)
 
 
 @pytest.mark.parametrize("variant", [{"paired_pass": True}, {"lean_memory": True}])
