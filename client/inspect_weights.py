@@ -37,8 +37,8 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
                 "preference": any(s < end and start < e for s, e in sample.preference_spans),
                 "preference_start": False,
             })
-        # The token where a preference span begins is where the user's choice is made; the
-        # rest of a multi-token word or phrase follows from it, with or without history.
+        # The token where a preference span (a word) begins is where the user's choice shows;
+        # the rest of a multi-token word follows from it, with or without history.
         for span_start, span_end in sample.preference_spans:
             first = next((t for t in tokens if span_start < t["end"] and t["start"] < span_end), None)
             if first is not None:

@@ -90,8 +90,9 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         f"samples, batch {study.batch_size}, learning rate {study.learning_rate}; machine: {platform.machine()}, "
         f"{platform.processor() or 'cpu'}. The study's expert is federated, {study_steps} client steps in all.", "",
         "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (train and test "
-        "samples); the same counting only the first token of each preference word or phrase (where the "
-        "choice is made) against the tokens outside them; precision and recall of the tokens DCE weights "
+        "samples); the same counting only the first token of each preference word (each word of a style "
+        "phrase is a span of the ground truth) against the tokens outside them; precision and recall of the "
+        "tokens DCE weights "
         "high (DCE > δ); the AUC of the contrast of the user's own history against another user's instead "
         "of none. History dropout: the fraction of the expert's training steps whose prompt had the "
         "history removed (0: ContextSFT as the study trains it).", "",

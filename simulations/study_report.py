@@ -140,9 +140,9 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
             starts = interval([d.get("roc_auc_span_start", float("nan")) for d in found])
             lines += [f"DCE of the expert as a detector of the known preference words ({len(found)} seeds): "
                       f"ROC AUC {_cell(*auc, 3)}, precision {_cell(*precision, 3)} and recall {_cell(*recall, 3)} "
-                      "of the high-weight tokens. Counting only the first token of each preference word or "
-                      "phrase (where the choice is made; the rest follows from it) against the tokens outside "
-                      f"them: ROC AUC {_cell(*starts, 3)}. The same expert's effect of the user's own history "
+                      "of the high-weight tokens. Counting only the first token of each preference word "
+                      "(the rest of a word follows from it) against the tokens outside them: ROC AUC "
+                      f"{_cell(*starts, 3)}. The same expert's effect of the user's own history "
                       f"against another user's history (not against none) scores ROC AUC {_cell(*contrast, 3)}.",
                       ""]
     findings = out / "findings.md"  # written by hand from the numbers; kept when the report is rewritten
