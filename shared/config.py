@@ -151,7 +151,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.history_dropout and (not self.spec.uses_history or self.spec.aligns_effects):
+        if self.history_dropout and not _one_history_pass(self.method):
             raise ValueError(f"history_dropout applies to a method that reads the history in one pass "
                              f"(context-sft, dce-only), not to {self.method!r}")
 
@@ -197,6 +197,10 @@ class RunConfig:
     alpha: float = like(TrainConfig, "alpha")
     lean_memory: bool = like(TrainConfig, "lean_memory")
     paired_pass: bool = like(TrainConfig, "paired_pass")
+    history_dropout: float = like(
+        TrainConfig, "history_dropout", help="the fraction of ContextSFT steps (the expert phase's, or a context-sft "
+                                             "or dce-only run's) that read the prompt with the history removed",
+    )
     weighting: str = like(WeightScheme, "weighting")
     split: str = setting("dual", f"shared / personal split: one of {list(SPLIT_KINDS)}", choices=SPLIT_KINDS)
     shared_layers: int = setting(0, "with split 'layers': decoder layers shared", minimum=0)
@@ -225,6 +229,9 @@ class RunConfig:
         if self.min_replies > self.clients_per_round:
             raise SettingError("run config min-replies",
                                f"({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})")
+        if self.history_dropout and self.expert_rounds == 0 and not _one_history_pass(self.method):
+            raise SettingError("run config history-dropout", f"applies to the expert phase (expert-rounds >= 1) or "
+                                                             f"a context-sft or dce-only run, not to {self.method!r}")
         if self.needs_expert and not self.expert and self.expert_rounds == 0:
             raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
                                                     "or expert to an existing expert adapter directory")
@@ -295,7 +302,8 @@ class RunConfig:
         phase's context-sft)."""
         return TrainConfig(method=method, max_steps=self.local_steps, batch_size=self.batch_size,
                            learning_rate=self.learning_rate, alpha=self.alpha, weight_scheme=self.weight_scheme,
-                           paired_pass=self.paired_pass, lean_memory=self.lean_memory, seed=seed)
+                           paired_pass=self.paired_pass, lean_memory=self.lean_memory,
+                           history_dropout=self.history_dropout if _one_history_pass(method) else 0.0, seed=seed)
 
 
 def _key(name: str) -> str:
@@ -315,3 +323,9 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ValueError(f"run config {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def _one_history_pass(method: str) -> bool:
+    """The method reads the history in a single pass (ContextSFT, DCE-only): the ones history
+    dropout applies to."""
+    return METHODS[method].uses_history and not METHODS[method].aligns_effects

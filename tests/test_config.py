@@ -51,3 +51,11 @@ def test_unknown_or_invalid_values_are_rejected_by_name(values, complaint):
     with pytest.raises(ValueError) as error:
         RunConfig.from_flower(values)
     assert complaint in str(error.value)
+
+
+def test_history_dropout_reaches_the_contextsft_training_only():
+    config = RunConfig.from_flower({"method": "nextquill", "expert-rounds": 2, "history-dropout": 0.5})
+    assert config.train_config("context-sft", seed=1).history_dropout == 0.5  # the expert phase
+    assert config.train_config("nextquill", seed=1).history_dropout == 0.0
+    with pytest.raises(ValueError, match="history-dropout"):
+        RunConfig.from_flower({"method": "nextquill", "expert-rounds": 0, "expert": "experts/e", "history-dropout": 0.5})
