@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,10 +85,11 @@ def write_report(out: Path, study: StudyConfig) -> Path:
     study_steps = study.users * study.rounds * study.local_steps
     lines = [
         "# DCE against the expert's training budget", "",
-        "Command: `python -m simulations.expert_budget --steps "
-        f"{' '.join(sorted({str(r['steps']) for r in rows}, key=int))}` (and `--history-dropout 0.5`); "
+        f"Commands: {'; '.join(_commands(rows, study, out))}; "
         f"base `{study.model}`, {study.users} generated reviewers, ContextSFT experts on their pooled training "
-        f"samples, batch {study.batch_size}, learning rate {study.learning_rate}; machine: {platform.machine()}, "
+        f"samples, batch {study.batch_size}, learning rate {study.learning_rate}, prompt budgets "
+        f"{study.history_tokens}/{study.context_tokens}/{study.response_tokens} tokens (history/context/response; "
+        f"`settings.json`); machine: {platform.machine()}, "
         f"{platform.processor() or 'cpu'}. The study's expert is federated, {study_steps} client steps in all.", "",
         "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (train and test "
         "samples); the same counting only the first token of each preference word (each word of a style "
@@ -134,11 +136,34 @@ def write_report(out: Path, study: StudyConfig) -> Path:
     return out / "report.md"
 
 
+def _commands(rows: list[dict[str, Any]], study: StudyConfig, out: Path) -> list[str]:
+    """The command lines that measured `rows`, one per history dropout."""
+    default = StudyConfig()
+    options = [f"--{name.replace('_', '-')} {getattr(study, name)}" for name in BUDGET_SETTINGS
+               if name != "device" and getattr(study, name) != getattr(default, name)]
+    if out.resolve() != DEFAULT_OUT.resolve():
+        options.append(f"--out {os.path.relpath(out.resolve(), Path.cwd())}")
+    commands = []
+    for dropout in sorted({r["history_dropout"] for r in rows}):
+        steps = sorted({r["steps"] for r in rows if r["history_dropout"] == dropout})
+        line = ["python -m simulations.expert_budget --steps", *map(str, steps),
+                *([f"--history-dropout {dropout:g}"] if dropout else []), *options]
+        commands.append(f"`{' '.join(line)}`")
+    return commands
+
+
 def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, history_dropout: float = 0.0,
         progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     ensure_folder(out)
+    recorded = out / "settings.json"
+    settings = {name: getattr(study, name) for name in BUDGET_SETTINGS if name != "device"}
+    if recorded.is_file() and (earlier := json.loads(recorded.read_text())) != settings:
+        different = sorted(k for k in settings if earlier.get(k) != settings[k])
+        raise ValueError(f"{out} holds experts measured with other settings ({', '.join(different)}); they would "
+                         "not compare: choose another --out")
+    atomic_write_json(recorded, settings)
     work = work_dir(study)
     for steps in tqdm(budgets, desc="expert budgets", unit="budget", disable=not progress):
         dropout = history_dropout if steps else 0.0  # an untrained expert is the same whatever the dropout

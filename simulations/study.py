@@ -50,6 +50,7 @@ class StudyMethod:
     keys: dict[str, Any] = field(default_factory=dict)
     central: bool = False  # trained on the pooled data of all users, outside the federation
     group: str = "baseline"  # baseline, ours, ablation, reference
+    expert: str = "fedit-context-sft"  # the row whose global adapter is this row's expert, where it needs one
 
     @property
     def needs_expert(self) -> bool:
@@ -84,6 +85,13 @@ STUDY_METHODS: dict[str, StudyMethod] = {
                                 group="ablation"),
     "history-none": StudyMethod("ablation: the empty history as the literal None (the authors' data code)",
                                 {"method": "nextquill", "empty-history": "none"}, group="ablation"),
+    "expert-dropout": StudyMethod("ContextSFT with the history dropped from half the steps' prompts (an expert "
+                                  "whose no-history prompt learns what all users share)",
+                                  {"method": "context-sft", "split": "full", "history-dropout": 0.5},
+                                  group="ablation"),
+    "nextquill-dropout-expert": StudyMethod("ablation: NextQuill on the dual split, ω from the `expert-dropout` "
+                                            "expert", {"method": "nextquill", "split": "dual"},
+                                            expert="expert-dropout", group="ablation"),
     "nextquill-central": StudyMethod("reference: NextQuill on all users' data pooled on one machine",
                                      {"method": "nextquill"}, central=True, group="reference"),
 }
@@ -265,12 +273,23 @@ def _own_vs_other_history(device: Any, stores: list, expert: Path) -> list[float
 
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
     """(dataset, seed, method) in running order: seed by seed (a study cut short still has every
-    dataset at its first seeds), and a dataset's expert cell before the cells that need it."""
-    needs_expert = any(STUDY_METHODS[m].needs_expert for m in study.methods)
-    methods = [m for m in study.methods if m != EXPERT_CELL]
-    if EXPERT_CELL in study.methods or needs_expert:
-        methods = [EXPERT_CELL, *methods]
+    dataset at its first seeds), and a dataset's expert cells before the cells that need them."""
+    experts = experts_of(study.methods)
+    methods = experts + [m for m in study.methods if m not in experts]
     return [(dataset, seed, method) for seed in study.seeds for dataset in study.datasets for method in methods]
+
+
+def experts_of(methods: tuple[str, ...]) -> list[str]:
+    """The rows among or needed by `methods` whose adapters are experts, the paper's first."""
+    found = {STUDY_METHODS[m].expert for m in methods if STUDY_METHODS[m].needs_expert}
+    found |= {m for m in methods if any(row.expert == m for row in STUDY_METHODS.values())}
+    return sorted(found, key=lambda m: (m != EXPERT_CELL, list(STUDY_METHODS).index(m)))
+
+
+def dce_path(out: Path, dataset: str, seed: int, expert: str) -> Path:
+    """Where the DCE scores of the expert row `expert` go (`dce.json` for the paper's expert)."""
+    name = "dce.json" if expert == EXPERT_CELL else f"dce-{expert}.json"
+    return cell_path(out, dataset, seed, expert).with_name(name)
 
 
 def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
@@ -293,11 +312,13 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     atomic_write_json(recorded, protocol)
     work = work_dir(study)
     todo = cells(study)
+    experts = experts_of(study.methods)
     bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress)
     for dataset, seed, method in bar:
         bar.set_postfix_str(f"{_dataset_name(dataset)} seed {seed} {method}", refresh=True)
         path = cell_path(out, dataset, seed, method)
-        expert = work / "runs" / _dataset_name(dataset) / f"seed-{seed}" / EXPERT_CELL / "shared_adapter"
+        runs = work / "runs" / _dataset_name(dataset) / f"seed-{seed}"
+        expert = runs / STUDY_METHODS[method].expert / "shared_adapter"
         config = run_config(study, dataset, seed, method, expert, work)
         if not path.is_file():
             started = time.perf_counter()
@@ -313,10 +334,11 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
                      time.perf_counter() - started)
         # Scored apart from the cell, so a study folder whose scores predate a new one gets it
         # when its dce.json is removed and the study rerun.
-        if method == EXPERT_CELL and not path.with_name("dce.json").is_file():
-            detection = dce_detection(config, study.users, expert)
+        scores = dce_path(out, dataset, seed, method)
+        if method in experts and not scores.is_file():
+            detection = dce_detection(config, study.users, config.resolve(config.run_dir) / "shared_adapter")
             if detection is not None:
-                atomic_write_json(path.with_name("dce.json"), detection)
+                atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(todo))
 
 

@@ -35,7 +35,8 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/*/seed-*/*.json")) if p.name != "dce.json"]
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/*/seed-*/*.json"))
+            if not p.name.startswith("dce")]
 
 
 def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -106,7 +107,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
     cells = load_cells(out)
     table = summarize(cells)
     order = {name: index for index, name in enumerate(rows)}
-    detections = {p: json.loads(p.read_text()) for p in sorted(out.glob("cells/*/seed-*/dce.json"))}
+    detections = {p: json.loads(p.read_text()) for p in sorted(out.glob("cells/*/seed-*/dce*.json"))}
     lines = [
         "# NextQuill-Fed study", "",
         f"Base `{study.model}`; {study.users} users per dataset, every one training in every round; "
@@ -131,14 +132,15 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
             lines.append(f"| `{method}` | {label} | {len(row['seeds'])} | {cells_text} | {row['upload_mb']:.2f} | "
                          f"{row['seconds']:.0f} |")
         lines += ["", *[f"- {line}" for line in comparisons(methods)], ""]
-        found = [d for p, d in detections.items() if p.parts[-3] == dataset]
-        if found:
+        for expert in sorted({_expert(d) for p, d in detections.items() if p.parts[-3] == dataset},
+                             key=lambda e: order.get(e, 99)):
+            found = [d for p, d in detections.items() if p.parts[-3] == dataset and _expert(d) == expert]
             auc = interval([d["roc_auc"] for d in found])
             precision = interval([d["precision"] for d in found])
             recall = interval([d["recall"] for d in found])
             contrast = interval([d.get("roc_auc_own_vs_other_history") or float("nan") for d in found])
             starts = interval([d.get("roc_auc_span_start", float("nan")) for d in found])
-            lines += [f"DCE of the expert as a detector of the known preference words ({len(found)} seeds): "
+            lines += [f"DCE of the expert `{expert}` as a detector of the known preference words ({len(found)} seeds): "
                       f"ROC AUC {_cell(*auc, 3)}, precision {_cell(*precision, 3)} and recall {_cell(*recall, 3)} "
                       "of the high-weight tokens. Counting only the first token of each preference word "
                       "(the rest of a word follows from it) against the tokens outside them: ROC AUC "
@@ -270,7 +272,7 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
     if detections:
         fig, ax = plt.subplots(figsize=(5, 5))
         for path, found in detections.items():
-            ax.plot(found["roc_fpr"], found["roc_tpr"], label=f"{path.parts[-3]} {path.parts[-2]} "
+            ax.plot(found["roc_fpr"], found["roc_tpr"], label=f"{path.parts[-3]} {path.parts[-2]} {_expert(found)} "
                                                              f"(AUC {found['roc_auc']:.3f})")
         ax.plot([0, 1], [0, 1], ":", color="#888888")
         ax.set_xlabel("false positive rate")
@@ -279,3 +281,7 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
         ax.legend(fontsize=7)
         save(fig, "dce-roc.png")
 
+
+def _expert(detection: dict[str, Any]) -> str:
+    """The expert row a DCE file scores (files written before the study named it: "the expert")."""
+    return detection.get("expert", "the expert")

@@ -58,4 +58,5 @@ def test_history_dropout_reaches_the_contextsft_training_only():
     assert config.train_config("context-sft", seed=1).history_dropout == 0.5  # the expert phase
     assert config.train_config("nextquill", seed=1).history_dropout == 0.0
     with pytest.raises(ValueError, match="history-dropout"):
-        RunConfig.from_flower({"method": "nextquill", "expert-rounds": 0, "expert": "experts/e", "history-dropout": 0.5})
+        RunConfig.from_flower({"method": "nextquill", "expert-rounds": 0, "expert": "experts/e",
+                               "history-dropout": 0.5})

@@ -1,7 +1,9 @@
 """DCE against the expert's budget: each budget measured once, the 0-step expert is the base."""
 
+import dataclasses
 import json
 
+import pytest
 from safetensors.torch import load_file
 
 from simulations.expert_budget import run
@@ -31,3 +33,5 @@ def test_each_budget_is_measured_once_and_the_untrained_expert_is_the_base(model
     for row in ("| 0 | 0 | 0 |", "| 2 | 0 | 0 |", "| 2 | 0.5 | 0 |"):
         assert row in text
     assert (out / "auc-vs-steps.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="other settings \\(history_tokens\\)"):
+        run(dataclasses.replace(study, history_tokens=64), [0], seed=0, out=out, progress=False)

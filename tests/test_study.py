@@ -8,7 +8,8 @@ import pytest
 from simulations import study as study_module
 from simulations.study import STUDY_METHODS, StudyConfig, cells, run_study
 
-METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "nextquill-central")
+METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "nextquill-central",
+           "nextquill-dropout-expert")
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,11 @@ def finished(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     run_study(config, out, progress=False)
     return config, out
+
+
+def test_a_row_whose_expert_is_another_row_runs_after_it():
+    order = cells(StudyConfig(datasets=("reviewers",), seeds=(0,), methods=("nextquill-dropout-expert", "local")))
+    assert [m for _, _, m in order] == ["expert-dropout", "nextquill-dropout-expert", "local"]
 
 
 def test_the_expert_cell_runs_first_and_only_once_per_dataset_and_seed():
@@ -36,8 +42,8 @@ def test_the_expert_cell_runs_first_and_only_once_per_dataset_and_seed():
 def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     _, out = finished
     saved = {p.stem: json.loads(p.read_text()) for p in (out / "cells" / "reviewers" / "seed-0").glob("*.json")}
-    assert set(saved) == {*METHODS, "fedit-context-sft", "dce"}
-    for method in (*METHODS, "fedit-context-sft"):
+    assert set(saved) == {*METHODS, "fedit-context-sft", "expert-dropout", "dce", "dce-expert-dropout"}
+    for method in (*METHODS, "fedit-context-sft", "expert-dropout"):
         cell = saved[method]
         assert {"rouge1", "rougeL", "bleu", "meteor", "nll", "history-sensitivity"} <= set(cell["macro"])
         assert len(cell["per_user"]) == 2
@@ -46,12 +52,15 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
                                                                          "nextquill-fed", "split-layers")}
     assert uploads["local"] == 0 and 0 < uploads["split-layers"] < uploads["fedit-context-sft"]
     assert saved["nextquill-fed"]["run_config"]["expert"].endswith("fedit-context-sft/shared_adapter")
+    assert saved["nextquill-dropout-expert"]["run_config"]["expert"].endswith("expert-dropout/shared_adapter")
+    assert saved["expert-dropout"]["run_config"]["history-dropout"] == 0.5
     assert [r["round"] for r in saved["nextquill-fed"]["per_round"]] == [1, 2]  # evaluated after every round
     assert saved["base"]["run_config"]["rounds"] == 0
     # The untrained prompts differ only in the history: the history-prompt row reads it.
     assert saved["history-prompt"]["run_config"]["method"] == "context-sft"
     assert 0.0 <= saved["dce"]["roc_auc"] <= 1.0 and saved["dce"]["roc_tpr"][-1] == 1.0
     assert 0.0 <= saved["dce"]["roc_auc_own_vs_other_history"] <= 1.0
+    assert [saved[name]["expert"] for name in ("dce", "dce-expert-dropout")] == ["fedit-context-sft", "expert-dropout"]
 
 
 def test_the_report_holds_the_table_csv_and_plots(finished):
@@ -61,7 +70,8 @@ def test_the_report_holds_the_table_csv_and_plots(finished):
         assert f"| `{method}` |" in report
     assert "`nextquill-fed` vs `fedit-context-sft`" in report and "ROC AUC" in report
     rows = (out / "cells.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(METHODS) + 1
+    assert len(rows) == 1 + len(METHODS) + 2  # and the two experts
+    assert "expert `expert-dropout`" in report
     for plot in ("rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png", "dce-roc.png"):
         assert (out / plot).stat().st_size > 1000
 
