@@ -50,7 +50,7 @@ class StudyMethod:
     keys: dict[str, Any] = field(default_factory=dict)
     central: bool = False  # trained on the pooled data of all users, outside the federation
     group: str = "baseline"  # baseline, ours, ablation, reference
-    expert: str = "fedit-context-sft"  # the row whose global adapter is this row's expert, where it needs one
+    expert: str = EXPERT_CELL  # the row whose global adapter is this row's expert, where it needs one
 
     @property
     def needs_expert(self) -> bool:
