@@ -73,9 +73,9 @@ def _name(steps: int, history_dropout: float) -> str:
 
 def write_report(out: Path, study: StudyConfig) -> Path:
     """report.md (a table) and auc-vs-steps.png from the measured budgets."""
-    import platform
-
     import matplotlib
+
+    from simulations.study_report import machine
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,8 +89,9 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         f"base `{study.model}`, {study.users} generated reviewers, ContextSFT experts on their pooled training "
         f"samples, batch {study.batch_size}, learning rate {study.learning_rate}, prompt budgets "
         f"{study.history_tokens}/{study.context_tokens}/{study.response_tokens} tokens (history/context/response; "
-        f"`settings.json`); machine: {platform.machine()}, "
-        f"{platform.processor() or 'cpu'}. The study's expert is federated, {study_steps} client steps in all.", "",
+        f"`settings.json`); machine: {machine()}. The study's expert is federated, {study_steps} client steps "
+        "in all. Train seconds are wall time on that machine, at times shared with other jobs: not a benchmark.",
+        "",
         "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (train and test "
         "samples); the same counting only the first token of each preference word (each word of a style "
         "phrase is a span of the ground truth) against the tokens outside them; precision and recall of the "
@@ -109,29 +110,33 @@ def write_report(out: Path, study: StudyConfig) -> Path:
                      f"{'–' if contrast is None else f'{contrast:.3f}'} | {r['precision']:.3f} | {r['recall']:.3f} | "
                      f"{r['mean_dce_preference_tokens']:.3f} | {r['mean_dce_other_tokens']:.3f} | "
                      f"{r['train_seconds']:.0f} |")
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     untrained = [r for r in rows if r["steps"] == 0]
     for dropout in sorted({r["history_dropout"] for r in rows}):
         curve = [r for r in rows if r["history_dropout"] == dropout and r["seed"] == rows[0]["seed"]]
         curve = sorted(curve + ([] if dropout == 0 else untrained[:1]), key=lambda r: r["steps"])
+        steps = [r["steps"] for r in curve]
         for key, label, style in (("roc_auc", "all preference tokens", "o-"), ("roc_auc_span_start", "span starts",
                                                                               "s--")):
-            ax.plot([r["steps"] for r in curve], [r[key] for r in curve], style,
-                    label=f"{label}, history dropout {dropout:g}")
+            ax.plot(steps, [r[key] for r in curve], style, label=f"{label}, history dropout {dropout:g}")
+        for key, style in (("precision", "o-"), ("recall", "s--")):
+            right.plot(steps, [r[key] for r in curve], style, label=f"{key}, history dropout {dropout:g}")
     ax.axhline(0.5, color="#888888", linestyle=":", label="chance")
     ax.axhline(0.9, color="#c44e52", linestyle="--", label="the issue's aim")
-    ax.axvline(study_steps, color="#55a868", linestyle="-.", label="the study's expert")
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_xlabel(f"expert training steps (batch {study.batch_size})")
     ax.set_ylabel("ROC AUC, preference tokens")
-    ax.legend(fontsize=7)
+    right.set_ylabel("high-weight tokens (DCE > δ)")
+    for axis in (ax, right):
+        axis.axvline(study_steps, color="#55a868", linestyle="-.", label="the study's expert")
+        axis.set_xscale("symlog", linthresh=10)
+        axis.set_xlabel(f"expert training steps (batch {study.batch_size})")
+        axis.legend(fontsize=7)
     fig.tight_layout()
     ensure_folder(out)
     partial = out / ".auc-vs-steps.png.partial"
     fig.savefig(partial, dpi=120, format="png")
     partial.replace(out / "auc-vs-steps.png")
     plt.close(fig)
-    lines += ["", "![ROC AUC against expert steps](auc-vs-steps.png)", ""]
+    lines += ["", "![ROC AUC, precision and recall against expert steps](auc-vs-steps.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"
 

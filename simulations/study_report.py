@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
         f"(the central reference: the same number of samples, pooled); greedy decoding; prompt budgets "
         f"{study.history_tokens}/{study.context_tokens}/{study.response_tokens} tokens. Intervals: 95% over seeds "
         "(t); with one seed, none. Metrics are macro-averages over users of their held-out (latest) samples.",
-        "", f"Machine: {_machine()}. Made by `python -m simulations.study` with the settings in `study.json`.", "",
+        "", f"Machine: {machine()}. Made by `python -m simulations.study` with the settings in `study.json`.", "",
     ]
     if planned is not None:
         lines += [f"Cells finished: {len(cells)} of {planned}"
@@ -158,23 +157,13 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
     return out
 
 
-def _machine() -> str:
-    flags = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        text = cpuinfo.read_text()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                     platform.processor())
-        have = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-        flags = f"{model} (flags: {', '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in have)})"
-    try:
-        import torch
+def machine() -> str:
+    """The CPU (model name, the flags that decide its speed) and the GPU where one is at hand."""
+    import torch
 
-        if torch.cuda.is_available():
-            flags += f", {torch.cuda.get_device_name()}"
-    except ImportError:
-        pass
-    return flags or platform.platform()
+    from simulations.bench_step import cpu_description
+
+    return cpu_description() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
 
 
 def _write_csvs(out: Path, cells: list[dict[str, Any]]) -> None:
