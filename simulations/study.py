@@ -36,6 +36,7 @@ from shared.methods import METHODS
 from shared.paths import atomic_write_json, data_dir, ensure_folder
 from shared.settings import check_settings, setting
 from simulations.datasets import GENERATED
+from simulations.study_report import DCE_SUFFIX
 
 log = logging.getLogger("nextquill.study")
 
@@ -287,9 +288,8 @@ def experts_of(methods: tuple[str, ...]) -> list[str]:
 
 
 def dce_path(out: Path, dataset: str, seed: int, expert: str) -> Path:
-    """Where the DCE scores of the expert row `expert` go (`dce.json` for the paper's expert)."""
-    name = "dce.json" if expert == EXPERT_CELL else f"dce-{expert}.json"
-    return cell_path(out, dataset, seed, expert).with_name(name)
+    """Where the DCE scores of the expert row `expert` go: beside its cell, `<row>.dce.json`."""
+    return cell_path(out, dataset, seed, expert).with_name(f"{expert}{DCE_SUFFIX}")
 
 
 def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:

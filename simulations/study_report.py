@@ -15,6 +15,7 @@ from typing import Any
 from shared.metrics import SCORES
 from shared.paths import atomic_write_text
 
+DCE_SUFFIX = ".dce.json"  # an expert row's DCE scores, beside its cell (the study names them so)
 METRICS = tuple(score.replace("_", "-") for score in SCORES)  # as the federation reports them
 HIGHER_IS_BETTER = {metric: metric != "nll" for metric in METRICS}
 # Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
@@ -35,7 +36,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/*/seed-*/*.json"))
-            if not p.name.startswith("dce")]
+            if not p.name.endswith(DCE_SUFFIX)]
 
 
 def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -106,7 +107,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
     cells = load_cells(out)
     table = summarize(cells)
     order = {name: index for index, name in enumerate(rows)}
-    detections = {p: json.loads(p.read_text()) for p in sorted(out.glob("cells/*/seed-*/dce*.json"))}
+    detections = {p: json.loads(p.read_text()) for p in sorted(out.glob(f"cells/*/seed-*/*{DCE_SUFFIX}"))}
     lines = [
         "# NextQuill-Fed study", "",
         f"Base `{study.model}`; {study.users} users per dataset, every one training in every round; "
@@ -131,9 +132,9 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
             lines.append(f"| `{method}` | {label} | {len(row['seeds'])} | {cells_text} | {row['upload_mb']:.2f} | "
                          f"{row['seconds']:.0f} |")
         lines += ["", *[f"- {line}" for line in comparisons(methods)], ""]
-        for expert in sorted({_expert(d) for p, d in detections.items() if p.parts[-3] == dataset},
+        for expert in sorted({_expert(p) for p in detections if p.parts[-3] == dataset},
                              key=lambda e: order.get(e, 99)):
-            found = [d for p, d in detections.items() if p.parts[-3] == dataset and _expert(d) == expert]
+            found = [d for p, d in detections.items() if p.parts[-3] == dataset and _expert(p) == expert]
             auc = interval([d["roc_auc"] for d in found])
             precision = interval([d["precision"] for d in found])
             recall = interval([d["recall"] for d in found])
@@ -261,7 +262,7 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
     if detections:
         fig, ax = plt.subplots(figsize=(5, 5))
         for path, found in detections.items():
-            ax.plot(found["roc_fpr"], found["roc_tpr"], label=f"{path.parts[-3]} {path.parts[-2]} {_expert(found)} "
+            ax.plot(found["roc_fpr"], found["roc_tpr"], label=f"{path.parts[-3]} {path.parts[-2]} {_expert(path)} "
                                                              f"(AUC {found['roc_auc']:.3f})")
         ax.plot([0, 1], [0, 1], ":", color="#888888")
         ax.set_xlabel("false positive rate")
@@ -271,6 +272,6 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
         save(fig, "dce-roc.png")
 
 
-def _expert(detection: dict[str, Any]) -> str:
-    """The expert row a DCE file scores (files written before the study named it: "the expert")."""
-    return detection.get("expert", "the expert")
+def _expert(path: Path) -> str:
+    """The expert row whose DCE scores `path` holds."""
+    return path.name.removesuffix(DCE_SUFFIX)

@@ -41,8 +41,10 @@ def test_the_expert_cell_runs_first_and_only_once_per_dataset_and_seed():
 
 def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     _, out = finished
-    saved = {p.stem: json.loads(p.read_text()) for p in (out / "cells" / "reviewers" / "seed-0").glob("*.json")}
-    assert set(saved) == {*METHODS, "fedit-context-sft", "expert-dropout", "dce", "dce-expert-dropout"}
+    saved = {p.name.removesuffix(".json"): json.loads(p.read_text())
+             for p in (out / "cells" / "reviewers" / "seed-0").glob("*.json")}
+    assert set(saved) == {*METHODS, "fedit-context-sft", "expert-dropout", "fedit-context-sft.dce",
+                          "expert-dropout.dce"}
     for method in (*METHODS, "fedit-context-sft", "expert-dropout"):
         cell = saved[method]
         assert {"rouge1", "rougeL", "bleu", "meteor", "nll", "history-sensitivity"} <= set(cell["macro"])
@@ -58,9 +60,10 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     assert saved["base"]["run_config"]["rounds"] == 0
     # The untrained prompts differ only in the history: the history-prompt row reads it.
     assert saved["history-prompt"]["run_config"]["method"] == "context-sft"
-    assert 0.0 <= saved["dce"]["roc_auc"] <= 1.0 and saved["dce"]["roc_tpr"][-1] == 1.0
-    assert 0.0 <= saved["dce"]["roc_auc_own_vs_other_history"] <= 1.0
-    assert [saved[name]["expert"] for name in ("dce", "dce-expert-dropout")] == ["fedit-context-sft", "expert-dropout"]
+    scores = saved["fedit-context-sft.dce"]
+    assert 0.0 <= scores["roc_auc"] <= 1.0 and scores["roc_tpr"][-1] == 1.0
+    assert 0.0 <= scores["roc_auc_own_vs_other_history"] <= 1.0
+    assert saved["expert-dropout.dce"]["expert"] == "expert-dropout"
 
 
 def test_the_report_holds_the_table_csv_and_plots(finished):
@@ -97,3 +100,13 @@ def test_every_study_row_is_a_valid_run_config(tmp_path):
         config = study_module.run_config(study, "reviewers", 0, method, tmp_path / "expert", tmp_path)
         assert config.method == row.keys["method"]
         assert (config.expert != "") == config.needs_expert
+
+
+def test_a_cell_named_like_dce_is_a_cell_and_scores_are_not(tmp_path):
+    from simulations.study_report import load_cells
+
+    folder = tmp_path / "cells" / "reviewers" / "seed-0"
+    folder.mkdir(parents=True)
+    (folder / "dce-only.json").write_text(json.dumps({"method": "dce-only"}))
+    (folder / "fedit-context-sft.dce.json").write_text(json.dumps({"roc_auc": 0.6}))
+    assert load_cells(tmp_path) == [{"method": "dce-only"}]
