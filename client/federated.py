@@ -26,7 +26,7 @@ from client.trainer import train_adapter
 from shared.config import RunConfig, TrainConfig
 from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
 from shared.methods import METHODS
-from shared.metrics import SCORES
+from shared.metrics import SCORE_KEYS, SCORES
 from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.user_store import UserStore
 from shared.wire import NUM_EXAMPLES, Phase, RoundInstruction
@@ -160,7 +160,7 @@ def evaluate_personalized(
 
     def scores(prefix: str) -> dict[str, float]:
         row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, public_donor_history())
-        return {f"{prefix}-{score.replace('_', '-')}": row[score] for score in SCORES}
+        return {f"{prefix}-{key}": row[score] for score, key in zip(SCORES, SCORE_KEYS, strict=True)}
 
     metrics = {NUM_EXAMPLES: len(store.samples("test")), **scores("eval")}
     if evaluate_base:

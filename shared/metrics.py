@@ -22,8 +22,10 @@ from rouge_score import rouge_scorer
 
 from shared.paths import atomic_directory, data_dir
 
-# The scores of an evaluated user, as `evaluate_user` names them.
+# The scores of an evaluated user, as `evaluate_user` names them, and as metric records carry
+# them (kebab-case, the keys Flower's run config and records use).
 SCORES = ("rouge1", "rougeL", "bleu", "meteor", "nll", "history_sensitivity")
+SCORE_KEYS = tuple(score.replace("_", "-") for score in SCORES)
 
 _ROUGE = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 _WORD = re.compile(r"\w+|[^\w\s]")

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from shared.config import TRANSPORT_DTYPES
-from shared.metrics import SCORES
+from shared.metrics import SCORE_KEYS
 
 NUM_EXAMPLES = "num-examples"
 
@@ -43,10 +43,10 @@ TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
     "weights-seconds",
 })
-_SCORES = tuple(score.replace("_", "-") for score in SCORES)
 # The personalized model's scores, and with `evaluate-base` the same of the base alone (no
 # adapter) on the same samples and prompts: what personalization bought.
-EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in _SCORES), *(f"eval-base-{s}" for s in _SCORES)})
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in SCORE_KEYS),
+                              *(f"eval-base-{s}" for s in SCORE_KEYS)})
 QUERY_METRICS = frozenset({HAS_EXPERT})
 
 # Shared parameters travel in float32 or float16: half the bytes, and for LoRA-sized values

@@ -207,7 +207,7 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
     from client.evaluation import public_donor_history
     from client.node_store import simulation_store_paths
     from client.personalize import Expert
-    from shared.metrics import SCORES, macro_average
+    from shared.metrics import SCORE_KEYS, SCORES, macro_average
     from shared.user_store import UserStore
 
     device = federated.resident_device(config)
@@ -215,12 +215,12 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
     steps = users * config.rounds * config.local_steps
     train = dataclasses.replace(config.train_config(config.method, config.seed), max_steps=steps)
     report = device.train(stores, train, Expert.from_dir(expert), progress=False)
-    keys = [score.replace("_", "-") for score in SCORES]  # as the federation reports them
     per_user = []
     for index, store in enumerate(stores):
         row = device.evaluate(store, uses_history=True, other_history=list(public_donor_history()))
-        per_user.append({"node_id": float(index), **{k: row[k.replace("-", "_")] for k in keys}})
-    macro = macro_average(per_user, keys)
+        per_user.append({"node_id": float(index),  # keyed as the federation reports them
+                         **{key: row[score] for score, key in zip(SCORES, SCORE_KEYS, strict=True)}})
+    macro = macro_average(per_user, SCORE_KEYS)
     return {"macro": macro, "per_user": per_user, "per_round": [], "upload_bytes_per_client_round": 0,
             "train_seconds": report.seconds}
 
@@ -333,7 +333,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
                      result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
                      time.perf_counter() - started)
         # Scored apart from the cell, so a study folder whose scores predate a new one gets it
-        # when its dce.json is removed and the study rerun.
+        # when its <row>.dce.json is removed and the study rerun.
         scores = dce_path(out, dataset, seed, method)
         if method in experts and not scores.is_file():
             detection = dce_detection(config, study.users, config.resolve(config.run_dir) / "shared_adapter")

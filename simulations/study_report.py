@@ -12,12 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from shared.metrics import SCORES
+from shared.metrics import SCORE_KEYS
 from shared.paths import atomic_write_text
 
 DCE_SUFFIX = ".dce.json"  # an expert row's DCE scores, beside its cell (the study names them so)
-METRICS = tuple(score.replace("_", "-") for score in SCORES)  # as the federation reports them
-HIGHER_IS_BETTER = {metric: metric != "nll" for metric in METRICS}
+METRICS = SCORE_KEYS  # as the federation reports them
 # Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
