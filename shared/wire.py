@@ -1,9 +1,26 @@
-"""What travels between the coordinator and a device, besides the shared parameters.
+"""What travels between the coordinator and a device, besides Flower's own bookkeeping.
 
-Down (coordinator -> device): a round instruction (phase, round, run id, expert digest) and,
-once per device, the expert's files. Up (device -> coordinator): the shared parameters and
-an allow-list of numeric metrics. Never text, token ids, history-derived statistics,
-personal parameters or token weights.
+Down (coordinator -> device): a round instruction (phase, round, run id, expert digest), the
+shared parameters, the run config, and once per device the expert's files.
+
+Up (device -> coordinator), by message, and nothing else:
+
+  query     `has-expert`: 0 or 1.
+  train     the shared parameters after local training (expert phase: the whole expert
+            LoRA; personalization: the split's shared part only) and `TRAIN_METRICS`: the
+            number of training samples, the losses (means over the local steps), the step
+            count and seconds.
+  evaluate  `EVALUATE_METRICS`: the number of held-out samples and the personalized model's
+            scores on them (with `evaluate-base`, the base's too): ROUGE-1/L, BLEU, METEOR,
+            NLL and history sensitivity, each a mean over the user's held-out samples.
+  failure   a fixed code and category (`client.failures`), never the error's text.
+
+Never text, token ids, personal parameters or token weights. The metrics are per-user
+numbers computed from the user's text: one mean each, from which no text can be read back,
+but they do say how many samples a user has, how predictable their writing is (NLL) and how
+much their history helps (history sensitivity). Flower adds its own metadata (node and
+message ids, the round's group id, the seconds a ClientApp ran). `tests/test_deployment.py`
+proves this at the wire with canaries (`simulations.wire_audit`).
 """
 
 from __future__ import annotations

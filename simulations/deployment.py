@@ -95,9 +95,16 @@ def local_deployment(
     connection: str = "nextquill-local",
     startup_timeout: float = 120.0,
     stop_timeout: float = 15.0,
+    tls: bool = True,
+    supernode_route: Callable[[str], str] | None = None,
 ) -> Iterator[LocalDeployment]:
     """Start a SuperLink and one SuperNode per entry of `nodes` (its `--node-config`) on
     127.0.0.1, with TLS and SuperNode authentication, and stop them all on exit.
+
+    For audits only: `tls=False` runs everything over plain HTTP, without node authentication
+    (Flower requires TLS for it; SuperNodes then register themselves and `node_ids` stays
+    empty); `supernode_route` maps the SuperLink's address to the one the SuperNodes dial (a
+    recording proxy in front of the SuperLink: `simulations.wire_audit.WireRecorder`).
 
     Certificates and keys are made (or reused) under `certs_dir`: `tls/` and `supernode-keys/`.
     `flwr_home` becomes the CLI's FLWR_HOME with a `[superlink.<connection>]` entry (and the
@@ -119,8 +126,9 @@ def local_deployment(
     flwr_home = Path(flwr_home).absolute()
     certs_dir = Path(certs_dir).absolute()
     names = [f"supernode-{index}" for index in range(len(nodes))]
-    tls = make_dev_certificates(certs_dir / "tls")
-    keys = make_supernode_keys(certs_dir / "supernode-keys", names)
+    certificates = make_dev_certificates(certs_dir / "tls") if tls else None
+    keys = make_supernode_keys(certs_dir / "supernode-keys", names) if tls else {}
+    ca_cert = certificates["ca_cert"] if certificates else None
     marker = uuid.uuid4().hex
     env = _flower_env(flwr_home, marker)
     link_port, *node_ports = _free_ports(1 + len(nodes))
@@ -134,15 +142,18 @@ def local_deployment(
     started: dict[str, subprocess.Popen[bytes]] = {}
     try:
         link_home = flwr_home / "superlink"
+        link_security = ["--insecure"] if certificates is None else [
+            "--ssl-ca-certfile", str(certificates["ca_cert"]),
+            "--ssl-certfile", str(certificates["server_cert"]),
+            "--ssl-keyfile", str(certificates["server_key"]),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
         started["superlink"] = _start(
             [
                 "flower-superlink",
                 "--host", "127.0.0.1",
                 "--port", str(link_port),
-                "--ssl-ca-certfile", str(tls["ca_cert"]),
-                "--ssl-certfile", str(tls["server_cert"]),
-                "--ssl-keyfile", str(tls["server_key"]),
-                "--enable-supernode-auth",
+                *link_security,
                 "--disable-runtime-dependency-installation",
             ],
             env={**env, "FLWR_HOME": str(link_home)},
@@ -150,20 +161,24 @@ def local_deployment(
             log=logs["superlink"],
         )  # fmt: skip
         deadline = time.monotonic() + startup_timeout
-        _wait_for(lambda: _superlink_healthy(address, tls["ca_cert"]), deadline, started, logs, "the SuperLink")
-        _write_connection(flwr_home, connection, address, tls["ca_cert"])
+        _wait_for(lambda: _superlink_healthy(address, ca_cert), deadline, started, logs, "the SuperLink")
+        _write_connection(flwr_home, connection, address, ca_cert)
 
         node_ids = {}
-        for name in names:
+        for name in keys:
             reply = _flwr_json(env, "supernode", "register", str(keys[name].public_key), connection, "--name", name)
             node_ids[name] = int(reply["node-id"])
+        dialled = supernode_route(address) if supernode_route else address
         for name, port, node_env in zip(names, node_ports, node_envs or [{}] * len(names), strict=True):
+            node_security = ["--insecure"] if certificates is None else [
+                "--root-certificates", str(certificates["ca_cert"]),
+                "--auth-supernode-private-key", str(keys[name].private_key),
+            ]  # fmt: skip
             started[name] = _start(
                 [
                     "flower-supernode",
-                    "--superlink", address,
-                    "--root-certificates", str(tls["ca_cert"]),
-                    "--auth-supernode-private-key", str(keys[name].private_key),
+                    "--superlink", dialled,
+                    *node_security,
                     "--node-config", str(node_homes[name] / "node-config.toml"),
                     "--host", "127.0.0.1",
                     "--port", str(port),
@@ -174,11 +189,12 @@ def local_deployment(
                 log=logs[name],
             )  # fmt: skip
         online = set(node_ids.values())
-        _wait_for(lambda: _nodes_online(env, connection, online), deadline, started, logs, "all SuperNodes online")
+        _wait_for(lambda: _nodes_online(env, connection, online, len(names)), deadline, started, logs,
+                  "all SuperNodes online")
         yield LocalDeployment(
             connection=connection,
             address=address,
-            root_certificates=tls["ca_cert"],
+            root_certificates=ca_cert,
             flwr_home=flwr_home,
             env=env,
             logs=logs,
@@ -445,9 +461,11 @@ def _flwr_json(env: Mapping[str, str], *args: str) -> dict:
     return reply
 
 
-def _nodes_online(env: Mapping[str, str], connection: str, node_ids: set[int]) -> bool:
+def _nodes_online(env: Mapping[str, str], connection: str, node_ids: set[int], count: int) -> bool:
+    """Whether the nodes `node_ids` (registered by us), and `count` nodes in all, are online."""
     nodes = _flwr_json(env, "supernode", "list", connection)["nodes"]
-    return node_ids <= {int(node["node-id"]) for node in nodes if node["status"] == "online"}
+    online = {int(node["node-id"]) for node in nodes if node["status"] == "online"}
+    return node_ids <= online and len(online) >= count
 
 
 def _tail(log: Path, lines: int = 30) -> str:

@@ -1,11 +1,17 @@
 """A real deployment on loopback: a SuperLink and two SuperNodes as separate processes, TLS and
 SuperNode authentication on, our apps run by `flwr run` over Flower's Fleet API (HTTP). One
 expert round and one personalization round; then each device holds its personal adapter and
-the coordinator's checkpoint holds exactly the shared keys. Every process is stopped."""
+the coordinator's checkpoint holds exactly the shared keys. Every process is stopped. And the
+privacy audit at the wire: the same deployment with TLS off and a recording proxy in front of
+the SuperLink, users' data marked with canaries."""
 
 import json
+import random
+import shutil
+import string
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,10 +20,12 @@ from client.personal_state import load_personal_state, personal_path
 from coordinator.checkpoint import load_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from shared.config import LoraSettings
-from shared.split import PERSONAL_ADAPTER, SplitSpec
-from shared.user_store import UserStore
+from shared.split import EXPERT_SPLIT, PERSONAL_ADAPTER, SplitSpec
+from shared.user_store import UserStore, write_user_store
+from shared.wire import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
 from simulations.datasets import build_synthetic_users
 from simulations.deployment import local_deployment, run_app
+from simulations.wire_audit import WireRecorder, leaks, pushed_replies, secret_forms
 
 REPO = Path(__file__).parents[1]
 
@@ -103,3 +111,92 @@ def test_a_run_asking_for_more_nodes_than_exist_and_losing_one_mid_run_completes
     assert "failed: device failed: user-store (details in the device's log)" in run.output
     assert CANARY not in run.output and CANARY not in logs["superlink"]
     assert CANARY in logs["supernode-2"]  # the details stayed on the device
+
+
+def _canary_user(source: Path, target: Path, canaries: dict[str, str]) -> Path:
+    """`source`'s store rewritten with a canary word in its user id, folder, every context,
+    every target and every history item."""
+    store = UserStore.open(source)
+    samples = [replace(s, x=f"{s.x} {canaries['input']}", y=f"{s.y} {canaries['target']}") for s in store.samples()]
+    seen = {item.id: item for sample in store.samples() for item in store.history_for(sample)}
+    history = [replace(item, text=f"{item.text} {canaries['history']}") for item in seen.values()]
+    write_user_store(target, f"user {canaries['user-id']}", store.meta["source"], samples, history)
+    return target
+
+
+def _token_ids(tokenizer, word: str) -> list[list[int]]:
+    """The ids a device's tokenizer gives `word` alone and inside text (after a space)."""
+    variants = [tokenizer.encode(form, add_special_tokens=False) for form in (word, f" {word}")]
+    assert all(len(ids) >= 4 for ids in variants), "a canary of few tokens could match by chance"
+    return variants
+
+
+@pytest.mark.slow
+def test_no_canary_of_a_users_data_crosses_the_wire_in_any_encoding(model_dir, tokenizer, tmp_path):
+    """A SuperLink and three SuperNodes on loopback, with a recording proxy between them (TLS
+    off for this test only). Two users' ids, folders, inputs, targets and histories carry
+    canaries; a third device fails on a store whose path and bad record carry canaries. No
+    canary crosses in UTF-8, UTF-16 or as token ids of 16, 32 or 64 bits, either byte order;
+    the positive control (a run-config value the coordinator sends) is found in the same
+    capture; and every reply holds only shared parameters and allow-listed metrics."""
+    rng = random.Random(7)
+    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(14))  # noqa: E731
+    secrets: dict[str, str] = {}
+    users = build_synthetic_users(tmp_path / "built", n_users=2, samples_per_user=10)
+    stores = []
+    for index, built in enumerate(users):
+        canaries = {site: word() for site in ("user-id", "folder", "input", "target", "history")}
+        stores.append(_canary_user(built, tmp_path / "users" / f"store-{canaries['folder']}", canaries))
+        secrets |= {f"user {index} {site}": value for site, value in canaries.items()}
+    failing = {"folder": word(), "record": word()}
+    secrets |= {f"failing device {site}": value for site, value in failing.items()}
+    broken = tmp_path / "users" / f"store-{failing['folder']}"
+    shutil.copytree(stores[0], broken)
+    with open(broken / "samples.jsonl", "a", encoding="utf-8") as rows:
+        rows.write(json.dumps({"id": failing["record"], "time": 99.0, "x": "", "y": 7, "split": "train",
+                               "history_ids": [], "preference_spans": []}) + "\n")
+    control = word()
+    run_dir = tmp_path / f"run-{control}"
+    run_config = {
+        "model": str(model_dir), "device": "cpu", "clients-per-round": 3, "expert-rounds": 1, "rounds": 1,
+        "local-steps": 2, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
+        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir), "connect-timeout": 30.0,
+    }
+    nodes = [{"user-dir": str(path)} for path in [*stores, broken]]
+    homes = [{"NEXTQUILL_HOME": str(tmp_path / f"device-{i}")} for i in range(len(nodes))]
+    with WireRecorder() as recorder:
+        with local_deployment(tmp_path / "flwr", nodes, tmp_path / "certs", node_envs=homes, tls=False,
+                              supernode_route=recorder.forward_to) as deployment:
+            run = run_app(deployment, REPO, run_config, timeout=900)
+            failing_log = deployment.logs["supernode-2"].read_text(errors="replace")
+        recorder.close()
+        connections = recorder.connections
+    assert run.status == "finished:completed"
+    assert failing["folder"] in failing_log and failing["record"] in failing_log  # the error named them, locally
+
+    forms = {name: secret_forms(value, _token_ids(tokenizer, value)) for name, value in secrets.items()}
+    assert leaks(connections, forms) == []
+    found = leaks(connections, {"control": secret_forms(control)}, direction="downstream")
+    assert {leak.form for leak in found} >= {"utf-8"}  # the capture could see what the coordinator sent
+
+    replies = pushed_replies(connections)
+    lora = LoraSettings(lora_r=2, lora_alpha=4)
+    adapters = GlobalAdapters(str(model_dir), lora)
+    shared_keys = [set(adapters.initial_shared(split, 0)) for split in (EXPERT_SPLIT, SplitSpec("dual"))]
+    allowed = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS, "query": QUERY_METRICS}
+    kinds = {reply.message_type for reply in replies}
+    assert kinds == {"train", "evaluate", "query"}
+    for reply in replies:
+        if reply.error is not None:
+            assert reply.error.reason == "device failed: user-store (details in the device's log)"
+            continue
+        records = dict(reply.content.items())
+        assert set(records) <= {"arrays", "metrics"}
+        assert set(records["metrics"]) <= allowed[reply.message_type]
+        if "arrays" in records:
+            assert reply.message_type == "train" and set(records["arrays"]) in shared_keys
+    assert sum(reply.error is not None for reply in replies) >= 2  # the failing device replied each round
+    # And the capture saw what the devices sent up: a reply's parameters, as raw bytes.
+    trained = [reply for reply in replies if reply.message_type == "train" and reply.error is None]
+    sent_up = next(iter(trained[-1].content["arrays"].values())).numpy().tobytes()[:64]
+    assert leaks(connections, {"reply": {"float32": sent_up}}, direction="upstream")

@@ -16,8 +16,9 @@ from flwr.cli.build import build_fab_from_disk
 
 REPO = Path(__file__).parents[1]
 PACKAGES = ("client", "coordinator", "shared", "simulations")
-OPERATOR_TOOLING = ("simulations/deployment.py", "simulations/credentials.py", "simulations/cli.py")
-OPERATOR_PACKAGES = ("cryptography", "psutil", "tomli_w")
+OPERATOR_TOOLING = ("simulations/deployment.py", "simulations/credentials.py", "simulations/cli.py",
+                    "simulations/wire_audit.py")
+OPERATOR_PACKAGES = ("cryptography", "psutil", "tomli_w", "h11")
 
 
 def _module_name(path: Path) -> str:
