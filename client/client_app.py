@@ -5,7 +5,9 @@
   evaluate  the personalized model on the user's held-out samples: metrics only
   query     the expert's distribution: does this device hold it, and here it is
 
-A handler that fails replies with a fixed code and category only (`client.failures`).
+A handler that fails replies with a fixed code and category only (`client.failures`). With
+differential privacy on, Flower's own client mods clip (and with local DP noise) the update
+of every train reply (`client.privacy`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from client import federated
 from client.failures import replies_without_details
+from client.privacy import device_privacy
 from shared.config import RunConfig
 from shared.wire import (
     EXPERT_DELIVER,
@@ -26,7 +29,7 @@ from shared.wire import (
     encode_shared,
 )
 
-app = ClientApp()
+app = ClientApp(mods=[device_privacy])
 
 
 @app.train()

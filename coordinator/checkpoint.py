@@ -29,6 +29,7 @@ class Checkpoint:
     run_id: str  # names the devices' personal state of this run
     expert_digest: str | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # the phase's global shared parameters
+    privacy: dict | None = None  # differential privacy spent so far (`coordinator.privacy.RunPrivacy.state`)
 
     def __post_init__(self) -> None:
         if self.phase not in tuple(Phase):
@@ -38,7 +39,7 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     meta = {"phase": checkpoint.phase.value, "round": checkpoint.round, "run_id": checkpoint.run_id,
-            "expert_digest": checkpoint.expert_digest}
+            "expert_digest": checkpoint.expert_digest, "privacy": checkpoint.privacy}
     tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint.shared.items()}
     path = Path(run_dir) / CHECKPOINT_FILE
     atomic_write_bytes(path, save(tensors, metadata={_META_KEY: json.dumps(meta)}))

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from coordinator.nodes import NodeSnapshot, NodeWaiter
+from coordinator.privacy import UNIFORM_WEIGHT_KEY, RunPrivacy, weight_key
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapters import adapter_digest, check_adapter_base
@@ -76,6 +77,9 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     else:
         log.info("resuming %s at phase %s after round %d", run_dir, checkpoint.phase, checkpoint.round)
     rounds.keep_until(checkpoint.phase, checkpoint.round)
+    privacy = RunPrivacy.start(config.privacy, config.releases, checkpoint.privacy)
+    if config.privacy.enabled:
+        log.info("%s", privacy.describe())
     adapters = GlobalAdapters(config.model, config.lora)
     if config.needs_expert and config.expert:
         check_adapter_base(config.resolve(config.expert), adapters.base_id)
@@ -83,25 +87,28 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
 
     if checkpoint.phase == Phase.EXPERT:
         shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, EXPERT_SPLIT, config.expert_rounds,
-                         run_dir)
+                         run_dir, privacy)
         checkpoint.expert_digest = adapters.save(EXPERT_SPLIT, shared, run_dir / EXPERT_DIR,
                                                  {"run_id": checkpoint.run_id, "rounds": config.expert_rounds})
         log.info("expert published: %s (digest %s)", run_dir / EXPERT_DIR, checkpoint.expert_digest[:16])
-        checkpoint = Checkpoint(Phase.PERSONALIZE, 0, checkpoint.run_id, checkpoint.expert_digest)
+        checkpoint = Checkpoint(Phase.PERSONALIZE, 0, checkpoint.run_id, checkpoint.expert_digest,
+                                privacy=privacy.state())
         save_checkpoint(run_dir, checkpoint)
 
     summary = None
     if checkpoint.phase == Phase.PERSONALIZE:
         shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, config.split_spec, config.rounds,
-                         run_dir)
-        checkpoint = Checkpoint(Phase.EVALUATE, 0, checkpoint.run_id, checkpoint.expert_digest, shared)
+                         run_dir, privacy)
+        checkpoint = Checkpoint(Phase.EVALUATE, 0, checkpoint.run_id, checkpoint.expert_digest, shared,
+                                privacy=privacy.state())
         save_checkpoint(run_dir, checkpoint)
         if config.split_spec.shares_whole_adapter:
             adapters.save(config.split_spec, shared, run_dir / SHARED_ADAPTER_DIR, {"run_id": checkpoint.run_id})
 
     if checkpoint.phase == Phase.EVALUATE:
-        summary = run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=True)
-        checkpoint = Checkpoint(Phase.DONE, 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared)
+        summary = run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=True, privacy=privacy)
+        checkpoint = Checkpoint(Phase.DONE, 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared,
+                                privacy=privacy.state())
         save_checkpoint(run_dir, checkpoint)
     plot_rounds(run_dir, rounds.rows)
     log.info("run finished: %s", run_dir)
@@ -112,9 +119,18 @@ def expert_dir(config: RunConfig, run_dir: Path) -> Path:
     return config.resolve(config.expert) if config.expert else run_dir / EXPERT_DIR
 
 
-def _strategy(config: RunConfig) -> ScreenedReplies:
-    sampled = SampledFedAvg(clients_per_round=config.clients_per_round, evaluate_clients=config.evaluate_clients)
-    return ScreenedReplies(sampled, min_replies=config.min_replies)
+def _strategy(config: RunConfig, privacy: RunPrivacy | None = None, connected: int = 0) -> ScreenedReplies:
+    """A round's strategy: FedAvg sampling `clients-per-round` of the `connected` nodes, inside
+    the run's DP wrapper when training with DP, behind the screening of replies."""
+    if privacy is None:  # evaluation: FedAvg's mean of the metrics, by examples
+        return ScreenedReplies(SampledFedAvg(clients_per_round=config.clients_per_round,
+                                             evaluate_clients=config.evaluate_clients), min_replies=config.min_replies)
+    key = weight_key(config.privacy)
+    fedavg = SampledFedAvg(clients_per_round=config.clients_per_round, weighted_by_key=key)
+    sampled = min(config.clients_per_round, connected)
+    uniform = {key: config.local_steps} if key == UNIFORM_WEIGHT_KEY else {}
+    return ScreenedReplies(privacy.wrap(fedavg, sampled, connected), min_replies=config.min_replies,
+                           expected_metrics=uniform)
 
 
 def _rounds(
@@ -127,13 +143,13 @@ def _rounds(
     split: SplitSpec,
     num_rounds: int,
     run_dir: Path,
+    privacy: RunPrivacy,
 ) -> dict[str, torch.Tensor]:
     """The training rounds of the checkpoint's phase, from the one after the last completed;
     returns the phase's final shared parameters. Personalization rounds first send the expert
     to connected devices that lack it (once per device)."""
     phase = checkpoint.phase
     shared = checkpoint.shared or adapters.initial_shared(split, config.seed)
-    strategy = _strategy(config)
     expert_holders: set[int] = set()
     for server_round in range(checkpoint.round + 1, num_rounds + 1):
         started = time.perf_counter()
@@ -142,6 +158,7 @@ def _rounds(
             expert_holders |= distribute_expert(grid, expert_dir(config, run_dir), checkpoint.expert_digest,
                                                 config.round_timeout, [n for n in connected if n not in expert_holders])
         instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
+        strategy = _strategy(config, privacy, len(connected))
         arrays = encode_shared(shared, config.transport_dtype)
         random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()),
@@ -155,9 +172,10 @@ def _rounds(
             "accepted": len(strategy.accepted),
             "aggregated": aggregated is not None, "upload_bytes_per_client": arrays.count_bytes(),
             "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
+            **privacy.after_round(aggregated is not None),
         }
         rounds.append(row)
-        checkpoint.round, checkpoint.shared = server_round, shared
+        checkpoint.round, checkpoint.shared, checkpoint.privacy = server_round, shared, privacy.state()
         save_checkpoint(run_dir, checkpoint)
         log.info("[%s %d/%d] %d sampled, %d replied, %d aggregated, train loss %s, %.1f s", phase, server_round,
                  num_rounds, row["sampled"], row["replies"], row["accepted"],
@@ -170,7 +188,7 @@ def _rounds(
 
 def run_evaluation(
     grid: Grid, nodes: NodeWaiter, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path,
-    final: bool,
+    final: bool, privacy: RunPrivacy | None = None,
 ) -> dict[str, Any] | None:
     """Every connected device (or `evaluate-clients` of them) evaluates its personalized model;
     the final evaluation writes the per-user table and the macro-average."""
@@ -185,7 +203,8 @@ def run_evaluation(
     metrics = strategy.aggregate_evaluate(server_round, replies)
     users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
              for reply in strategy.accepted] if metrics is not None else []
-    summary = write_evaluation(run_dir, users) if final and users else None
+    extra = {"privacy": privacy.summary()} if privacy is not None else {}
+    summary = write_evaluation(run_dir, users, extra) if final and users else None
     macro = summary["macro_average"] if summary else {}
     rounds.append({"phase": Phase.PERSONALIZE if not final else Phase.EVALUATE, "round": server_round,
                    "sampled": len(messages), "replies": len(replies), "accepted": len(users),

@@ -84,15 +84,17 @@ class RoundLog:
         atomic_write_jsonl(self.path, self.rows)
 
 
-def write_evaluation(run_dir: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per-user table and macro-average (± standard deviation across users)."""
+def write_evaluation(run_dir: Path, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None,
+                     ) -> dict[str, Any]:
+    """Per-user table and macro-average (± standard deviation across users); `extra` is added
+    to the summary as it is (the run's privacy guarantee)."""
     columns = ["node_id", NUM_EXAMPLES, *sorted(EVALUATE_METRICS - {NUM_EXAMPLES})]
     table = io.StringIO()
     writer = csv.DictWriter(table, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: r["node_id"]))
     atomic_write_text(Path(run_dir) / EVALUATION_FILE, table.getvalue())
-    summary = {"users": len(rows), "macro_average": macro_average(list(rows), columns[2:])}
+    summary = {"users": len(rows), "macro_average": macro_average(list(rows), columns[2:]), **(extra or {})}
     atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
     return summary
 

@@ -64,9 +64,14 @@ class SampledFedAvg(FedAvg):
 class ScreenedReplies(Strategy):
     """Checks every reply before the wrapped strategy aggregates it."""
 
-    def __init__(self, strategy: Strategy, min_replies: int = 1) -> None:
+    def __init__(self, strategy: Strategy, min_replies: int = 1,
+                 expected_metrics: dict[str, float] | None = None) -> None:
         self.strategy = strategy
         self.min_replies = min_replies
+        # Train metrics every valid reply must hold with exactly these values (with central DP,
+        # the uniform aggregation weight: a reply claiming another weight is excluded here rather
+        # than stopping Flower's accounted aggregation).
+        self.expected_metrics = expected_metrics or {}
         self.sent: ArrayRecord | None = None
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, why)
         self.accepted: list[Message] = []  # the replies the last aggregation used
@@ -112,9 +117,11 @@ class ScreenedReplies(Strategy):
                 log.warning("round %d: reply from node %d excluded: %s", server_round, node, "; ".join(problems))
                 self.rejected.append((server_round, node, "; ".join(problems)))
             else:
-                if train:  # aggregate in float32, whatever the transport dtype
+                if train:  # aggregate in float32, whatever the transport dtype, in the order sent
+                    # (Flower's DP wrappers pair a reply's arrays with those sent by position)
                     key, record = next(iter(reply.content.array_records.items()))
-                    reply.content[key] = ArrayRecord(decode_shared(record))
+                    decoded = decode_shared(record)
+                    reply.content[key] = ArrayRecord({name: decoded[name] for name in (self.sent or decoded)})
                 self.accepted.append(reply)
         if len(self.accepted) < self.min_replies:
             log.warning("round %d: %d valid replies, fewer than min-replies %d: nothing aggregated",
@@ -131,6 +138,9 @@ class ScreenedReplies(Strategy):
             bad = disallowed_metrics(dict(record), TRAIN_METRICS if train else EVALUATE_METRICS)
             if bad:
                 problems.append(f"metrics not allowed to leave a device: {bad}")
+            if train:
+                problems += [f"metric {key!r} is {record.get(key)!r}, expected {value!r}"
+                             for key, value in self.expected_metrics.items() if record.get(key) != value]
         arrays = list(reply.content.array_records.values())
         if train:
             if len(arrays) != 1:

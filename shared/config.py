@@ -7,6 +7,7 @@ values it accepts (`shared.settings`, PEFT's `LoraConfig` style).
   WeightScheme  how the expert's DCE becomes token weights ω
   GenerationSettings  decoding in evaluation
   TrainConfig   local training: method, steps, optimiser, NextQuill's alpha, forward passes
+  PrivacySettings  differential privacy of the shared update (`shared/privacy.py`)
   RunConfig     Flower's run config (`[tool.flwr.app.config]`): its keys are views of the
                 fields above (`like`), plus what only a federated run has
 
@@ -35,6 +36,7 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 WEIGHTINGS = ("threshold", "continuous")
 TRANSPORT_DTYPES = ("float32", "float16")
 EMPTY_HISTORIES = ("removed", "none")
+DP_MODES = ("off", "server", "client", "local")
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,37 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Differential privacy of the shared update, with Flower's own wrappers and mods; ε from
+    Flower's RDP accountant (`shared/privacy.py` says what each mode trusts)."""
+
+    dp: str = setting(
+        "off", "differential privacy of the shared update: 'off', 'server' (the coordinator clips each update and "
+               "adds noise), 'client' (devices clip, the coordinator adds noise) or 'local' (devices clip and add "
+               "noise)", choices=DP_MODES,
+    )
+    dp_clip: float = setting(1.0, "L2 bound on one device's update of the shared parameters in one round", above=0.0)
+    dp_noise: float = setting(
+        1.0, "noise multiplier σ: Gaussian noise of std σ × dp-clip (central DP: on the sum of the updates); "
+             "ignored when dp-epsilon is set", minimum=0.0,
+    )
+    dp_epsilon: float = setting(
+        0.0, "target ε of the whole run (every aggregated round, the expert phase's included): sets σ (0: use "
+             "dp-noise)", minimum=0.0,
+    )
+    dp_delta: float = setting(1e-5, "δ of the (ε, δ) guarantee", above=0.0, maximum=0.1)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.dp == "local" and not self.dp_epsilon and not self.dp_noise:
+            raise SettingError("dp_noise", "must be above 0 with local DP (or set dp_epsilon)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp != "off"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a federated NextQuill run is configured by: `[tool.flwr.app.config]` in
     pyproject.toml (and `flwr run --run-config`), keys in kebab-case. Relative paths (run-dir,
@@ -220,6 +253,11 @@ class RunConfig:
         300.0, "seconds to wait for clients-per-round SuperNodes to connect; then the run goes on with those "
                "connected (at least min-replies) or ends with a message", above=0.0,
     )
+    dp: str = like(PrivacySettings, "dp")
+    dp_clip: float = like(PrivacySettings, "dp_clip")
+    dp_noise: float = like(PrivacySettings, "dp_noise")
+    dp_epsilon: float = like(PrivacySettings, "dp_epsilon")
+    dp_delta: float = like(PrivacySettings, "dp_delta")
     run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume (relative: under the data "
                                              "directory)")
     seed: int = setting(0, "seed of client sampling and initialisation")
@@ -236,7 +274,7 @@ class RunConfig:
             raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
                                                     "or expert to an existing expert adapter directory")
         try:  # the objects derived from the keys check what they hold (same names, kebab-case)
-            self.base_spec, self.prompt, self.weight_scheme, self.lora  # noqa: B018
+            self.base_spec, self.prompt, self.weight_scheme, self.lora, self.privacy  # noqa: B018
         except SettingError as error:
             raise error.renamed(f"run config {_key(error.name)}") from None
         self.split_spec  # noqa: B018  (raises on an invalid split / shared-layers pair)
@@ -296,6 +334,16 @@ class RunConfig:
     @property
     def weight_scheme(self) -> WeightScheme:
         return WeightScheme(self.weighting)
+
+    @property
+    def privacy(self) -> PrivacySettings:
+        return PrivacySettings(self.dp, self.dp_clip, self.dp_noise, self.dp_epsilon, self.dp_delta)
+
+    @property
+    def releases(self) -> int:
+        """The aggregated rounds a run plans: its expert phase's (when it trains one) and its
+        personalization's. Differential privacy covers them all."""
+        return (self.expert_rounds if self.needs_expert and not self.expert else 0) + self.rounds
 
     def train_config(self, method: str, seed: int) -> TrainConfig:
         """A round's local training with `method` (the personalization method, or the expert

@@ -1,0 +1,86 @@
+"""Differential privacy of the shared update: how much noise, and what it buys.
+
+Every mode adds Gaussian noise whose standard deviation is `noise_multiplier × clip`, where
+`clip` bounds the L2 norm of one device's update (its change of the shared parameters) in one
+round. The pieces are Flower's own (`coordinator.strategy.private_strategy`, `client_app`):
+
+  server  the coordinator clips each update and adds noise to their mean
+          (`DifferentialPrivacyServerSideFixedClipping`): devices trust the coordinator;
+  client  each device clips its own update (`fixedclipping_mod`), the coordinator adds the
+          noise (`DifferentialPrivacyClientSideFixedClipping`);
+  local   each device clips and adds the noise itself (`LocalDpMod`): the coordinator sees
+          only noised updates.
+
+ε is never computed by a formula of ours: Flower's RDP accountant (Google's `dp-accounting`
+underneath) composes the releases of central DP as the run goes, and the same library's RDP
+accountant and `calibrate_dp_mechanism` give, before a run, the ε of a noise multiplier and
+the noise multiplier of a target ε. Each aggregated round (expert or personalization) is one
+release; no amplification by the sampling of clients is claimed (Flower's accounted
+fixed-clipping DP requires that model), so ε holds whichever clients a round samples. For
+local DP the same accounting holds per device, over the rounds it takes part in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.config import PrivacySettings
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """The noise of a run and the guarantee it gives."""
+
+    noise_multiplier: float  # σ: noise std = σ × clip
+    releases: int  # aggregated rounds the guarantee covers
+    delta: float
+    epsilon: float  # at `delta`, after `releases`; inf without noise
+
+
+def epsilon_of(noise_multiplier: float, releases: int, delta: float) -> float:
+    """ε at `delta` after `releases` Gaussian releases of noise multiplier σ (RDP accounting,
+    add-or-remove-one neighbours, no sampling amplification); inf for σ = 0."""
+    if noise_multiplier <= 0:
+        return math.inf
+    if releases <= 0:
+        return 0.0
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(SelfComposedDpEvent(GaussianDpEvent(noise_multiplier), releases))
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_for_epsilon(target_epsilon: float, releases: int, delta: float) -> float:
+    """The smallest σ whose `releases` releases are (target ε, δ)-DP, by the accounting of
+    `epsilon_of` (dp-accounting's `calibrate_dp_mechanism`, a bracketed search over σ)."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target epsilon must be positive and finite, got {target_epsilon!r}")
+    if releases <= 0:
+        raise ValueError(f"releases must be at least 1, got {releases}")
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent, calibrate_dp_mechanism
+    from dp_accounting.mechanism_calibration import ExplicitBracketInterval
+    from dp_accounting.rdp import RdpAccountant
+
+    return float(calibrate_dp_mechanism(
+        RdpAccountant, lambda sigma: SelfComposedDpEvent(GaussianDpEvent(sigma), releases),
+        target_epsilon, delta, bracket_interval=ExplicitBracketInterval(1e-3, 1e4), tol=1e-4,
+    ))
+
+
+def plan_budget(settings: PrivacySettings, releases: int) -> PrivacyBudget:
+    """A run's noise: calibrated to `dp_epsilon` over `releases` where that is set (> 0), else
+    `dp_noise` as given; with the ε it gives at `dp_delta`."""
+    delta = settings.dp_delta
+    sigma = noise_for_epsilon(settings.dp_epsilon, releases, delta) if settings.dp_epsilon else settings.dp_noise
+    return PrivacyBudget(sigma, releases, delta, epsilon_of(sigma, releases, delta))
+
+
+def local_release_epsilon(noise_multiplier: float, delta: float) -> float:
+    """The ε to give Flower's `LocalDpMod` (with sensitivity = clip) so that its noise std,
+    sensitivity × sqrt(2 ln(1.25/δ)) / ε (the classic Gaussian mechanism's), is σ × clip."""
+    return math.sqrt(2 * math.log(1.25 / delta)) / noise_multiplier
