@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import statistics
 import time
 import uuid
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ def _rounds(
             "accepted": len(strategy.accepted),
             "aggregated": aggregated is not None, "upload_bytes_per_client": arrays.count_bytes(),
             "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
-            **privacy.after_round(aggregated is not None),
+            **_norms(strategy.update_norms), **privacy.after_round(aggregated is not None),
         }
         rounds.append(row)
         checkpoint.round, checkpoint.shared, checkpoint.privacy = server_round, shared, privacy.state()
@@ -184,6 +185,14 @@ def _rounds(
                 and server_round < num_rounds:
             run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=False)
     return shared
+
+
+def _norms(norms: list[float]) -> dict[str, float]:
+    """The spread of the updates' L2 norms as received (before any server-side clipping): what
+    to set dp-clip by."""
+    if not norms:
+        return {}
+    return {"update-norm-median": statistics.median(norms), "update-norm-max": max(norms)}
 
 
 def run_evaluation(

@@ -75,6 +75,7 @@ class ScreenedReplies(Strategy):
         self.sent: ArrayRecord | None = None
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, why)
         self.accepted: list[Message] = []  # the replies the last aggregation used
+        self.update_norms: list[float] = []  # L2 norm of each accepted train reply's update, as received
 
     def summary(self) -> None:
         log.info("screening replies: shared parameters as sent, allow-listed metrics, at least %d valid",
@@ -106,7 +107,8 @@ class ScreenedReplies(Strategy):
 
     def _screen(self, server_round: int, replies: Iterable[Message], train: bool) -> bool:
         """Keep the valid replies in `self.accepted`; whether there are enough of them."""
-        self.accepted = []
+        self.accepted, self.update_norms = [], []
+        sent = decode_shared(self.sent) if train and self.sent is not None else {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -122,6 +124,9 @@ class ScreenedReplies(Strategy):
                     key, record = next(iter(reply.content.array_records.items()))
                     decoded = decode_shared(record)
                     reply.content[key] = ArrayRecord({name: decoded[name] for name in (self.sent or decoded)})
+                    if sent:  # what a user would choose dp-clip by
+                        self.update_norms.append(
+                            float(sum(((decoded[k] - sent[k]) ** 2).sum() for k in sent) ** 0.5))
                 self.accepted.append(reply)
         if len(self.accepted) < self.min_replies:
             log.warning("round %d: %d valid replies, fewer than min-replies %d: nothing aggregated",

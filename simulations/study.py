@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class StudyMethod:
     central: bool = False  # trained on the pooled data of all users, outside the federation
     group: str = "baseline"  # baseline, ours, ablation, reference
     expert: str = EXPERT_CELL  # the row whose global adapter is this row's expert, where it needs one
+    datasets: tuple[str, ...] | None = None  # the datasets this row runs on (None: every one)
 
     @property
     def needs_expert(self) -> bool:
@@ -93,6 +95,14 @@ STUDY_METHODS: dict[str, StudyMethod] = {
     "nextquill-dropout-expert": StudyMethod("ablation: NextQuill on the dual split, ω from the `expert-dropout` "
                                             "expert", {"method": "nextquill", "split": "dual"},
                                             expert="expert-dropout", group="ablation"),
+    # The quality cost of differential privacy (server-side clipping and noise, Flower's wrapper),
+    # on the generated users. dp-clip 0.5: about the median update norm of these runs without DP.
+    **{f"dp-{name}": StudyMethod(f"privacy: NextQuill-Fed with central DP, {what}",
+                                 {"method": "nextquill", "split": "dual", "dp": "server", "dp-clip": 0.5, **keys},
+                                 group="privacy", datasets=("reviewers",))
+       for name, what, keys in (("clip-only", "updates clipped, no noise (ε = ∞)", {"dp-noise": 0.0}),
+                                ("eps-8", "ε = 8", {"dp-epsilon": 8.0}), ("eps-4", "ε = 4", {"dp-epsilon": 4.0}),
+                                ("eps-1", "ε = 1", {"dp-epsilon": 1.0}))},
     "nextquill-central": StudyMethod("reference: NextQuill on all users' data pooled on one machine",
                                      {"method": "nextquill"}, central=True, group="reference"),
 }
@@ -196,6 +206,9 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
         "per_round": [{k.removeprefix("eval-"): v for k, v in row.items()} for row in evaluated],
         "upload_bytes_per_client_round": max((r["upload_bytes_per_client"] for r in trained), default=0),
         "train_seconds": sum(r["seconds"] for r in trained),
+        "update_norm_median": statistics.median([r["update-norm-median"] for r in trained
+                                                 if "update-norm-median" in r] or [float("nan")]),
+        "privacy": result.summary.get("privacy"),
     }
 
 
@@ -275,9 +288,14 @@ def _own_vs_other_history(device: Any, stores: list, expert: Path) -> list[float
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
     """(dataset, seed, method) in running order: seed by seed (a study cut short still has every
     dataset at its first seeds), and a dataset's expert cells before the cells that need them."""
-    experts = experts_of(study.methods)
-    methods = experts + [m for m in study.methods if m not in experts]
-    return [(dataset, seed, method) for seed in study.seeds for dataset in study.datasets for method in methods]
+    found = []
+    for seed in study.seeds:
+        for dataset in study.datasets:
+            rows = tuple(m for m in study.methods if STUDY_METHODS[m].datasets is None
+                         or _dataset_name(dataset) in STUDY_METHODS[m].datasets)
+            experts = experts_of(rows)
+            found += [(dataset, seed, method) for method in experts + [m for m in rows if m not in experts]]
+    return found
 
 
 def experts_of(methods: tuple[str, ...]) -> list[str]:

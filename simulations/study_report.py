@@ -131,6 +131,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
             lines.append(f"| `{method}` | {label} | {len(row['seeds'])} | {cells_text} | {row['upload_mb']:.2f} | "
                          f"{row['seconds']:.0f} |")
         lines += ["", *[f"- {line}" for line in comparisons(methods)], ""]
+        lines += privacy_table(methods, study.users)
         for expert in sorted({_expert(p) for p in detections if p.parts[-3] == dataset},
                              key=lambda e: order.get(e, 99)):
             found = [d for p, d in detections.items() if p.parts[-3] == dataset and _expert(p) == expert]
@@ -150,11 +151,51 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
     if findings.is_file():
         lines += ["## Findings", "", findings.read_text().strip(), ""]
     lines += ["Files: `cells.csv` (every cell's macro metrics), `per_user.csv`, `cells/` (one JSON per cell), "
-              "plots `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, `dce-roc.png`.", ""]
+              "plots `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, `privacy-*.png`, `dce-roc.png`.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     _write_csvs(out, cells)
     _plot(out, table, detections, order, {name: row.group for name, row in rows.items()})
     return out
+
+
+def privacy_table(methods: dict[str, dict[str, Any]], users: int) -> list[str]:
+    """The quality cost of differential privacy: `nextquill-fed` without DP against its rows
+    with central DP (ε at δ from the run's accountant, over every aggregated round), and the
+    size of the noise against the size of an update."""
+    private = [m for m, row in methods.items() if any(c.get("privacy", {}).get("dp", "off") != "off"
+                                                       for c in row["cells"])]
+    if not private:
+        return []
+    lines = ["### The cost of differential privacy", "",
+             "| row | ε (δ = 1e-5) | noise multiplier σ | clip | ROUGE-1 | NLL | noise on the mean update | "
+             "median update norm |", "|---|---|---|---|---|---|---|---|"]
+    for method in (["nextquill-fed"] if "nextquill-fed" in methods else []) + sorted(
+            private, key=lambda m: -(_privacy(methods[m])["epsilon"] or math.inf)):
+        row = methods[method]
+        privacy = _privacy(row)
+        epsilon = privacy["epsilon"]
+        sigma, clip = privacy.get("noise_multiplier", 0.0), privacy.get("clip")
+        # Gaussian noise of std σ·clip/users on each of the d shared parameters (float32 on the wire).
+        dims = row["upload_mb"] * 1e6 / 4
+        noise = sigma * clip / users * math.sqrt(dims) if clip else 0.0
+        norm = interval([c.get("update_norm_median", float("nan")) for c in row["cells"]])
+        lines.append(f"| `{method}` | {'∞' if epsilon is None else f'{epsilon:.2f}'} | {sigma:.3g} | "
+                     f"{'–' if clip is None else f'{clip:g}'} | {_cell(*row['rouge1'])} | {_cell(*row['nll'])} | "
+                     f"{noise:.3g} | {_cell(*norm, 3)} |")
+    lines += ["", "Noise on the mean update: the expected L2 norm of the Gaussian noise the coordinator adds to "
+              f"the mean of the {users} clipped updates (σ × clip / users × √(shared parameters)); an update's "
+              "norm is what the devices' training moved the shared parameters in a round (clipped to `clip` "
+              "under DP). Central DP with so few users buries the update under the noise.", ""]
+    return lines
+
+
+def _privacy(row: dict[str, Any]) -> dict[str, Any]:
+    """The DP settings of a row's cells and the ε they spent (the largest over seeds)."""
+    found = [c["privacy"] for c in row["cells"] if c.get("privacy") and c["privacy"].get("dp", "off") != "off"]
+    if not found:
+        return {"epsilon": None, "noise_multiplier": 0.0, "clip": None}
+    spent = [f["epsilon"] for f in found]
+    return {**found[0], "epsilon": None if None in spent else max(spent)}
 
 
 def machine() -> str:
@@ -245,6 +286,27 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
                     ax.set_xlim(low - pad, high + pad)
                 ax.grid(axis="x", alpha=0.3)
             save(fig, f"ablations-{dataset}.png")
+        # Quality against the privacy guarantee (rows with central DP, and ours without).
+        private = [m for m in names if groups.get(m) == "privacy"]
+        if private:
+            shown = (["nextquill-fed"] if "nextquill-fed" in methods else []) + sorted(
+                private, key=lambda m: -(_privacy(methods[m])["epsilon"] or math.inf))
+            ticks = []
+            for m in shown:
+                privacy = _privacy(methods[m])
+                ticks.append("no DP" if privacy["clip"] is None else
+                             "ε = ∞\n(clip only)" if privacy["epsilon"] is None else f"ε = {privacy['epsilon']:.3g}")
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for ax, metric in zip(axes, ("rouge1", "nll"), strict=True):
+                means = [methods[m][metric][0] for m in shown]
+                errors = [0 if math.isnan(methods[m][metric][1]) else methods[m][metric][1] for m in shown]
+                ax.bar(range(len(shown)), means, yerr=errors, capsize=3,
+                       color=["#c44e52" if m == "nextquill-fed" else "#8172b2" for m in shown])
+                ax.set_xticks(range(len(shown)), ticks, fontsize=8)
+                ax.set_title(f"{dataset}: {metric} of NextQuill-Fed under central DP\n(δ = 1e-5; 95% interval "
+                             "over seeds)", fontsize=10)
+                ax.grid(axis="y", alpha=0.3)
+            save(fig, f"privacy-{dataset}.png")
         # Quality against what each client uploads.
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in names:

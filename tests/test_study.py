@@ -9,7 +9,7 @@ from simulations import study as study_module
 from simulations.study import STUDY_METHODS, StudyConfig, cells, run_study
 
 METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "nextquill-central",
-           "nextquill-dropout-expert")
+           "nextquill-dropout-expert", "dp-eps-8")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,9 @@ def test_the_expert_cell_runs_first_and_only_once_per_dataset_and_seed():
                                                   ("shakespeare", 1)]
     assert cells(StudyConfig(methods=("base", "fedit-sft"), datasets=("reviewers",), seeds=(0,))) == [
         ("reviewers", 0, "base"), ("reviewers", 0, "fedit-sft")]
+    # The privacy rows run on the generated users only.
+    assert cells(StudyConfig(methods=("dp-eps-1",), datasets=("reviewers", "shakespeare"), seeds=(0,))) == [
+        ("reviewers", 0, "fedit-context-sft"), ("reviewers", 0, "dp-eps-1")]
 
 
 def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
@@ -64,6 +67,10 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     assert 0.0 <= scores["roc_auc"] <= 1.0 and scores["roc_tpr"][-1] == 1.0
     assert 0.0 <= scores["roc_auc_own_vs_other_history"] <= 1.0
     assert saved["expert-dropout.dce"]["expert"] == "expert-dropout"
+    # Central DP at ε = 8 over the two personalization rounds: the accountant's ε, within the target.
+    privacy = saved["dp-eps-8"]["privacy"]
+    assert privacy["dp"] == "server" and privacy["aggregated_rounds"] == 2 and 7.9 < privacy["epsilon"] <= 8.0
+    assert saved["dp-eps-8"]["update_norm_median"] > 0
 
 
 def test_the_report_holds_the_table_csv_and_plots(finished):
@@ -75,7 +82,9 @@ def test_the_report_holds_the_table_csv_and_plots(finished):
     rows = (out / "cells.csv").read_text().splitlines()
     assert len(rows) == 1 + len(METHODS) + 2  # and the two experts
     assert "expert `expert-dropout`" in report
-    for plot in ("rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png", "dce-roc.png"):
+    assert "### The cost of differential privacy" in report and "| `dp-eps-8` | 8.00 |" in report
+    for plot in ("rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png", "dce-roc.png",
+                 "privacy-reviewers.png"):
         assert (out / plot).stat().st_size > 1000
 
 
