@@ -131,7 +131,7 @@ def _strategy(config: RunConfig, privacy: RunPrivacy | None = None, connected: i
     sampled = min(config.clients_per_round, connected)
     uniform = {key: config.local_steps} if key == UNIFORM_WEIGHT_KEY else {}
     return ScreenedReplies(privacy.wrap(fedavg, sampled, connected), min_replies=config.min_replies,
-                           expected_metrics=uniform)
+                           expected_metrics=uniform, max_update_norm=config.max_update_norm)
 
 
 def _rounds(

@@ -8,8 +8,9 @@ Two pieces, composed like Flower's own wrappers:
                     refuses a FedAvg whose `aggregate_train` is overridden).
   ScreenedReplies   wraps any strategy (FedAvg, or a DP wrapper around it): a reply whose
                     parameters differ from the shared ones sent (keys, shapes, dtypes,
-                    non-finite values) or whose metrics are not on the allow-list is logged
-                    and excluded before the wrapped strategy sees it, so clipping and noise
+                    non-finite values), whose update is longer than `max_update_norm`, or
+                    whose metrics are not on the allow-list is logged and excluded before the
+                    wrapped strategy sees it, so clipping and noise
                     only ever meet well-formed updates; a round with fewer than
                     `min_replies` valid replies aggregates nothing.
 """
@@ -65,9 +66,10 @@ class ScreenedReplies(Strategy):
     """Checks every reply before the wrapped strategy aggregates it."""
 
     def __init__(self, strategy: Strategy, min_replies: int = 1,
-                 expected_metrics: dict[str, float] | None = None) -> None:
+                 expected_metrics: dict[str, float] | None = None, max_update_norm: float = 0.0) -> None:
         self.strategy = strategy
         self.min_replies = min_replies
+        self.max_update_norm = max_update_norm  # exclude a train reply whose update is longer (0: no bound)
         # Train metrics every valid reply must hold with exactly these values (with central DP,
         # the uniform aggregation weight: a reply claiming another weight is excluded here rather
         # than stopping Flower's accounted aggregation).
@@ -75,7 +77,7 @@ class ScreenedReplies(Strategy):
         self.sent: ArrayRecord | None = None
         self.rejected: list[tuple[int, int, str]] = []  # (round, node id, why)
         self.accepted: list[Message] = []  # the replies the last aggregation used
-        self.update_norms: list[float] = []  # L2 norm of each accepted train reply's update, as received
+        self.update_norms: list[float] = []  # L2 norm of each accepted train reply's update (reply - sent)
 
     def summary(self) -> None:
         log.info("screening replies: shared parameters as sent, allow-listed metrics, at least %d valid",
@@ -115,19 +117,23 @@ class ScreenedReplies(Strategy):
                 log.warning("round %d: node %d failed: %s", server_round, node, reply.error.reason)
                 continue
             problems = self._problems(reply, train)
+            if train and not problems:
+                # Aggregate in float32, whatever the transport dtype, in the order sent (Flower's DP
+                # wrappers pair a reply's arrays with those sent by position).
+                key, record = next(iter(reply.content.array_records.items()))
+                decoded = decode_shared(record)
+                norm = float(sum(((decoded[k] - sent[k]) ** 2).sum() for k in sent) ** 0.5) if sent else None
+                if norm is not None and self.max_update_norm and norm > self.max_update_norm:
+                    problems.append(f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
+                else:
+                    reply.content[key] = ArrayRecord({name: decoded[name] for name in (self.sent or decoded)})
+                    if norm is not None:
+                        self.update_norms.append(norm)
             if problems:
                 log.warning("round %d: reply from node %d excluded: %s", server_round, node, "; ".join(problems))
                 self.rejected.append((server_round, node, "; ".join(problems)))
-            else:
-                if train:  # aggregate in float32, whatever the transport dtype, in the order sent
-                    # (Flower's DP wrappers pair a reply's arrays with those sent by position)
-                    key, record = next(iter(reply.content.array_records.items()))
-                    decoded = decode_shared(record)
-                    reply.content[key] = ArrayRecord({name: decoded[name] for name in (self.sent or decoded)})
-                    if sent:  # what a user would choose dp-clip by
-                        self.update_norms.append(
-                            float(sum(((decoded[k] - sent[k]) ** 2).sum() for k in sent) ** 0.5))
-                self.accepted.append(reply)
+                continue
+            self.accepted.append(reply)
         if len(self.accepted) < self.min_replies:
             log.warning("round %d: %d valid replies, fewer than min-replies %d: nothing aggregated",
                         server_round, len(self.accepted), self.min_replies)

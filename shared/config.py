@@ -248,6 +248,10 @@ class RunConfig:
     empty_history: str = like(PromptConfig, "empty_history")
     expert: str = setting("", "an existing expert adapter directory (skips phase 1)")
     min_replies: int = setting(1, "fewest valid replies a round may aggregate", minimum=1)
+    max_update_norm: float = setting(
+        0.0, "exclude a reply whose update of the shared parameters has an L2 norm above this (a poisoned or broken "
+             "device; 0: no bound; rounds.jsonl's update-norm-max shows the usual size)", minimum=0.0,
+    )
     round_timeout: float = setting(1800.0, "seconds to wait for a round's replies", above=0.0)
     connect_timeout: float = setting(
         300.0, "seconds to wait for clients-per-round SuperNodes to connect; then the run goes on with those "

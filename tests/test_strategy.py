@@ -61,3 +61,30 @@ def test_flowers_dp_wrapper_composes_inside_the_screening():
     # The update (norm 6 over four entries of 3) is clipped to norm 1: every entry becomes 0.5.
     np.testing.assert_allclose(arrays["lora_A"].numpy(), np.full((2, 2), 0.5), rtol=1e-6)
     assert [node for _, node, _ in strategy.rejected] == [3]
+
+
+def test_poisoned_or_broken_replies_are_each_excluded_and_logged(caplog):
+    strategy = ScreenedReplies(SampledFedAvg(clients_per_round=8), max_update_norm=10.0)
+    strategy.sent = _arrays(0.0)
+    personal = ArrayRecord({"lora_A": Array(np.ones((2, 2), np.float32)),
+                            "base_model.model.layers.0.q_proj.lora_B.personal.weight": Array(np.ones(2, np.float32))})
+    poisoned = {
+        2: (_arrays(np.nan), "holds a non-finite value"),
+        3: (_arrays(1.0, shape=(4,)), "has shape (4,), expected (2, 2)"),
+        4: (_arrays(1.0, dtype=np.float64), "has dtype float64, expected float32"),
+        5: (ArrayRecord({"lora_A": Array(np.ones((2, 2), np.float32)), "extra": Array(np.ones(1, np.float32))}),
+            "1 keys that are not shared parameters, e.g. 'extra'"),
+        6: (personal, "not shared parameters, e.g. 'base_model.model.layers.0.q_proj.lora_B.personal.weight'"),
+        7: (_arrays(1e6), "update norm 2e+06 exceeds max-update-norm 10"),
+    }
+    replies = [_reply(1, _arrays(1.0), {"num-examples": 1})]
+    replies += [_reply(node, arrays, {"num-examples": 1}) for node, (arrays, _) in poisoned.items()]
+    with caplog.at_level("WARNING", logger="flwr.nextquill"):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["lora_A"].numpy(), np.ones((2, 2)))  # the one honest reply
+    reasons = {node: why for _, node, why in strategy.rejected}
+    assert sorted(reasons) == sorted(poisoned)
+    for node, (_, why) in poisoned.items():
+        assert why in reasons[node]
+        assert f"reply from node {node} excluded" in caplog.text
+    assert strategy.update_norms == [2.0]
