@@ -34,7 +34,7 @@ import tomllib
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -79,10 +79,39 @@ class LocalDeployment:
     logs: dict[str, Path]  # "superlink", "supernode-0", ...: stdout and stderr of each process and its apps
     node_ids: dict[str, int]  # SuperNode name -> the node id its registration returned
     marker: str  # carried in the environment of every process the deployment started
+    # SuperNode name -> how it was started (command, environment, working directory)
+    supernodes: dict[str, tuple[list[str], dict[str, str], Path]] = field(default_factory=dict)
 
     def live_processes(self) -> list[psutil.Process]:
         """The deployment's processes still alive (none once the context has exited)."""
         return _marked_processes(self.marker)
+
+    def start_supernode(
+        self, name: str, private_key: Path | None = None, log_name: str = ""
+    ) -> subprocess.Popen[bytes]:
+        """Start SuperNode `name` again as the deployment started it (a device coming back after
+        a crash), or as another device with `private_key` (one the operator never registered,
+        say), with its own port and FLWR_HOME on this host. Its output goes to
+        `logs/<log_name>.log`; it is stopped with the deployment."""
+        command, env, cwd = self.supernodes[name]
+        log_name = log_name or f"{name}-again"
+        if private_key is not None:
+            def replaced(option: str, value: str) -> list[str]:
+                at = command.index(option)
+                return [*command[:at + 1], value, *command[at + 2:]]
+
+            command = replaced("--auth-supernode-private-key", str(private_key))
+            command = replaced("--port", str(_free_ports(1)[0]))
+            cwd = self.flwr_home / "supernodes" / log_name
+            env = {**env, "FLWR_HOME": str(cwd)}
+        log = self.flwr_home / "logs" / f"{log_name}.log"
+        self.logs[log_name] = log
+        return _start(command, env=env, cwd=cwd, log=log)
+
+    def online_node_ids(self) -> set[int]:
+        """The node ids the SuperLink reports online now."""
+        nodes = _flwr_json(self.env, "supernode", "list", self.connection)["nodes"]
+        return {int(node["node-id"]) for node in nodes if node["status"] == "online"}
 
 
 @contextlib.contextmanager
@@ -169,25 +198,23 @@ def local_deployment(
             reply = _flwr_json(env, "supernode", "register", str(keys[name].public_key), connection, "--name", name)
             node_ids[name] = int(reply["node-id"])
         dialled = supernode_route(address) if supernode_route else address
+        supernodes: dict[str, tuple[list[str], dict[str, str], Path]] = {}
         for name, port, node_env in zip(names, node_ports, node_envs or [{}] * len(names), strict=True):
             node_security = ["--insecure"] if certificates is None else [
                 "--root-certificates", str(certificates["ca_cert"]),
                 "--auth-supernode-private-key", str(keys[name].private_key),
             ]  # fmt: skip
-            started[name] = _start(
-                [
-                    "flower-supernode",
-                    "--superlink", dialled,
-                    *node_security,
-                    "--node-config", str(node_homes[name] / "node-config.toml"),
-                    "--host", "127.0.0.1",
-                    "--port", str(port),
-                    "--isolation", "subprocess",
-                ],
-                env={**env, **node_env, "FLWR_HOME": str(node_homes[name])},
-                cwd=node_homes[name],
-                log=logs[name],
-            )  # fmt: skip
+            command = [
+                "flower-supernode",
+                "--superlink", dialled,
+                *node_security,
+                "--node-config", str(node_homes[name] / "node-config.toml"),
+                "--host", "127.0.0.1",
+                "--port", str(port),
+                "--isolation", "subprocess",
+            ]  # fmt: skip
+            supernodes[name] = (command, {**env, **node_env, "FLWR_HOME": str(node_homes[name])}, node_homes[name])
+            started[name] = _start(command, env=supernodes[name][1], cwd=node_homes[name], log=logs[name])
         online = set(node_ids.values())
         _wait_for(lambda: _nodes_online(env, connection, online, len(names)), deadline, started, logs,
                   "all SuperNodes online")
@@ -200,6 +227,7 @@ def local_deployment(
             logs=logs,
             node_ids=node_ids,
             marker=marker,
+            supernodes=supernodes,
         )
     finally:
         _stop(list(started.values()), marker, stop_timeout)

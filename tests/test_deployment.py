@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 import string
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -23,6 +24,7 @@ from shared.config import LoraSettings
 from shared.split import EXPERT_SPLIT, PERSONAL_ADAPTER, SplitSpec
 from shared.user_store import UserStore, write_user_store
 from shared.wire import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
+from simulations.credentials import make_supernode_keys
 from simulations.datasets import build_synthetic_users
 from simulations.deployment import local_deployment, run_app
 from simulations.wire_audit import WireRecorder, leaks, pushed_replies, secret_forms
@@ -200,3 +202,83 @@ def test_no_canary_of_a_users_data_crosses_the_wire_in_any_encoding(model_dir, t
     trained = [reply for reply in replies if reply.message_type == "train" and reply.error is None]
     sent_up = next(iter(trained[-1].content["arrays"].values())).numpy().tobytes()[:64]
     assert leaks(connections, {"reply": {"float32": sent_up}}, direction="upstream")
+
+
+@pytest.mark.slow
+def test_a_supernode_whose_key_is_not_registered_is_refused(model_dir, tmp_path):
+    users = build_synthetic_users(tmp_path / "users", n_users=1, samples_per_user=4)
+    rogue = make_supernode_keys(tmp_path / "rogue-keys", ["rogue"])["rogue"]
+    with local_deployment(tmp_path / "flwr", [{"user-dir": str(users[0])}], tmp_path / "certs") as deployment:
+        registered = deployment.online_node_ids()
+        process = deployment.start_supernode("supernode-0", private_key=rogue.private_key, log_name="rogue")
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            assert deployment.online_node_ids() == registered  # the rogue never comes online
+            time.sleep(2)
+        log = deployment.logs["rogue"].read_text(errors="replace")
+    # Flower's exit code 305: the SuperLink would not activate a node whose public key is unknown
+    # (the same command with the registered key comes back online: the rejoin test below).
+    assert process.returncode not in (None, 0) and "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_rejoins_with_its_identity_and_goes_on_from_its_personal_part(model_dir, tmp_path):
+    """Real processes: supernode-1 (and its ClientApp) killed after the first personalization
+    round, then started again with its registered key. It comes back under the same node id,
+    takes part in the later rounds, and its personal adapter on disk is the one it goes on
+    from (rewritten after the restart, never lost)."""
+    users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
+    run_dir = tmp_path / "run"
+    run_config = {
+        "model": str(model_dir), "device": "cpu", "method": "sft", "clients-per-round": 2, "rounds": 4,
+        "local-steps": 1, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
+        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir), "connect-timeout": 60.0,
+        "round-timeout": 90.0, "evaluate-base": False,
+    }
+    restarted = threading.Event()
+    seen: dict[str, object] = {}
+
+    def kill_and_restart(deployment) -> None:
+        while not restarted.is_set():
+            rows = (run_dir / "rounds.jsonl").read_text() if (run_dir / "rounds.jsonl").exists() else ""
+            if '"phase": "personalize", "round": 1' in rows:
+                store = UserStore.open(users[1])
+                run_id = load_checkpoint(run_dir).run_id
+                seen["personal"] = personal_path(store, f"{run_id}-personalize")
+                seen["saved"] = seen["personal"].read_bytes()
+                victims = [p for p in deployment.live_processes() if "supernode-1.key" in " ".join(p.cmdline())]
+                for process in victims:
+                    for child in [*process.children(recursive=True), process]:
+                        child.kill()
+                # As a supervisor (systemd's Restart=on-failure) would: the SuperLink refuses the
+                # node until it has timed out its old session (the SuperNode exits with code
+                # 305), so it is started again until it stays up.
+                attempts = 0
+                while not restarted.is_set():
+                    attempts += 1
+                    process = deployment.start_supernode("supernode-1", log_name=f"supernode-1-again-{attempts}")
+                    try:
+                        process.wait(timeout=15)
+                        time.sleep(5)
+                    except subprocess.TimeoutExpired:  # still up: it was let in
+                        seen["restarted_at"], seen["attempts"] = time.time(), attempts
+                        restarted.set()
+            time.sleep(0.2)
+
+    homes = [{"NEXTQUILL_HOME": str(tmp_path / f"device-{i}")} for i in range(2)]
+    with local_deployment(tmp_path / "flwr", [{"user-dir": str(p)} for p in users], tmp_path / "certs",
+                          node_envs=homes) as deployment:
+        watcher = threading.Thread(target=kill_and_restart, args=(deployment,), daemon=True)
+        watcher.start()
+        run = run_app(deployment, REPO, run_config, timeout=600)
+        restarted.set()
+        online = deployment.online_node_ids()
+    assert run.status == "finished:completed" and "restarted_at" in seen
+    assert deployment.node_ids["supernode-1"] in online  # the same identity as before the kill
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+    personalize = [r for r in rows if r["phase"] == "personalize" and "aggregated" in r]
+    assert personalize[-1]["accepted"] == 2  # back in the last round
+    assert rows[-1]["phase"] == "evaluate" and rows[-1]["accepted"] == 2
+    personal = seen["personal"]
+    assert personal.stat().st_mtime > seen["restarted_at"] and personal.read_bytes() != seen["saved"]
