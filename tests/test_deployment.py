@@ -26,7 +26,7 @@ from shared.user_store import UserStore, write_user_store
 from shared.wire import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
 from simulations.credentials import make_supernode_keys
 from simulations.datasets import build_synthetic_users
-from simulations.deployment import local_deployment, run_app
+from simulations.deployment import DeploymentError, local_deployment, run_app
 from simulations.wire_audit import WireRecorder, leaks, pushed_replies, secret_forms
 
 REPO = Path(__file__).parents[1]
@@ -282,3 +282,48 @@ def test_a_killed_supernode_rejoins_with_its_identity_and_goes_on_from_its_perso
     assert rows[-1]["phase"] == "evaluate" and rows[-1]["accepted"] == 2
     personal = seen["personal"]
     assert personal.stat().st_mtime > seen["restarted_at"] and personal.read_bytes() != seen["saved"]
+
+
+@pytest.mark.slow
+def test_a_coordinator_killed_mid_run_resumes_from_its_last_checkpointed_round(model_dir, tmp_path):
+    """Real processes: the SuperLink and the ServerApp killed after the first round (all their
+    state lost with them, the run directory kept), then a new deployment and the same `flwr
+    run`: the run resumes after the round it had checkpointed; no round is lost or run twice."""
+    users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
+    run_dir = tmp_path / "run"
+    run_config = {
+        "model": str(model_dir), "device": "cpu", "method": "sft", "clients-per-round": 2, "rounds": 3,
+        "local-steps": 1, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
+        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir), "evaluate-base": False,
+    }
+    nodes = [{"user-dir": str(p)} for p in users]
+    homes = [{"NEXTQUILL_HOME": str(tmp_path / f"device-{i}")} for i in range(2)]
+    killed = threading.Event()
+
+    def kill_coordinator(deployment) -> None:
+        while not killed.is_set():
+            if load_checkpoint(run_dir) is not None and load_checkpoint(run_dir).round >= 1:
+                for process in deployment.live_processes():
+                    if any(name in " ".join(process.cmdline()) for name in ("flower-superlink", "flwr-serverapp")):
+                        process.kill()
+                killed.set()
+            time.sleep(0.2)
+
+    with local_deployment(tmp_path / "flwr-1", nodes, tmp_path / "certs", node_envs=homes) as deployment:
+        watcher = threading.Thread(target=kill_coordinator, args=(deployment,), daemon=True)
+        watcher.start()
+        with pytest.raises(DeploymentError):
+            run_app(deployment, REPO, run_config, timeout=300)
+        killed.set()
+    first = load_checkpoint(run_dir)
+    assert first.phase == "personalize" and 1 <= first.round < 3
+
+    with local_deployment(tmp_path / "flwr-2", nodes, tmp_path / "certs", node_envs=homes) as deployment:
+        run = run_app(deployment, REPO, run_config, timeout=600)
+    assert run.status == "finished:completed"
+    assert f"resuming {run_dir} at phase personalize after round {first.round}" in run.output
+    assert "[personalize 1/3]" not in run.output  # the checkpointed round was not trained again
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["round"]) for r in rows] == [("personalize", 1), ("personalize", 2),
+                                                        ("personalize", 3), ("evaluate", 3)]
+    assert load_checkpoint(run_dir).run_id == first.run_id  # the devices' personal state goes on
