@@ -38,7 +38,8 @@ def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
     result = federated.handle_train(instruction, decode_shared(msg.content["arrays"]), context.node_config, config)
-    arrays = encode_shared(result.shared, config.transport_dtype)
+    # In the order received: Flower's DP mods pair the reply's arrays with those sent by position.
+    arrays = encode_shared({key: result.shared[key] for key in msg.content["arrays"]}, config.transport_dtype)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 

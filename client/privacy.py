@@ -26,7 +26,7 @@ from shared.privacy import local_release_epsilon, plan_budget
 @functools.cache
 def _local_dp(settings: PrivacySettings, releases: int) -> LocalDpMod:
     sigma = plan_budget(settings, releases).noise_multiplier
-    return LocalDpMod(clipping_norm=settings.dp_clip, sensitivity=settings.dp_clip,
+    return LocalDpMod(clipping_norm=settings.dp_clip, sensitivity=2 * settings.dp_clip,
                       epsilon=local_release_epsilon(sigma, settings.dp_delta), delta=settings.dp_delta)
 
 

@@ -130,7 +130,8 @@ def _strategy(config: RunConfig, privacy: RunPrivacy | None = None, connected: i
     fedavg = SampledFedAvg(clients_per_round=config.clients_per_round, weighted_by_key=key)
     sampled = min(config.clients_per_round, connected)
     uniform = {key: config.local_steps} if key == UNIFORM_WEIGHT_KEY else {}
-    return ScreenedReplies(privacy.wrap(fedavg, sampled, connected), min_replies=config.min_replies,
+    population = max(config.clients_per_round, connected)
+    return ScreenedReplies(privacy.wrap(fedavg, sampled, population), min_replies=config.min_replies,
                            expected_metrics=uniform, max_update_norm=config.max_update_norm)
 
 
@@ -173,7 +174,7 @@ def _rounds(
             "accepted": len(strategy.accepted),
             "aggregated": aggregated is not None, "upload_bytes_per_client": arrays.count_bytes(),
             "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
-            **_norms(strategy.update_norms), **privacy.after_round(aggregated is not None),
+            **_norms(strategy.update_norms), **privacy.after_round(aggregated is not None, sent=bool(replies)),
         }
         rounds.append(row)
         checkpoint.round, checkpoint.shared, checkpoint.privacy = server_round, shared, privacy.state()

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from shared.config import PrivacySettings
-from shared.privacy import PrivacyBudget, epsilon_of, plan_budget
+from shared.privacy import PrivacyBudget, epsilon_of, plan_budget, sensitivity
 
 # With central DP every update must weigh the same (Flower's accounted FedAvg requires it, and
 # the sensitivity of the mean assumes it); every device runs the same `local-steps`, so
@@ -32,8 +32,8 @@ def weight_key(privacy: PrivacySettings) -> str:
 
 
 def new_accountant(privacy: PrivacySettings, population: int) -> RdpAccountant | None:
-    """Flower's RDP accountant for a run with central DP and noise (None otherwise: without
-    noise there is no finite ε, and local DP is accounted per device, `spent`)."""
+    """Flower's RDP accountant for a run with central DP (None otherwise: local DP is accounted
+    per device, `RunPrivacy.after_round`)."""
     if privacy.dp not in ("server", "client"):
         return None
     config = PrivacyConfig(target_delta=privacy.dp_delta, population_size=population,
@@ -59,14 +59,14 @@ class RunPrivacy:
     """A run's differential privacy: its settings, its noise, and what it has spent."""
 
     settings: PrivacySettings
-    budget: PrivacyBudget
+    budget: PrivacyBudget | None  # None without DP
     accountant: RdpAccountant | None = None  # central DP with noise, made at the first round
-    releases: int = 0  # aggregated rounds so far (local DP's accounting counts them)
+    releases: int = 0  # central DP: rounds aggregated; local DP: rounds in which devices sent updates
 
     @classmethod
     def start(cls, settings: PrivacySettings, planned_releases: int, saved: dict[str, Any] | None) -> RunPrivacy:
         """The run's privacy, resumed from the checkpoint's `saved` state where there is one."""
-        privacy = cls(settings, plan_budget(settings, max(planned_releases, 1)))
+        privacy = cls(settings, plan_budget(settings, max(planned_releases, 1)) if settings.enabled else None)
         if saved:
             privacy.releases = int(saved["releases"])
             if saved.get("accountant"):
@@ -75,7 +75,7 @@ class RunPrivacy:
 
     def describe(self) -> str:
         budget = self.budget
-        if not self.settings.enabled:
+        if budget is None:
             return "differential privacy off"
         guarantee = (f"({budget.epsilon:.3g}, {budget.delta:g})-DP over {budget.releases} aggregated rounds"
                      if math.isfinite(budget.epsilon) else "no finite ε (no noise)")
@@ -83,46 +83,55 @@ class RunPrivacy:
                 f"{budget.noise_multiplier:.4g}: {guarantee}")
 
     def wrap(self, strategy: FedAvg, sampled: int, population: int) -> Strategy:
-        """A round's strategy inside Flower's central-DP wrapper for `sampled` devices of
-        `population` connected (unchanged without DP, or with local DP: the devices noise
-        their own updates)."""
-        settings, sigma = self.settings, self.budget.noise_multiplier
-        if settings.dp not in ("server", "client"):
+        """A round's strategy inside Flower's central-DP wrapper for `sampled` devices
+        (unchanged without DP, or with local DP: the devices noise their own updates).
+        `population` bounds every round's sample (clients-per-round or more): without sampling
+        amplification it changes no ε, but Flower's accountant keeps it fixed."""
+        if self.budget is None or self.settings.dp not in ("server", "client"):
             return strategy
+        settings, sigma = self.settings, self.budget.noise_multiplier
         if self.accountant is None and sigma > 0:
-            self.accountant = new_accountant(settings, max(population, sampled))
+            self.accountant = new_accountant(settings, population)
         wrapper = (DifferentialPrivacyServerSideFixedClipping if settings.dp == "server"
                    else DifferentialPrivacyClientSideFixedClipping)
         return wrapper(strategy, sigma, settings.dp_clip, sampled, accountant=self.accountant)
 
-    def after_round(self, aggregated: bool) -> dict[str, float | None]:
-        """Count an aggregated round; the ε spent so far, for the round log (None: no finite
-        ε). Central DP: the accountant's; local DP: a device's, had it been in every round."""
-        self.releases += int(aggregated)
-        if not self.settings.enabled:
+    def after_round(self, aggregated: bool, sent: bool) -> dict[str, float | None]:
+        """Count the round (central DP: if it released an aggregate; local DP: if devices sent
+        noised updates, whatever became of them); the ε spent so far, for the round log (None:
+        no finite ε). Central DP: the accountant's; local DP: a device's, had it been in every
+        round."""
+        if self.budget is None:
             return {}
+        self.releases += int(sent if self.settings.dp == "local" else aggregated)
+        return {"dp-epsilon": self.spent(), "dp-noise-multiplier": self.budget.noise_multiplier}
+
+    def spent(self) -> float | None:
+        """ε spent so far at the run's δ (None: no finite ε)."""
+        assert self.budget is not None
         delta = self.settings.dp_delta
         if self.accountant is not None:
             epsilon = self.accountant.get_epsilon(delta) if self.accountant.num_releases else 0.0
         else:
-            epsilon = epsilon_of(self.budget.noise_multiplier, self.releases, delta)
-        return {"dp-epsilon": epsilon if math.isfinite(epsilon) else None,
-                "dp-noise-multiplier": self.budget.noise_multiplier}
+            epsilon = epsilon_of(self.budget.noise_multiplier / sensitivity(self.settings), self.releases, delta)
+        return epsilon if math.isfinite(epsilon) else None
 
     def state(self) -> dict[str, Any] | None:
         """What the checkpoint keeps (None without DP)."""
-        if not self.settings.enabled:
+        if self.budget is None:
             return None
         return {"releases": self.releases,
                 "accountant": self.accountant.state_dict() if self.accountant is not None else None}
 
     def summary(self) -> dict[str, Any]:
         """The run's guarantee, for summary.json."""
-        if not self.settings.enabled:
+        if self.budget is None:
             return {"dp": "off"}
-        spent = self.after_round(aggregated=False)
+        planned = self.budget.epsilon
+        relation = ("any two updates of a device (sensitivity 2 × clip)" if self.settings.dp == "local"
+                    else "add-or-remove-one user")
         return {"dp": self.settings.dp, "clip": self.settings.dp_clip, "delta": self.settings.dp_delta,
                 "noise_multiplier": self.budget.noise_multiplier, "aggregated_rounds": self.releases,
-                "epsilon": spent["dp-epsilon"], "planned_epsilon": self.budget.epsilon
-                if math.isfinite(self.budget.epsilon) else None,
-                "accounting": "RDP (dp-accounting via Flower), add-or-remove-one, no sampling amplification"}
+                "epsilon": self.spent(), "planned_epsilon": planned if math.isfinite(planned) else None,
+                "accounting": f"RDP (dp-accounting, via Flower for central DP), {relation}, no sampling "
+                              "amplification"}

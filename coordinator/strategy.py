@@ -31,7 +31,8 @@ log = logging.getLogger("flwr.nextquill")
 
 
 class SampledFedAvg(FedAvg):
-    """FedAvg (weighted by `num-examples`) that samples exactly `clients_per_round` clients, or
+    """FedAvg (weighted by `weighted_by_key`: `num-examples`, or a uniform weight under central
+    DP, `coordinator.privacy`) that samples exactly `clients_per_round` clients, or
     every connected one where fewer are connected (it never waits for more: the coordinator
     decides beforehand, with a deadline, which nodes a round may use; `coordinator/nodes.py`)."""
 

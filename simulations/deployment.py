@@ -94,8 +94,11 @@ class LocalDeployment:
         say), with its own port and FLWR_HOME on this host. Its output goes to
         `logs/<log_name>.log`; it is stopped with the deployment."""
         command, env, cwd = self.supernodes[name]
-        log_name = log_name or f"{name}-again"
+        if not log_name:  # a new log per start: earlier starts' logs are kept
+            log_name = next(f"{name}-again-{n}" for n in range(1, 10_000) if f"{name}-again-{n}" not in self.logs)
         if private_key is not None:
+            if "--auth-supernode-private-key" not in command:
+                raise DeploymentError("a SuperNode key only means something with TLS and authentication on")
             def replaced(option: str, value: str) -> list[str]:
                 at = command.index(option)
                 return [*command[:at + 1], value, *command[at + 2:]]

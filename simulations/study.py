@@ -97,6 +97,7 @@ STUDY_METHODS: dict[str, StudyMethod] = {
                                             expert="expert-dropout", group="ablation"),
     # The quality cost of differential privacy (server-side clipping and noise, Flower's wrapper),
     # on the generated users. dp-clip 0.5: about the median update norm of these runs without DP.
+    # The guarantee covers the personalization rounds; the expert (fedit-context-sft) has none.
     **{f"dp-{name}": StudyMethod(f"privacy: NextQuill-Fed with central DP, {what}",
                                  {"method": "nextquill", "split": "dual", "dp": "server", "dp-clip": 0.5, **keys},
                                  group="privacy", datasets=("reviewers",))

@@ -289,15 +289,19 @@ def searchable(connections: Sequence[Connection]) -> Iterator[tuple[str, bytes]]
 def leaks(connections: Sequence[Connection], secrets: Mapping[str, Mapping[str, bytes]],
           direction: str | None = None) -> list[Leak]:
     """Where any form of any secret occurs in the capture. `secrets`: name -> `secret_forms`.
-    `direction` "upstream" or "downstream" restricts the raw bytes searched to one direction
-    (decoded bodies are searched in both: requests go up, responses come down)."""
+    `direction` "upstream" (what the SuperNodes sent: their raw bytes and request bodies) or
+    "downstream" (what they received: raw bytes and response bodies) searches one way only."""
     found = []
     for where, data in searchable(connections):
-        if direction is not None and "(raw)" in where and direction not in where:
+        if direction is not None and _direction(where) != direction:
             continue
         for name, forms in secrets.items():
             found += [Leak(name, form, where) for form, needle in forms.items() if needle in data]
     return found
+
+
+def _direction(where: str) -> str:
+    return "upstream" if "upstream" in where or where.endswith("request body") else "downstream"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Small inputs several test files share: a prompt budget, training examples, a batch whose
-rows pad differently, and a two-sample user store."""
+rows pad differently, a two-sample user store, and the run config of a small federated run."""
 
 from __future__ import annotations
 
@@ -43,3 +43,12 @@ def tiny_store(path: Path, **kwargs) -> UserStore:
         Sample("s1", 2.0, "", "reply two", "test", ("h0", "h1"), ((0, 5),)),
     ]
     return write_user_store(path, "user/1", "synthetic", samples, history, extra_meta={"note": "x"}, **kwargs)
+
+
+def small_run(model_dir: Path, run_dir: Path, **overrides) -> dict:
+    """Flower's run config (kebab-case keys) of a small federated run of the test model."""
+    return {
+        "model": str(model_dir), "device": "cpu", "clients-per-round": 2, "expert-rounds": 1, "rounds": 2,
+        "local-steps": 2, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
+        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir),
+    } | overrides

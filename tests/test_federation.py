@@ -22,6 +22,7 @@ from shared.user_store import UserStore
 from shared.wire import EVALUATE_METRICS, TRAIN_METRICS
 from simulations.datasets import build_synthetic_users
 from tests.loopback import CoordinatorCrash, LoopbackGrid
+from tests.samples import small_run
 
 
 @pytest.fixture
@@ -30,12 +31,7 @@ def users(tmp_path):
 
 
 def _config(model_dir, run_dir, **overrides) -> RunConfig:
-    values = {
-        "model": str(model_dir), "device": "cpu", "clients-per-round": 2, "expert-rounds": 1, "rounds": 2,
-        "local-steps": 2, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
-        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir),
-    }
-    return RunConfig.from_flower(values | overrides)
+    return RunConfig.from_flower(small_run(model_dir, run_dir, **overrides))
 
 
 def _grid(config, users, **kwargs) -> LoopbackGrid:

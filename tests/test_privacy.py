@@ -23,6 +23,7 @@ from shared.privacy import epsilon_of, local_release_epsilon, noise_for_epsilon
 from shared.settings import SettingError
 from simulations.datasets import build_synthetic_users
 from tests.loopback import CoordinatorCrash, LoopbackGrid
+from tests.samples import small_run
 
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
@@ -83,7 +84,8 @@ def test_local_dp_clips_the_update_and_adds_noise_of_sigma_times_the_clip_on_the
     # An update of norm 63 clipped to norm 0.5: each entry 0.5 / sqrt(4000); then noise of std 0.8 × 0.5.
     assert sent_up.mean() == pytest.approx(0.5 / math.sqrt(4000), abs=0.03)
     assert sent_up.std() == pytest.approx(0.8 * 0.5, rel=0.05)
-    assert local_release_epsilon(0.8, 1e-5) == pytest.approx(math.sqrt(2 * math.log(1.25e5)) / 0.8)
+    # Flower's mod gets sensitivity 2 × clip (any two clipped updates) and the ε that gives that std.
+    assert local_release_epsilon(0.8, 1e-5) == pytest.approx(2 * math.sqrt(2 * math.log(1.25e5)) / 0.8)
 
 
 def test_client_side_dp_clips_to_the_norm_the_coordinator_sends():
@@ -120,12 +122,8 @@ def users(tmp_path):
 
 
 def _config(model_dir, run_dir, **overrides) -> RunConfig:
-    values = {
-        "model": str(model_dir), "device": "cpu", "clients-per-round": 2, "expert-rounds": 1, "rounds": 2,
-        "local-steps": 1, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 32,
-        "context-tokens": 16, "response-tokens": 16, "run-dir": str(run_dir), "evaluate-base": False,
-    }
-    return RunConfig.from_flower(values | overrides)
+    return RunConfig.from_flower(small_run(model_dir, run_dir, **{"local-steps": 1, "evaluate-base": False,
+                                                                  **overrides}))
 
 
 def _grid(config, users, **kwargs) -> LoopbackGrid:
@@ -154,11 +152,17 @@ def test_a_run_with_server_side_dp_spends_its_target_epsilon_and_counts_each_rou
     assert 7.9 < summary["epsilon"] <= 8.0 and summary["noise_multiplier"] == pytest.approx(sigma)
 
 
-@pytest.mark.parametrize("mode", ["client", "local"])
-def test_a_run_with_client_side_or_local_dp_completes_and_reports_epsilon(model_dir, users, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "multiplier"), [("client", 1.0), ("local", 0.5)])
+def test_a_run_with_client_side_or_local_dp_goes_on_after_a_restart_and_reports_epsilon(model_dir, users, tmp_path,
+                                                                                        mode, multiplier):
+    """The devices' mods pair what they send with what they received by position: after a
+    restart (a checkpoint's keys come back in another order) every reply is still accepted.
+    Local DP's noise is measured against 2 × clip: σ = 1 is a multiplier of 0.5."""
     run_dir = tmp_path / "run"
-    config = _config(model_dir, run_dir, dp=mode, rounds=1, **{"dp-noise": 1.0})
+    config = _config(model_dir, run_dir, dp=mode, **{"dp-noise": 1.0})
+    with pytest.raises(CoordinatorCrash):
+        run_federation(_grid(config, users, crash_after_train_rounds=2), config)
     run_federation(_grid(config, users), config)
     trained = [row for row in _rows(run_dir) if "aggregated" in row]
-    assert all(row["aggregated"] and row["accepted"] == 2 for row in trained)
-    assert trained[-1]["dp-epsilon"] == pytest.approx(epsilon_of(1.0, 2, 1e-5))
+    assert len(trained) == 3 and all(row["aggregated"] and row["accepted"] == 2 for row in trained)
+    assert trained[-1]["dp-epsilon"] == pytest.approx(epsilon_of(multiplier, 3, 1e-5))
