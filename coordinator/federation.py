@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from coordinator.nodes import NodeSnapshot, NodeWaiter
-from coordinator.privacy import UNIFORM_WEIGHT_KEY, RunPrivacy, weight_key
+from coordinator.privacy import RunPrivacy, weight_key
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapters import adapter_digest, check_adapter_base
@@ -129,7 +129,7 @@ def _strategy(config: RunConfig, privacy: RunPrivacy | None = None, connected: i
     key = weight_key(config.privacy)
     fedavg = SampledFedAvg(clients_per_round=config.clients_per_round, weighted_by_key=key)
     sampled = min(config.clients_per_round, connected)
-    uniform = {key: config.local_steps} if key == UNIFORM_WEIGHT_KEY else {}
+    uniform = {key: config.local_steps} if config.privacy.central else {}
     population = max(config.clients_per_round, connected)
     return ScreenedReplies(privacy.wrap(fedavg, sampled, population), min_replies=config.min_replies,
                            expected_metrics=uniform, max_update_norm=config.max_update_norm)

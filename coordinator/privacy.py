@@ -28,14 +28,12 @@ EXAMPLES_WEIGHT_KEY = "num-examples"
 
 
 def weight_key(privacy: PrivacySettings) -> str:
-    return UNIFORM_WEIGHT_KEY if privacy.dp in ("server", "client") else EXAMPLES_WEIGHT_KEY
+    return UNIFORM_WEIGHT_KEY if privacy.central else EXAMPLES_WEIGHT_KEY
 
 
-def new_accountant(privacy: PrivacySettings, population: int) -> RdpAccountant | None:
-    """Flower's RDP accountant for a run with central DP (None otherwise: local DP is accounted
-    per device, `RunPrivacy.after_round`)."""
-    if privacy.dp not in ("server", "client"):
-        return None
+def new_accountant(privacy: PrivacySettings, population: int) -> RdpAccountant:
+    """Flower's RDP accountant for a run with central DP (local DP is accounted per device,
+    `RunPrivacy.after_round`)."""
     config = PrivacyConfig(target_delta=privacy.dp_delta, population_size=population,
                            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                            sampling_method=SamplingMethod.NO_AMPLIFICATION)
@@ -87,7 +85,7 @@ class RunPrivacy:
         (unchanged without DP, or with local DP: the devices noise their own updates).
         `population` bounds every round's sample (clients-per-round or more): without sampling
         amplification it changes no ε, but Flower's accountant keeps it fixed."""
-        if self.budget is None or self.settings.dp not in ("server", "client"):
+        if self.budget is None or not self.settings.central:
             return strategy
         settings, sigma = self.settings, self.budget.noise_multiplier
         if self.accountant is None and sigma > 0:

@@ -196,6 +196,11 @@ class PrivacySettings:
     def enabled(self) -> bool:
         return self.dp != "off"
 
+    @property
+    def central(self) -> bool:
+        """The coordinator adds the noise (server- or client-side clipping)."""
+        return self.dp in ("server", "client")
+
 
 @dataclass(frozen=True)
 class RunConfig:
