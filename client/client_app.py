@@ -7,7 +7,8 @@
 
 A handler that fails replies with a fixed code and category only (`client.failures`). With
 differential privacy on, Flower's own client mods clip (and with local DP noise) the update
-of every train reply (`client.privacy`).
+of every train reply (`client.privacy`); with secure aggregation on, Flower's SecAgg+ mod
+masks it, outermost (`client.secure_aggregation`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.clientapp import ClientApp
 from client import federated
 from client.failures import replies_without_details
 from client.privacy import device_privacy
+from client.secure_aggregation import device_secure_aggregation
 from shared.config import RunConfig
 from shared.wire import (
     EXPERT_DELIVER,
@@ -29,7 +31,7 @@ from shared.wire import (
     encode_shared,
 )
 
-app = ClientApp(mods=[device_privacy])
+app = ClientApp(mods=[device_secure_aggregation, device_privacy])
 
 
 @app.train()

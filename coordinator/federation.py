@@ -7,7 +7,8 @@ Phases, each resumable from the checkpoint written after every round:
   2. distribution each device is asked whether it holds the expert (by digest); those that
                   do not receive its files, verify them and cache them.
   3. personalize  rounds of the method on the shared / personal split: the coordinator sends
-                  and aggregates only the shared parameters.
+                  and aggregates only the shared parameters (with `secure-aggregation`, every
+                  training round, the expert's too, through SecAgg+: only their sum is seen).
   4. evaluate     every device evaluates its personalized model; metrics only come back.
 """
 
@@ -31,6 +32,7 @@ from coordinator.global_adapters import GlobalAdapters
 from coordinator.nodes import NodeSnapshot, NodeWaiter
 from coordinator.privacy import RunPrivacy, weight_key
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
+from coordinator.secure_aggregation import secure_round
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapters import adapter_digest, check_adapter_base
 from shared.config import RunConfig
@@ -165,16 +167,25 @@ def _rounds(
         random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()),
                                                  NodeSnapshot(grid, connected)))
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-        aggregated, metrics = strategy.aggregate_train(server_round, replies)
+        if config.secure_aggregation:
+            outcome = secure_round(grid, config, server_round, shared, instruction.to_config(),
+                                   [message.metadata.dst_node_id for message in messages])
+            aggregated, replies, accepted, upload = outcome.shared, outcome.summed, outcome.summed, \
+                outcome.upload_bytes_per_client
+            metrics, norms = outcome.metrics, {}
+        else:
+            received = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+            record, metrics = strategy.aggregate_train(server_round, received)
+            aggregated = decode_shared(record) if record is not None else None
+            replies, accepted, upload = len(received), len(strategy.accepted), arrays.count_bytes()
+            norms = _norms(strategy.update_norms)
         if aggregated is not None:
-            shared = decode_shared(aggregated)
+            shared = aggregated
         row = {
-            "phase": phase, "round": server_round, "sampled": len(messages), "replies": len(replies),
-            "accepted": len(strategy.accepted),
-            "aggregated": aggregated is not None, "upload_bytes_per_client": arrays.count_bytes(),
+            "phase": phase, "round": server_round, "sampled": len(messages), "replies": replies,
+            "accepted": accepted, "aggregated": aggregated is not None, "upload_bytes_per_client": upload,
             "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
-            **_norms(strategy.update_norms), **privacy.after_round(aggregated is not None, sent=bool(replies)),
+            **norms, **privacy.after_round(aggregated is not None, sent=bool(replies)),
         }
         rounds.append(row)
         checkpoint.round, checkpoint.shared, checkpoint.privacy = server_round, shared, privacy.state()

@@ -267,6 +267,19 @@ class RunConfig:
     dp_noise: float = like(PrivacySettings, "dp_noise")
     dp_epsilon: float = like(PrivacySettings, "dp_epsilon")
     dp_delta: float = like(PrivacySettings, "dp_delta")
+    secure_aggregation: bool = setting(
+        False, "Flower's SecAgg+ on every training round: the coordinator only ever sees the sum of the shared "
+               "updates and of the train metrics, never one device's (updates weigh the same; needs "
+               "clients-per-round >= 2; not with central DP or max-update-norm, which need each update)",
+    )
+    secagg_shares: float = setting(
+        1.0, "SecAgg+: the fraction of a round's devices each device shares its key with (more: survives more "
+             "dropouts, costs more)", above=0.0, maximum=1.0,
+    )
+    secagg_threshold: float = setting(
+        0.5, "SecAgg+: the fraction of a device's key shares needed to unmask (more: stronger against collusion, "
+             "fewer dropouts survived)", above=0.0, maximum=1.0,
+    )
     run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume (relative: under the data "
                                              "directory)")
     seed: int = setting(0, "seed of client sampling and initialisation")
@@ -282,6 +295,15 @@ class RunConfig:
         if self.needs_expert and not self.expert and self.expert_rounds == 0:
             raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
                                                     "or expert to an existing expert adapter directory")
+        if self.secure_aggregation:
+            if not 2 <= self.clients_per_round <= 1023:
+                raise SettingError("run config secure-aggregation", "needs clients-per-round from 2 (a sum of one "
+                                                                    "update is that update) to 1023 (SecAgg+'s "
+                                                                    "32-bit sums of 22-bit values)")
+            if self.dp in ("server", "client") or self.max_update_norm:
+                raise SettingError("run config secure-aggregation", "cannot go with dp 'server' or 'client' or "
+                                                                    "max-update-norm: they need each device's "
+                                                                    "update, which SecAgg+ hides (dp 'local' works)")
         try:  # the objects derived from the keys check what they hold (same names, kebab-case)
             self.base_spec, self.prompt, self.weight_scheme, self.lora, self.privacy  # noqa: B018
         except SettingError as error:

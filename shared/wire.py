@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -65,6 +66,31 @@ TRAIN_METRICS = frozenset({
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in SCORE_KEYS),
                               *(f"eval-base-{s}" for s in SCORE_KEYS)})
 QUERY_METRICS = frozenset({HAS_EXPERT})
+
+# Secure aggregation (SecAgg+, `coordinator/secure_aggregation.py`) carries a train message in
+# Flower's legacy FitIns / FitRes form, whose arrays have no names: the config names them.
+SHARED_KEYS = "shared-keys"
+# ... and the train metrics ride inside the masked vector, so that the coordinator learns only
+# their mean: for each metric, in this order, [reported (0 or 1), value × METRIC_SCALE].
+# SecAgg+ clips every value to ±8 before quantizing it; the scale keeps values up to 8192.
+SECURE_METRICS = tuple(sorted(TRAIN_METRICS))
+METRIC_SCALE = 2.0**-10
+
+
+def metrics_to_vector(metrics: Mapping[str, float]) -> np.ndarray:
+    """A device's train metrics as the float64 vector [2 × len(SECURE_METRICS)] that SecAgg+
+    sums with its update."""
+    return np.array([x for key in SECURE_METRICS
+                     for x in ((1.0, float(metrics[key]) * METRIC_SCALE) if key in metrics else (0.0, 0.0))])
+
+
+def metrics_from_mean(mean: np.ndarray) -> dict[str, float]:
+    """The mean of each metric over the devices that reported it, from the mean of their
+    `metrics_to_vector`s; a metric no device reported (a share that is quantization error
+    only) is left out."""
+    pairs = np.asarray(mean, dtype=np.float64).reshape(len(SECURE_METRICS), 2)
+    return {key: float(total / METRIC_SCALE / share) for key, (share, total) in zip(SECURE_METRICS, pairs, strict=True)
+            if share > 1e-3}
 
 # Shared parameters travel in float32 or float16: half the bytes, and for LoRA-sized values
 # (|w| well inside 6e-5..65504) more mantissa than bfloat16, which numpy (and so Flower's

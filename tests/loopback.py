@@ -27,6 +27,7 @@ class LoopbackGrid(InProcessGrid):
         self.leaving = leaving or {}
         self.train_rounds = 0
         self.completed_train_rounds = 0
+        self.train_replies: list[Message] = []  # every reply to a train message, as the coordinator got it
 
     def get_node_ids(self) -> list[int]:
         return [node for node in super().get_node_ids()
@@ -41,6 +42,7 @@ class LoopbackGrid(InProcessGrid):
         replies = super().send_and_receive(messages, timeout=timeout)
         if messages and messages[0].metadata.message_type == "train":
             self.completed_train_rounds += 1
+            self.train_replies += replies
         return replies
 
     def before_delivery(self, node: int) -> None:

@@ -1,0 +1,101 @@
+"""A training round under secure aggregation, with Flower's own SecAgg+.
+
+Flower hosts SecAgg+ only in its workflow API: `SecAggPlusWorkflow`, which drives a legacy
+`Strategy` through a `LegacyContext`. It runs on any `Grid`, so with `secure-aggregation` on,
+a round of this Message-API ServerApp hands the round to it, with the same sampling and the
+same device code (the devices' side: `client/secure_aggregation.py`):
+
+  setup, share keys   each sampled device makes two key pairs and sends Shamir shares of its
+                      secrets, encrypted, to `secagg-shares` of the others (through here);
+  masked vectors      each device trains and sends its shared parameters and train metrics,
+                      quantized and hidden under a private mask and pairwise masks;
+  unmask              the devices send the shares that remove the masks of the sum, and of
+                      devices that dropped out (`secagg-threshold` of a device's shares are
+                      needed): the coordinator learns the sum and nothing else.
+
+What it costs and changes: every value is clipped to ±8 and quantized to 2^22 levels (error at
+most 3.8e-6 per value, stochastic rounding, unbiased); a device uploads int64 masks (twice the
+float32 update) and two more round trips; updates weigh the same (a weight would travel in
+clear). What it does not hide: that a device took part, and the evaluation replies (per-user
+metrics, in clear: the trial's per-user table is made of them). SecAgg+ assumes fewer than
+`secagg-threshold` of a device's neighbours collude with the coordinator; Flower's masks are
+drawn from 32-bit seeds (`pseudo_rand_gen`), which is Flower's choice, not reviewed here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common import Metrics, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from shared.config import RunConfig
+from shared.wire import SECURE_METRICS, SHARED_KEYS, encode_shared, metrics_from_mean
+
+log = logging.getLogger("flwr.nextquill")
+
+MASK_ITEM_BYTES = 8  # SecAgg+ masks and sends int64
+
+
+@dataclass
+class SecureRound:
+    shared: dict[str, torch.Tensor] | None  # the mean of the summed updates; None: the protocol halted
+    metrics: dict[str, float]  # the mean of each train metric over the summed devices
+    summed: int  # devices whose masked update is in the sum
+    upload_bytes_per_client: int  # a device's masked vector (the key exchange adds a few kB)
+
+
+def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mapping[str, torch.Tensor],
+                 instruction: Mapping[str, Any], nodes: list[int]) -> SecureRound:
+    """One training round over `nodes` (already sampled) under SecAgg+: the mean of their
+    shared parameters and train metrics, which is all the coordinator learns."""
+    keys = list(shared)
+    summed: list[int] = []
+
+    def count_summed(fit_metrics: list[tuple[int, Metrics]]) -> Metrics:
+        summed.append(len(fit_metrics))
+        return {}
+
+    strategy = LegacyFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(nodes),
+                            min_available_clients=len(nodes), accept_failures=True,
+                            on_fit_config_fn=lambda _: {**instruction, SHARED_KEYS: keys},
+                            fit_metrics_aggregation_fn=count_summed)
+    clients = SimpleClientManager()
+    for node in nodes:
+        clients.register(GridClientProxy(node, grid, run_id=0))
+    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
+                        MAIN_PARAMS_RECORD: encode_shared(shared, "float32")})
+    sent = state.array_records[MAIN_PARAMS_RECORD]
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
+                            ServerConfig(num_rounds=server_round), strategy, clients)
+    workflow = SecAggPlusWorkflow(num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
+                                  max_weight=1.0, timeout=config.round_timeout)
+    workflow(grid, context)
+
+    values = sum(tensor.numel() for tensor in shared.values()) + 2 * len(SECURE_METRICS) + 1  # + SecAgg+'s weight
+    upload = values * MASK_ITEM_BYTES
+    aggregated = context.state.array_records[MAIN_PARAMS_RECORD]
+    if aggregated is sent:
+        log.warning("round %d: secure aggregation halted (too few devices left to unmask): nothing aggregated",
+                    server_round)
+        return SecureRound(None, {}, 0, upload)
+    arrays = parameters_to_ndarrays(arrayrecord_to_parameters(aggregated, keep_input=True))
+    if len(arrays) != len(keys) + 1:
+        raise RuntimeError(f"secure aggregation returned {len(arrays)} arrays for {len(keys)} shared parameters")
+    mean = {key: torch.from_numpy(np.asarray(array, dtype=np.float32)).reshape(shared[key].shape)
+            for key, array in zip(keys, arrays, strict=False)}
+    return SecureRound(mean, metrics_from_mean(arrays[-1]), summed[-1] if summed else 0, upload)
