@@ -1,6 +1,6 @@
 """A real deployment on loopback: a SuperLink and two SuperNodes as separate processes, TLS and
 SuperNode authentication on, our apps run by `flwr run` over Flower's Fleet API (HTTP). One
-expert round and one personalization round; then each device holds its personal adapter and
+expert round and one personalization round, securely aggregated; then each device holds its personal adapter and
 the coordinator's checkpoint holds exactly the shared keys. Every process is stopped. And the
 privacy audit at the wire: the same deployment with TLS off and a recording proxy in front of
 the SuperLink, users' data marked with canaries."""
@@ -36,15 +36,17 @@ REPO = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-def test_a_superlink_and_two_supernodes_run_expert_and_personalization_rounds_across_a_coordinator_crash(
+def test_a_superlink_and_two_supernodes_run_securely_aggregated_rounds_across_a_coordinator_crash(
         model_dir, tmp_path):
-    """The SuperLink and the ServerApp are killed once the expert is published (all their state
-    lost, the run directory kept); a new deployment and the same `flwr run` resume after the
-    last checkpoint: no round lost or trained twice, the same run id, and every device ends with
-    its personal adapter and the expert in its cache."""
+    """Every training round under SecAgg+ (its key exchange through the SuperLink, its state kept
+    by each SuperNode between ClientApp processes). The SuperLink and the ServerApp are killed
+    once the expert is published (all their state lost, the run directory kept); a new
+    deployment and the same `flwr run` resume after the last checkpoint: no round lost or
+    trained twice, the same run id, and every device ends with its personal adapter and the
+    expert in its cache."""
     users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
     run_dir = tmp_path / "run"
-    run_config = small_run(model_dir, run_dir, rounds=1)
+    run_config = small_run(model_dir, run_dir, rounds=1, **{"secure-aggregation": True})
     nodes = [{"user-dir": str(path)} for path in users]
     # Each device has its own data directory (its expert cache), as separate machines would.
     device_homes = [tmp_path / f"device-{i}" for i in range(len(users))]
@@ -74,6 +76,8 @@ def test_a_superlink_and_two_supernodes_run_expert_and_personalization_rounds_ac
     assert "[expert 1/1]" not in run.output  # the published expert was not trained again
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["round"]) for r in rows] == [("expert", 1), ("personalize", 1), ("evaluate", 1)]
+    assert [r["accepted"] for r in rows[:2]] == [2, 2] and all("train-loss" in r for r in rows[:2])
+    assert "Secure aggregation completed" in run.output
 
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint.phase == "done" and checkpoint.run_id == first.run_id
