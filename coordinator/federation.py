@@ -69,6 +69,9 @@ class RunResult:
 def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     """Run (or resume) the phases of `config` in its run directory."""
     run_dir = config.resolve(config.run_dir)
+    adapters = GlobalAdapters(config.model, config.lora)
+    if config.needs_expert and config.expert:  # before anything is written
+        check_adapter_base(config.resolve(config.expert), adapters.base_id)
     check_run_config(run_dir, config.to_flower(), RunConfig().to_flower())
     rounds = RoundLog(run_dir)
     expert_phase = config.needs_expert and not config.expert
@@ -83,9 +86,6 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     privacy = RunPrivacy.start(config.privacy, config.releases, checkpoint.privacy)
     if config.privacy.enabled:
         log.info("%s", privacy.describe())
-    adapters = GlobalAdapters(config.model, config.lora)
-    if config.needs_expert and config.expert:
-        check_adapter_base(config.resolve(config.expert), adapters.base_id)
     nodes = NodeWaiter(grid, config.connect_timeout)
 
     if checkpoint.phase == Phase.EXPERT:

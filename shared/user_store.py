@@ -274,10 +274,9 @@ class UserStore:
 
     @property
     def cache_dir(self) -> Path:
-        """<store>/cache, for what a device derives from the store (token probabilities...)."""
-        cache = self.path / "cache"
-        cache.mkdir(exist_ok=True)
-        return cache
+        """<store>/cache, for what a device derives from the store (token probabilities...);
+        made by the first write into it, so that a refused command leaves the store as it was."""
+        return self.path / "cache"
 
 
 def _sample_row(sample: Sample) -> dict[str, Any]:

@@ -160,6 +160,7 @@ def test_an_adapter_made_for_another_base_or_corrupt_is_refused_in_one_line(caps
     other_base, _ = load_base(BaseSpec(str(other_dir), device="cpu"))
     unmarked = tmp_path / "unmarked"
     save_adapter(AdapterHost(other_base, LoraSettings()).new("local"), unmarked, adapter_name="local")
+    before = _tree(users[0])
     for adapter, message in ((recorded, "was trained on another base (fingerprint 0123456789abcdef)"),
                              (corrupt, "cannot be loaded on this base: Error while deserializing header"),
                              (unmarked, "its layers' shapes differ from this base's")):
@@ -167,7 +168,7 @@ def test_an_adapter_made_for_another_base_or_corrupt_is_refused_in_one_line(caps
                f"adapter {adapter} {message}" if adapter is recorded else message)
         _fails(capsys, ["train", "--users", str(users[0]), "--expert", str(adapter), "--out", str(tmp_path / "o"),
                         "--max-steps", "1", *model], message)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and _tree(users[0]) == before  # not even a cache folder
 
 
 def test_other_mistakes_get_one_line(capsys, tmp_path):

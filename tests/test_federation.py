@@ -222,7 +222,7 @@ def test_an_expert_of_another_base_is_refused_before_any_round(model_dir, users,
     grid = _grid(again, users)
     with pytest.raises(AdapterLoadError, match="trained on another base"):
         run_federation(grid, again)
-    assert first.expert_digest and not grid.delivered
+    assert first.expert_digest and not grid.delivered and not (tmp_path / "run2").exists()
 
 
 def test_the_server_app_stops_a_run_it_cannot_do_with_one_line(model_dir, users, tmp_path, caplog):

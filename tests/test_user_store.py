@@ -37,9 +37,9 @@ def test_write_refuses_an_existing_store_unless_overwrite(tmp_path):
     assert leftovers(tmp_path) == ["u"]
 
 
-def test_cache_dir_is_created_inside_the_store(tmp_path):
+def test_the_cache_dir_is_inside_the_store_and_made_only_by_a_write(tmp_path):
     store = tiny_store(tmp_path / "u")
-    assert store.cache_dir == tmp_path / "u" / "cache" and store.cache_dir.is_dir()
+    assert store.cache_dir == tmp_path / "u" / "cache" and not store.cache_dir.exists()
 
 
 def test_list_user_stores_finds_only_folders_with_user_json(tmp_path):
