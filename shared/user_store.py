@@ -27,7 +27,7 @@ from shared.paths import atomic_directory, atomic_write_json, atomic_write_jsonl
 STORE_FORMAT = "nextquill-user-store/1"
 SOURCES = ("shakespeare", "synthetic", "lamp-json")
 SPLITS = ("train", "test")
-_CORE_META = ("format", "user_id", "source", "n_train", "n_test", "n_history")
+CORE_META = ("format", "user_id", "source", "n_train", "n_test", "n_history")
 
 
 class DataError(ValueError):
@@ -263,6 +263,10 @@ class UserStore:
             raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
         return [s for s in self._samples if split is None or s.split == split]
 
+    def history(self) -> list[HistoryItem]:
+        """Every history item, in the order of the store's file."""
+        return [item for _, item in sorted(self._history.values(), key=lambda entry: entry[0])]
+
     def history_for(self, sample: Sample) -> list[HistoryItem]:
         """The history items `sample` may see, most recent first (ties: later in the file first)."""
         try:
@@ -306,7 +310,7 @@ def prepare_store(
     """Check a store's content exactly as `UserStore.open` would; return what to write."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    clash = set(extra_meta or {}) & set(_CORE_META)
+    clash = set(extra_meta or {}) & set(CORE_META)
     if clash:
         raise ValueError(f"extra_meta may not set {sorted(clash)}")
     samples_file, history_file = path / "samples.jsonl", path / "history.jsonl"

@@ -147,6 +147,9 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                       f"{_cell(*starts, 3)}. The same expert's effect of the user's own history "
                       f"against another user's history (not against none) scores ROC AUC {_cell(*contrast, 3)}.",
                       ""]
+    memorization = out / "memorization" / "memorization.md"  # python -m simulations.memorization
+    if memorization.is_file():
+        lines += ["## Memorization: a canary's exposure", "", memorization.read_text().strip(), ""]
     findings = out / "findings.md"  # written by hand from the numbers; kept when the report is rewritten
     if findings.is_file():
         lines += ["## Findings", "", findings.read_text().strip(), ""]

@@ -1,0 +1,53 @@
+"""The canary's exposure (simulations/memorization.py): ranking, insertion into a store, and a
+whole cell through the real apps, resumed from its saved result."""
+
+import math
+
+import pytest
+
+from shared.user_store import UserStore
+from simulations.memorization import exposure, insert_canary, memorization_table, run_memorization
+from simulations.study import StudyConfig
+from tests.samples import tiny_store
+
+
+def test_exposure_is_the_log_rank_of_the_canary_among_the_candidates():
+    assert exposure(1.0, [2.0, 3.0, 4.0]) == (2.0, 1)  # the most likely of four: log2(4) - log2(1)
+    assert exposure(5.0, [2.0, 3.0, 4.0]) == (0.0, 4)  # the least likely
+    assert exposure(3.0, [2.0, 3.0, 4.0])[1] == 3  # a tie counts against the canary
+
+
+def test_the_canary_joins_the_users_training_targets_and_nothing_else_changes(tmp_path):
+    store = tiny_store(tmp_path / "u")
+    changed = insert_canary(store, "my locker code is 123456", insertions=3)
+    again = UserStore.open(tmp_path / "u")
+    canaries = [s for s in again.samples("train") if s.id.startswith("canary-")]
+    assert len(canaries) == 3 and {s.y for s in canaries} == {"my locker code is 123456"}
+    assert {s.x for s in canaries} <= {s.x for s in store.samples("train")}
+    assert [s for s in again.samples() if not s.id.startswith("canary-")] == store.samples()
+    assert again.history() == store.history() and changed.meta["note"] == "x"
+
+
+def test_a_cell_reports_the_canarys_exposure_under_the_shared_and_the_personalized_model(model_dir, tmp_path):
+    study = StudyConfig(model=str(model_dir), datasets=("reviewers",), seeds=(0,), users=2, rounds=1, local_steps=1,
+                        batch_size=2, history_tokens=48, context_tokens=24, response_tokens=24, device="cpu")
+    rows = run_memorization(study, tmp_path / "memorization", ("nextquill-fed",), insertions=2, candidates=15)
+    (row,) = rows
+    for model in ("shared", "personal"):
+        assert 1 <= row[model]["rank"] <= 16 and 0.0 <= row[model]["exposure_bits"] <= math.log2(16)
+        assert math.isfinite(row[model]["canary_nll"])
+    assert "| `nextquill-fed` | 0 | ∞ |" in (tmp_path / "memorization" / "memorization.md").read_text()
+    # A rerun reads the finished cell instead of training again.
+    assert run_memorization(study, tmp_path / "memorization", ("nextquill-fed",), insertions=2,
+                            candidates=15) == rows
+    assert [line for line in memorization_table(rows).splitlines() if line.startswith("| `")] == [
+        line for line in (tmp_path / "memorization" / "memorization.md").read_text().splitlines()
+        if line.startswith("| `nextquill-fed` | 0 |")]
+
+
+@pytest.mark.parametrize("argv", [["--candidates", "0"], ["--insertions", "-1"]])
+def test_bad_counts_are_refused_in_one_line(argv, capsys, tmp_path):
+    from simulations.memorization import main
+
+    assert main([*argv, "--out", str(tmp_path / "m")]) == 2
+    assert "at least 1" in capsys.readouterr().err and not (tmp_path / "m").exists()
