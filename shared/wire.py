@@ -14,6 +14,9 @@ Up (device -> coordinator), by message, and nothing else:
             scores on them (with `evaluate-base`, the base's too): ROUGE-1/L, BLEU, METEOR,
             NLL and history sensitivity, each a mean over the user's held-out samples.
   failure   a fixed code and category (`client.failures`), never the error's text.
+With secure aggregation on, a train reply is SecAgg+'s instead: the shared parameters and the
+train metrics, quantized and masked together, so that only their sum over a round's devices
+can be read (`coordinator/secure_aggregation.py`).
 
 Never text, token ids, personal parameters or token weights. The metrics are per-user
 numbers computed from the user's text: one mean each, from which no text can be read back,
