@@ -158,19 +158,23 @@ def run_memorization(study: Any, out: Path, methods: tuple[str, ...] = METHODS, 
             continue
         rows.append(run_cell(study, method, seed, work, insertions, candidates))
         atomic_write_json(path, rows[-1])
-    atomic_write_json(out / "memorization.json", rows)
-    atomic_write_text(out / "memorization.md", memorization_table(rows) + "\n")
+    # The table holds every cell measured so far, of any insertion count (a positive control).
+    measured = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))]
+    measured.sort(key=lambda row: (row["insertions"], row["method"] != "nextquill-fed", row["method"], row["seed"]))
+    atomic_write_json(out / "memorization.json", measured)
+    atomic_write_text(out / "memorization.md", memorization_table(measured) + "\n")
     return rows
 
 
 def memorization_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | seed | ε | exposure, shared adapter (bits) | exposure, personalized (bits) | "
-             "rank shared / personal | ROUGE-1 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | canary copies | seed | ε | exposure, shared adapter (bits) | exposure, personalized (bits) | "
+             "rank shared / personal | ROUGE-1 |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         epsilon = (row.get("privacy") or {}).get("epsilon")
         rouge = "-" if row.get("rouge1") is None else f"{row['rouge1']:.3f}"
+        spent = "∞" if epsilon is None else f"{epsilon:.3g}"
         lines.append(
-            f"| `{row['method']}` | {row['seed']} | {'∞' if epsilon is None else f'{epsilon:.3g}'} | "
+            f"| `{row['method']}` | {row['insertions']} | {row['seed']} | {spent} | "
             f"{row['shared']['exposure_bits']:.2f} | {row['personal']['exposure_bits']:.2f} | "
             f"{row['shared']['rank']} / {row['personal']['rank']} | {rouge} |")
     maximum = rows[0]["max_exposure_bits"] if rows else 0.0

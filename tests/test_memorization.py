@@ -36,13 +36,13 @@ def test_a_cell_reports_the_canarys_exposure_under_the_shared_and_the_personaliz
     for model in ("shared", "personal"):
         assert 1 <= row[model]["rank"] <= 16 and 0.0 <= row[model]["exposure_bits"] <= math.log2(16)
         assert math.isfinite(row[model]["canary_nll"])
-    assert "| `nextquill-fed` | 0 | ∞ |" in (tmp_path / "memorization" / "memorization.md").read_text()
+    assert "| `nextquill-fed` | 2 | 0 | ∞ |" in (tmp_path / "memorization" / "memorization.md").read_text()
     # A rerun reads the finished cell instead of training again.
     assert run_memorization(study, tmp_path / "memorization", ("nextquill-fed",), insertions=2,
                             candidates=15) == rows
     assert [line for line in memorization_table(rows).splitlines() if line.startswith("| `")] == [
         line for line in (tmp_path / "memorization" / "memorization.md").read_text().splitlines()
-        if line.startswith("| `nextquill-fed` | 0 |")]
+        if line.startswith("| `nextquill-fed` | 2 | 0 |")]
 
 
 @pytest.mark.parametrize("argv", [["--candidates", "0"], ["--insertions", "-1"]])
