@@ -170,9 +170,9 @@ def _rounds(
         if config.secure_aggregation:
             outcome = secure_round(grid, config, server_round, shared, instruction.to_config(),
                                    [message.metadata.dst_node_id for message in messages])
-            aggregated, replies, accepted, upload = outcome.shared, outcome.summed, outcome.summed, \
-                outcome.upload_bytes_per_client
-            metrics, norms = outcome.metrics, {}
+            aggregated, metrics, norms = outcome.shared, outcome.metrics, {}
+            replies = accepted = outcome.summed
+            upload = outcome.upload_bytes_per_client
         else:
             received = list(grid.send_and_receive(messages, timeout=config.round_timeout))
             record, metrics = strategy.aggregate_train(server_round, received)

@@ -97,5 +97,5 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
     if len(arrays) != len(keys) + 1:
         raise RuntimeError(f"secure aggregation returned {len(arrays)} arrays for {len(keys)} shared parameters")
     mean = {key: torch.from_numpy(np.asarray(array, dtype=np.float32)).reshape(shared[key].shape)
-            for key, array in zip(keys, arrays, strict=False)}
+            for key, array in zip(keys, arrays[:-1], strict=True)}
     return SecureRound(mean, metrics_from_mean(arrays[-1]), summed[-1] if summed else 0, upload)

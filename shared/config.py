@@ -295,20 +295,20 @@ class RunConfig:
         if self.needs_expert and not self.expert and self.expert_rounds == 0:
             raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
                                                     "or expert to an existing expert adapter directory")
-        if self.secure_aggregation:
-            if not 2 <= self.clients_per_round <= 1023:
-                raise SettingError("run config secure-aggregation", "needs clients-per-round from 2 (a sum of one "
-                                                                    "update is that update) to 1023 (SecAgg+'s "
-                                                                    "32-bit sums of 22-bit values)")
-            if self.dp in ("server", "client") or self.max_update_norm:
-                raise SettingError("run config secure-aggregation", "cannot go with dp 'server' or 'client' or "
-                                                                    "max-update-norm: they need each device's "
-                                                                    "update, which SecAgg+ hides (dp 'local' works)")
         try:  # the objects derived from the keys check what they hold (same names, kebab-case)
             self.base_spec, self.prompt, self.weight_scheme, self.lora, self.privacy  # noqa: B018
         except SettingError as error:
             raise error.renamed(f"run config {_key(error.name)}") from None
         self.split_spec  # noqa: B018  (raises on an invalid split / shared-layers pair)
+        if self.secure_aggregation:
+            if not 2 <= self.clients_per_round <= 1023:
+                raise SettingError("run config secure-aggregation", "needs clients-per-round from 2 (a sum of one "
+                                                                    "update is that update) to 1023 (SecAgg+'s "
+                                                                    "32-bit sums of 22-bit values)")
+            if self.privacy.central or self.max_update_norm:
+                raise SettingError("run config secure-aggregation", "cannot go with dp 'server' or 'client' or "
+                                                                    "max-update-norm: they need each device's "
+                                                                    "update, which SecAgg+ hides (dp 'local' works)")
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -12,11 +12,11 @@ the set-up cancel out. Seconds are the median of the coordinator's per-round tim
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
+from coordinator.report import RoundLog
 from shared.loading import resolve_model_dir
 from shared.paths import atomic_write_json
 from simulations.datasets import build_synthetic_users
@@ -48,7 +48,7 @@ def _run(model_dir: Path, users: list[Path], work: Path, rounds: int, secure: bo
                 up += len(exchange.request_body)
             elif exchange.path == PULL_OBJECT:
                 down += len(exchange.response_body)
-    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    rows = RoundLog(run_dir).rows
     seconds = [row["seconds"] for row in rows if row["phase"] == "personalize" and "aggregated" in row]
     return {"up": up, "down": down, "seconds": seconds,
             "upload_bytes_per_client": rows[0]["upload_bytes_per_client"]}
