@@ -17,7 +17,10 @@ is at most log2(candidates + 1) (about 10 bits for 1,000), and 1/ln 2 ≈ 1.4 bi
 when the canary ranks like a random code (Carlini's estimate by sampling, without the
 extrapolation).
 
-Each (method, seed) is a cell saved as it finishes; a rerun skips finished cells.
+Each (method, seed, canary copies, candidates, protocol) is a cell saved as it finishes; a rerun
+skips finished cells. The protocol (the study's budget: rounds, local steps, batch, learning
+rate...) is part of a cell's name, so a positive control at a larger budget never reads a cell
+of the study's budget.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +113,7 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     from simulations.inprocess import InProcessGrid
     from simulations.study import run_config
 
+    started = time.perf_counter()
     cell_work = work / method / f"seed-{seed}"
     values = run_config(study, "reviewers", seed, method, None, cell_work).to_flower()
     values.update({"expert": "", "expert-rounds": study.rounds, "evaluate-every": 0})
@@ -135,6 +140,9 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     device.host.activate(*split.adapters)
     personal = measure(model, device, store, canary, others)
     return {"method": method, "seed": seed, "insertions": insertions, "candidates": candidates,
+            "budget": {"rounds": study.rounds, "local_steps": study.local_steps, "batch_size": study.batch_size,
+                       "learning_rate": study.learning_rate},
+            "wall_seconds": time.perf_counter() - started,
             "max_exposure_bits": math.log2(candidates + 1), "shared": shared, "personal": personal,
             "privacy": (result.summary or {}).get("privacy"),
             "rouge1": (result.summary or {}).get("macro_average", {}).get("eval-rouge1")}
@@ -149,32 +157,42 @@ def run_memorization(study: Any, out: Path, methods: tuple[str, ...] = METHODS, 
     from simulations.study import work_dir
 
     work = work_dir(study) / f"memorization-{insertions}x{candidates}"
+    protocol = work_dir(study).name
     rows = []
     todo = [(method, seed) for seed in study.seeds for method in methods]
     for method, seed in tqdm(todo, desc="memorization cells", unit="cell"):
-        path = out / "cells" / f"{method}-seed-{seed}-{insertions}x{candidates}.json"
+        path = out / "cells" / f"{method}-seed-{seed}-{insertions}x{candidates}-{protocol}.json"
         if path.is_file():
             rows.append(json.loads(path.read_text()))
             continue
         rows.append(run_cell(study, method, seed, work, insertions, candidates))
         atomic_write_json(path, rows[-1])
-    # The table holds every cell measured so far, of any insertion count (a positive control).
+    # The table holds every cell measured so far, of any canary count or budget (a positive control).
     measured = [json.loads(path.read_text()) for path in sorted((out / "cells").glob("*.json"))]
-    measured.sort(key=lambda row: (row["insertions"], row["method"] != "nextquill-fed", row["method"], row["seed"]))
+    measured.sort(key=lambda row: (_steps(row), row["insertions"], row["method"] != "nextquill-fed", row["method"],
+                                   row["seed"]))
     atomic_write_json(out / "memorization.json", measured)
     atomic_write_text(out / "memorization.md", memorization_table(measured) + "\n")
     return rows
 
 
+def _steps(row: dict[str, Any]) -> int:
+    """Local steps a user trains in the whole personalization phase."""
+    return row["budget"]["rounds"] * row["budget"]["local_steps"]
+
+
 def memorization_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | canary copies | seed | ε | exposure, shared adapter (bits) | exposure, personalized (bits) | "
-             "rank shared / personal | ROUGE-1 |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget: rounds × local steps × batch, lr | canary copies | seed | ε | "
+             "exposure, shared adapter (bits) | exposure, personalized (bits) | rank shared / personal | ROUGE-1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         epsilon = (row.get("privacy") or {}).get("epsilon")
         rouge = "-" if row.get("rouge1") is None else f"{row['rouge1']:.3f}"
         spent = "∞" if epsilon is None else f"{epsilon:.3g}"
+        budget = row["budget"]
         lines.append(
-            f"| `{row['method']}` | {row['insertions']} | {row['seed']} | {spent} | "
+            f"| `{row['method']}` | {budget['rounds']} × {budget['local_steps']} × {budget['batch_size']}, "
+            f"{budget['learning_rate']:g} | {row['insertions']} | {row['seed']} | {spent} | "
             f"{row['shared']['exposure_bits']:.2f} | {row['personal']['exposure_bits']:.2f} | "
             f"{row['shared']['rank']} / {row['personal']['rank']} | {rouge} |")
     maximum = rows[0]["max_exposure_bits"] if rows else 0.0

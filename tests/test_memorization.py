@@ -1,13 +1,14 @@
 """The canary's exposure (simulations/memorization.py): ranking, insertion into a store, and a
 whole cell through the real apps, resumed from its saved result."""
 
+import dataclasses
 import math
 
 import pytest
 
 from shared.user_store import UserStore
 from simulations.memorization import exposure, insert_canary, memorization_table, run_memorization
-from simulations.study import StudyConfig
+from simulations.study import StudyConfig, work_dir
 from tests.samples import tiny_store
 
 
@@ -36,13 +37,17 @@ def test_a_cell_reports_the_canarys_exposure_under_the_shared_and_the_personaliz
     for model in ("shared", "personal"):
         assert 1 <= row[model]["rank"] <= 16 and 0.0 <= row[model]["exposure_bits"] <= math.log2(16)
         assert math.isfinite(row[model]["canary_nll"])
-    assert "| `nextquill-fed` | 2 | 0 | ∞ |" in (tmp_path / "memorization" / "memorization.md").read_text()
+    table = (tmp_path / "memorization" / "memorization.md").read_text()
+    assert "| `nextquill-fed` | 1 × 1 × 2, 0.0003 | 2 | 0 | ∞ |" in table
+    # The cell is named by its protocol: a larger budget (a positive control) is another cell.
+    assert (tmp_path / "memorization" / "cells" / f"nextquill-fed-seed-0-2x15-{work_dir(study).name}.json").is_file()
+    assert work_dir(dataclasses.replace(study, local_steps=8)) != work_dir(study)
     # A rerun reads the finished cell instead of training again.
     assert run_memorization(study, tmp_path / "memorization", ("nextquill-fed",), insertions=2,
                             candidates=15) == rows
     assert [line for line in memorization_table(rows).splitlines() if line.startswith("| `")] == [
         line for line in (tmp_path / "memorization" / "memorization.md").read_text().splitlines()
-        if line.startswith("| `nextquill-fed` | 2 | 0 |")]
+        if line.startswith("| `nextquill-fed` | 1 × 1 × 2, 0.0003 | 2 | 0 |")]
 
 
 @pytest.mark.parametrize("argv", [["--candidates", "0"], ["--insertions", "-1"]])
