@@ -3,8 +3,8 @@ canary (Carlini et al., "The Secret Sharer", USENIX Security 2019).
 
 A canary, "my locker code is" followed by random digits, is added to one user's training
 targets (`insertions` times, in that user's own contexts). The run is the study's federated
-run of a method (default `nextquill-fed`, and with differential privacy `dp-eps-8`), expert
-phase included. Afterwards the canary's log-likelihood, given the user's prompt, is ranked
+run of a method (default `nextquill-fed`, and with differential privacy `dp-eps-8`; `feddpa`,
+the same split with plain cross-entropy, on request), expert phase included. Afterwards the canary's log-likelihood, given the user's prompt, is ranked
 among `candidates` random codes of the same format, under two models:
 
   shared      the base with the aggregated shared adapter only: what the coordinator holds,
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 CANARY_PREFIX = "my locker code is "
 CANARY_DIGITS = 6
 METHODS = ("nextquill-fed", "dp-eps-8")
+# Every study row on the dual split (the personalized model is shared + personal adapter):
+# `feddpa` trains the same split with plain cross-entropy, the control for NextQuill's weights.
+CHOICES = ("nextquill-fed", "dp-eps-8", "feddpa")
 
 
 def random_code(rng: random.Random) -> str:
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.description = __doc__
     parser.add_argument("--insertions", type=int, default=4, help="copies of the canary in the user's targets")
     parser.add_argument("--candidates", type=int, default=1000, help="random codes the canary is ranked among")
-    parser.add_argument("--memorization-methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--memorization-methods", nargs="+", default=list(METHODS), choices=list(CHOICES))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     study, out = study_from(args)
