@@ -27,8 +27,7 @@ from shared.wire import (
     EXPERT_STATUS,
     HAS_EXPERT,
     RoundInstruction,
-    decode_shared,
-    encode_shared,
+    SharedLayout,
 )
 
 app = ClientApp(mods=[device_secure_aggregation, device_privacy])
@@ -39,9 +38,10 @@ app = ClientApp(mods=[device_secure_aggregation, device_privacy])
 def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
-    result = federated.handle_train(instruction, decode_shared(msg.content["arrays"]), context.node_config, config)
-    # In the order received: Flower's DP mods pair the reply's arrays with those sent by position.
-    arrays = encode_shared({key: result.shared[key] for key in msg.content["arrays"]}, config.transport_dtype)
+    layout = SharedLayout.from_config(msg.content["config"])
+    result = federated.handle_train(instruction, layout.decode(msg.content["arrays"]), context.node_config, config)
+    # In the layout received: Flower's DP mods pair the reply's arrays with those sent by position.
+    arrays = layout.encode(result.shared, config.transport_dtype, config.pack_shared)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -51,8 +51,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
-    metrics = federated.handle_evaluate(instruction, decode_shared(msg.content["arrays"]), context.node_config,
-                                        config)
+    shared = SharedLayout.from_config(msg.content["config"]).decode(msg.content["arrays"])
+    metrics = federated.handle_evaluate(instruction, shared, context.node_config, config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -46,9 +46,8 @@ from shared.wire import (
     QUERY_METRICS,
     Phase,
     RoundInstruction,
-    decode_shared,
+    SharedLayout,
     disallowed_metrics,
-    encode_shared,
 )
 
 # A child of Flower's logger, so that progress shows where Flower's own does (`flwr run --stream`).
@@ -163,9 +162,11 @@ def _rounds(
                                                 config.round_timeout, [n for n in connected if n not in expert_holders])
         instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
         strategy = _strategy(config, privacy, len(connected))
-        arrays = encode_shared(shared, config.transport_dtype)
+        layout = SharedLayout.of(shared)
+        arrays = layout.encode(shared, config.transport_dtype, config.pack_shared)
         random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(instruction.to_config()),
+        messages = list(strategy.configure_train(server_round, arrays,
+                                                 ConfigRecord({**instruction.to_config(), **layout.to_config()}),
                                                  NodeSnapshot(grid, connected)))
         if config.secure_aggregation:
             outcome = secure_round(grid, config, server_round, shared, instruction.to_config(),
@@ -176,7 +177,7 @@ def _rounds(
         else:
             received = list(grid.send_and_receive(messages, timeout=config.round_timeout))
             record, metrics = strategy.aggregate_train(server_round, received)
-            aggregated = decode_shared(record) if record is not None else None
+            aggregated = layout.decode(record) if record is not None else None
             replies, accepted, upload = len(received), len(strategy.accepted), arrays.count_bytes()
             norms = _norms(strategy.update_norms)
         if aggregated is not None:
@@ -218,8 +219,10 @@ def run_evaluation(
     server_round = checkpoint.round if not final else config.rounds
     instruction = RoundInstruction(Phase.PERSONALIZE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
     connected = nodes.nodes(config.evaluate_clients or config.clients_per_round, config.min_replies)
-    messages = list(strategy.configure_evaluate(server_round, encode_shared(checkpoint.shared, config.transport_dtype),
-                                                ConfigRecord(instruction.to_config()), NodeSnapshot(grid, connected)))
+    layout = SharedLayout.of(checkpoint.shared)
+    messages = list(strategy.configure_evaluate(
+        server_round, layout.encode(checkpoint.shared, config.transport_dtype, config.pack_shared),
+        ConfigRecord({**instruction.to_config(), **layout.to_config()}), NodeSnapshot(grid, connected)))
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     metrics = strategy.aggregate_evaluate(server_round, replies)
     users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import Metrics, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import ServerConfig
@@ -44,7 +44,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from shared.config import RunConfig
-from shared.wire import SECURE_METRICS, SHARED_KEYS, encode_shared, metrics_from_mean
+from shared.wire import SECURE_METRICS, SharedLayout, metrics_from_mean
 
 log = logging.getLogger("flwr.nextquill")
 
@@ -63,7 +63,7 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
                  instruction: Mapping[str, Any], nodes: list[int]) -> SecureRound:
     """One training round over `nodes` (already sampled) under SecAgg+: the mean of their
     shared parameters and train metrics, which is all the coordinator learns."""
-    keys = list(shared)
+    layout = SharedLayout.of(shared)
     summed: list[int] = []
 
     def count_summed(fit_metrics: list[tuple[int, Metrics]]) -> Metrics:
@@ -72,13 +72,13 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
 
     strategy = LegacyFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=len(nodes),
                             min_available_clients=len(nodes), accept_failures=True,
-                            on_fit_config_fn=lambda _: {**instruction, SHARED_KEYS: keys},
+                            on_fit_config_fn=lambda _: {**instruction, **layout.to_config()},
                             fit_metrics_aggregation_fn=count_summed)
     clients = SimpleClientManager()
     for node in nodes:
         clients.register(GridClientProxy(node, grid, run_id=0))
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
-                        MAIN_PARAMS_RECORD: encode_shared(shared, "float32")})
+                        MAIN_PARAMS_RECORD: layout.encode(shared, "float32", config.pack_shared)})
     sent = state.array_records[MAIN_PARAMS_RECORD]
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                             ServerConfig(num_rounds=server_round), strategy, clients)
@@ -86,7 +86,7 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
                                   max_weight=1.0, timeout=config.round_timeout)
     workflow(grid, context)
 
-    values = sum(tensor.numel() for tensor in shared.values()) + 2 * len(SECURE_METRICS) + 1  # + SecAgg+'s weight
+    values = layout.numel + 2 * len(SECURE_METRICS) + 1  # + SecAgg+'s weight
     upload = values * MASK_ITEM_BYTES
     aggregated = context.state.array_records[MAIN_PARAMS_RECORD]
     if aggregated is sent:
@@ -94,8 +94,9 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
                     server_round)
         return SecureRound(None, {}, 0, upload)
     arrays = parameters_to_ndarrays(arrayrecord_to_parameters(aggregated, keep_input=True))
-    if len(arrays) != len(keys) + 1:
-        raise RuntimeError(f"secure aggregation returned {len(arrays)} arrays for {len(keys)} shared parameters")
-    mean = {key: torch.from_numpy(np.asarray(array, dtype=np.float32)).reshape(shared[key].shape)
-            for key, array in zip(keys, arrays[:-1], strict=True)}
+    names = list(sent)  # the arrays sent, in order (one when packed); then the metrics vector
+    if len(arrays) != len(names) + 1:
+        raise RuntimeError(f"secure aggregation returned {len(arrays)} arrays for {len(names)} sent")
+    mean = layout.decode(ArrayRecord({name: Array(np.asarray(array, dtype=np.float32).reshape(sent[name].shape))
+                                      for name, array in zip(names, arrays[:-1], strict=True)}))
     return SecureRound(mean, metrics_from_mean(arrays[-1]), summed[-1] if summed else 0, upload)

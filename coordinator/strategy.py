@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from coordinator.validation import reply_problems
-from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, decode_shared, disallowed_metrics
+from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, disallowed_metrics
 
 log = logging.getLogger("flwr.nextquill")
 
@@ -61,6 +62,12 @@ class SampledFedAvg(FedAvg):
         size = min(clients, connected) if clients else connected
         self.min_available_nodes = size
         return (size / connected if connected else 0.0), size
+
+
+def _float32(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """A record's arrays in float32, whatever the transport dtype (packed or not: screening
+    and aggregation see the arrays as they travel)."""
+    return {key: tensor.float() for key, tensor in record.to_torch_state_dict().items()}
 
 
 class ScreenedReplies(Strategy):
@@ -111,7 +118,7 @@ class ScreenedReplies(Strategy):
     def _screen(self, server_round: int, replies: Iterable[Message], train: bool) -> bool:
         """Keep the valid replies in `self.accepted`; whether there are enough of them."""
         self.accepted, self.update_norms = [], []
-        sent = decode_shared(self.sent) if train and self.sent is not None else {}
+        sent = _float32(self.sent) if train and self.sent is not None else {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -122,7 +129,7 @@ class ScreenedReplies(Strategy):
                 # Aggregate in float32, whatever the transport dtype, in the order sent (Flower's DP
                 # wrappers pair a reply's arrays with those sent by position).
                 key, record = next(iter(reply.content.array_records.items()))
-                decoded = decode_shared(record)
+                decoded = _float32(record)
                 norm = float(sum(((decoded[k] - sent[k]) ** 2).sum() for k in sent) ** 0.5) if sent else None
                 if norm is not None and self.max_update_norm and norm > self.max_update_norm:
                     problems.append(f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")

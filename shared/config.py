@@ -245,6 +245,10 @@ class RunConfig:
     transport_dtype: str = setting(
         "float32", f"dtype the shared parameters travel in: one of {list(TRANSPORT_DTYPES)}", choices=TRANSPORT_DTYPES
     )
+    pack_shared: bool = setting(
+        True, "send the shared parameters as one flat array (Flower sends each array as its own object with its "
+              "own request: packed, far fewer wire bytes and requests); false: one array per parameter",
+    )
     lora_r: int = like(LoraSettings, "lora_r")
     lora_alpha: int = like(LoraSettings, "lora_alpha")
     history_tokens: int = like(PromptConfig, "history_tokens", default=96)

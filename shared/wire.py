@@ -1,15 +1,16 @@
 """What travels between the coordinator and a device, besides Flower's own bookkeeping.
 
 Down (coordinator -> device): a round instruction (phase, round, run id, expert digest), the
-shared parameters, the run config, and once per device the expert's files.
+shared parameters (one flat array, with their names and shapes in the config: `SharedLayout`),
+the run config, and once per device the expert's files.
 
 Up (device -> coordinator), by message, and nothing else:
 
   query     `has-expert`: 0 or 1.
   train     the shared parameters after local training (expert phase: the whole expert
-            LoRA; personalization: the split's shared part only) and `TRAIN_METRICS`: the
-            number of training samples, the losses (means over the local steps), the step
-            count and seconds.
+            LoRA; personalization: the split's shared part only), in the layout received,
+            and `TRAIN_METRICS`: the number of training samples, the losses (means over the
+            local steps), the step count and seconds.
   evaluate  `EVALUATE_METRICS`: the number of held-out samples and the personalized model's
             scores on them (with `evaluate-base`, the base's too): ROUGE-1/L, BLEU, METEOR,
             NLL and history sensitivity, each a mean over the user's held-out samples.
@@ -28,6 +29,7 @@ proves this at the wire with canaries (`simulations.wire_audit`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -71,10 +73,9 @@ EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in SCORE_KEYS),
 QUERY_METRICS = frozenset({HAS_EXPERT})
 
 # Secure aggregation (SecAgg+, `coordinator/secure_aggregation.py`) carries a train message in
-# Flower's legacy FitIns / FitRes form, whose arrays have no names: the config names them.
-SHARED_KEYS = "shared-keys"
-# ... and the train metrics ride inside the masked vector, so that the coordinator learns only
-# their mean: for each metric, in this order, [reported (0 or 1), value × METRIC_SCALE].
+# Flower's legacy FitIns / FitRes form, whose arrays have no names (the layout in the config
+# names them), and the train metrics ride inside the masked vector, so that the coordinator
+# learns only their mean: for each metric, in this order, [reported (0 or 1), value × METRIC_SCALE].
 # SecAgg+ clips every value to ±8 before quantizing it; the scale keeps values up to 8192.
 SECURE_METRICS = tuple(sorted(TRAIN_METRICS))
 METRIC_SCALE = 2.0**-10
@@ -98,18 +99,70 @@ def metrics_from_mean(mean: np.ndarray) -> dict[str, float]:
 # Shared parameters travel in float32 or float16: half the bytes, and for LoRA-sized values
 # (|w| well inside 6e-5..65504) more mantissa than bfloat16, which numpy (and so Flower's
 # ArrayRecord) cannot carry. Both sides train and aggregate in float32.
+#
+# Flower sends every array of a record as its own object, each with its own HTTP request and
+# headers: hundreds of small LoRA matrices cost more in requests than in values. Packed (the
+# default), the shared parameters travel as one flat array, `PACKED`, in the order of the
+# layout that each train and evaluate message carries in its config (`SHARED_KEYS`,
+# `SHARED_SHAPES`); the reply comes back in the same layout.
+PACKED = "shared"
+SHARED_KEYS = "shared-keys"
+SHARED_SHAPES = "shared-shapes"
 
 
-def encode_shared(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
-    """Shared parameters as the ArrayRecord that travels, in the transport dtype."""
-    if dtype not in TRANSPORT_DTYPES:
-        raise ValueError(f"transport dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
-    return ArrayRecord({k: v.detach().to(getattr(torch, dtype)) for k, v in state.items()})
+@dataclass(frozen=True)
+class SharedLayout:
+    """The names and shapes of the shared parameters, in the order they travel."""
 
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
 
-def decode_shared(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The float32 tensors of a received ArrayRecord of shared parameters."""
-    return {k: v.float() for k, v in record.to_torch_state_dict().items()}
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> SharedLayout:
+        return cls(tuple(state), tuple(tuple(v.shape) for v in state.values()))
+
+    def to_config(self) -> dict[str, list[str]]:
+        return {SHARED_KEYS: list(self.keys), SHARED_SHAPES: ["x".join(map(str, shape)) for shape in self.shapes]}
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> SharedLayout:
+        try:
+            keys, shapes = [str(k) for k in values[SHARED_KEYS]], [str(s) for s in values[SHARED_SHAPES]]
+            layout = cls(tuple(keys), tuple(tuple(int(d) for d in s.split("x")) if s else () for s in shapes))
+        except KeyError as error:
+            raise ValueError(f"message config lacks the shared layout's {error.args[0]!r}") from None
+        except ValueError:
+            raise ValueError(f"message config: {SHARED_SHAPES!r} holds a shape that is not NxM...: {shapes}") from None
+        if len(keys) != len(shapes):
+            raise ValueError(f"message config: {len(keys)} shared keys for {len(shapes)} shapes")
+        return layout
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    def encode(self, state: Mapping[str, torch.Tensor], dtype: str = "float32", packed: bool = True) -> ArrayRecord:
+        """`state` (these keys, these shapes) as the ArrayRecord that travels, in the transport
+        dtype: one flat array, or one array per parameter."""
+        if dtype not in TRANSPORT_DTYPES:
+            raise ValueError(f"transport dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
+        tensors = [state[key].detach().to(getattr(torch, dtype)) for key in self.keys]
+        if not packed:
+            return ArrayRecord(dict(zip(self.keys, tensors, strict=True)))
+        return ArrayRecord({PACKED: torch.cat([t.reshape(-1) for t in tensors])})
+
+    def decode(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The float32 tensors of a received record of this layout, packed or not."""
+        arrays = record.to_torch_state_dict()
+        if set(arrays) == {PACKED} and PACKED not in self.keys:
+            flat = arrays[PACKED].float()
+            if flat.numel() != self.numel:
+                raise ValueError(f"packed shared parameters hold {flat.numel()} values, the layout {self.numel}")
+            pieces = flat.split([math.prod(shape) for shape in self.shapes])
+            return {key: piece.reshape(shape) for key, piece, shape in zip(self.keys, pieces, self.shapes, strict=True)}
+        if set(arrays) != set(self.keys):
+            raise ValueError(f"shared parameters: {len(arrays)} arrays that are not the layout's {len(self.keys)}")
+        return {key: arrays[key].float() for key in self.keys}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Benchmark 3, communication: the bytes a client uploads per round (its reply's ArrayRecord,
-serialized as Flower sends it) for each shared / personal split and transport dtype,
+packed and serialized as Flower sends it; what crosses the wire, requests included: benchmark
+`wire`) for each shared / personal split and transport dtype,
 against FedAvg of the full LoRA in float32. Every method trains the same LoRA shape, so the
 bytes depend on the split and dtype only; the download is the same record."""
 
@@ -12,7 +13,7 @@ from shared.config import TRANSPORT_DTYPES, LoraSettings
 from shared.loading import resolve_model_dir
 from shared.paths import atomic_write_json
 from shared.split import SplitSpec
-from shared.wire import encode_shared
+from shared.wire import SharedLayout
 
 
 def comm_benchmark(model: str, lora: LoraSettings, out: Path, model_dir: Path | None = None) -> dict:
@@ -26,7 +27,7 @@ def comm_benchmark(model: str, lora: LoraSettings, out: Path, model_dir: Path | 
             rows.append({
                 "split": split.kind if split.kind != "layers" else f"layers ({split.shared_layers} of {layers})",
                 "transport_dtype": dtype, "parameters": sum(v.numel() for v in shared.values()),
-                "upload_bytes": encode_shared(shared, dtype).count_bytes(),
+                "upload_bytes": SharedLayout.of(shared).encode(shared, dtype).count_bytes(),
             })
     baseline = next(r for r in rows if r["split"] == "full" and r["transport_dtype"] == "float32")["upload_bytes"]
     for row in rows:

@@ -14,7 +14,9 @@ compares ratios measured in the same run.
           every client (what a simulation that reloads its model per client pays); both
           measured in the same run, on the same users.
   secagg  seconds and wire bytes of a training round with SecAgg+ against plain FedAvg, on a
-          real loopback deployment (simulations/bench_secagg.py)
+          real loopback deployment (simulations/bench_deployment.py)
+  wire    wire bytes and requests of a training round, the shared parameters packed into one
+          array against one array per parameter, on a real loopback deployment
 """
 
 from __future__ import annotations
@@ -123,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--out", default="runs/benchmarks/setup.json")
-    p = sub.add_parser("secagg", help="seconds and wire bytes of a training round with SecAgg+ and without")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="runs/benchmarks/secagg.json")
+    for name, what in (("secagg", "seconds and wire bytes of a training round with SecAgg+ and without"),
+                       ("wire", "wire bytes and requests of a training round, packed and one array per parameter")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--model", default="tiny")
+        p.add_argument("--clients", type=int, default=3)
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--out", default=f"runs/benchmarks/{name}.json")
     for p in sub.choices.values():
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier result at --out (scale: a folder that is not a scale run)")
@@ -171,10 +175,10 @@ def _run(args) -> int:
         paths = simulation_store_paths(config, args.users)[: args.users]
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
-    if args.benchmark == "secagg":
-        from simulations.bench_secagg import secagg_benchmark
+    if args.benchmark in ("secagg", "wire"):
+        from simulations.bench_deployment import deployment_benchmark
 
-        secagg_benchmark(args.model, args.clients, args.rounds, Path(args.out))
+        deployment_benchmark(args.benchmark, args.model, args.clients, args.rounds, Path(args.out))
         return 0
     config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
     paths = simulation_store_paths(config, args.clients)[: args.clients]

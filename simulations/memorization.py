@@ -4,8 +4,9 @@ canary (Carlini et al., "The Secret Sharer", USENIX Security 2019).
 A canary, "my locker code is" followed by random digits, is added to one user's training
 targets (`insertions` times, in that user's own contexts). The run is the study's federated
 run of a method (default `nextquill-fed`, and with differential privacy `dp-eps-8`; `feddpa`,
-the same split with plain cross-entropy, on request), expert phase included. Afterwards the canary's log-likelihood, given the user's prompt, is ranked
-among `candidates` random codes of the same format, under two models:
+the same split with plain cross-entropy, on request), expert phase included. Afterwards the
+canary's log-likelihood, given the user's prompt, is ranked among `candidates` random codes
+of the same format, under two models:
 
   shared      the base with the aggregated shared adapter only: what the coordinator holds,
               and every other user receives;
@@ -30,7 +31,6 @@ import json
 import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,6 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     from simulations.inprocess import InProcessGrid
     from simulations.study import run_config
 
-    started = time.perf_counter()
     cell_work = work / method / f"seed-{seed}"
     values = run_config(study, "reviewers", seed, method, None, cell_work).to_flower()
     values.update({"expert": "", "expert-rounds": study.rounds, "evaluate-every": 0})
@@ -145,7 +144,6 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     return {"method": method, "seed": seed, "insertions": insertions, "candidates": candidates,
             "budget": {"rounds": study.rounds, "local_steps": study.local_steps, "batch_size": study.batch_size,
                        "learning_rate": study.learning_rate},
-            "wall_seconds": time.perf_counter() - started,
             "max_exposure_bits": math.log2(candidates + 1), "shared": shared, "personal": personal,
             "privacy": (result.summary or {}).get("privacy"),
             "rouge1": (result.summary or {}).get("macro_average", {}).get("eval-rouge1")}

@@ -25,7 +25,7 @@ from coordinator.global_adapters import GlobalAdapters
 from shared.config import LoraSettings
 from shared.split import EXPERT_SPLIT, PERSONAL_ADAPTER, SplitSpec
 from shared.user_store import UserStore, write_user_store
-from shared.wire import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
+from shared.wire import EVALUATE_METRICS, PACKED, QUERY_METRICS, TRAIN_METRICS
 from simulations.credentials import make_supernode_keys
 from simulations.datasets import build_synthetic_users
 from simulations.deployment import DeploymentError, local_deployment, run_app
@@ -238,7 +238,10 @@ def test_no_canary_of_a_users_data_crosses_the_wire_in_any_encoding(model_dir, t
     replies = pushed_replies(connections)
     lora = LoraSettings(lora_r=2, lora_alpha=4)
     adapters = GlobalAdapters(str(model_dir), lora)
-    shared_keys = [set(adapters.initial_shared(split, 0)) for split in (EXPERT_SPLIT, SplitSpec("dual"))]
+    # A train reply is the shared parameters packed into one array: as many values as the
+    # expert phase's or personalization's shared state, nothing more.
+    shared_sizes = {sum(t.numel() for t in adapters.initial_shared(split, 0).values())
+                    for split in (EXPERT_SPLIT, SplitSpec("dual"))}
     allowed = {"train": TRAIN_METRICS, "evaluate": EVALUATE_METRICS, "query": QUERY_METRICS}
     kinds = {reply.message_type for reply in replies}
     assert kinds == {"train", "evaluate", "query"}
@@ -250,7 +253,8 @@ def test_no_canary_of_a_users_data_crosses_the_wire_in_any_encoding(model_dir, t
         assert set(records) <= {"arrays", "metrics"}
         assert set(records["metrics"]) <= allowed[reply.message_type]
         if "arrays" in records:
-            assert reply.message_type == "train" and set(records["arrays"]) in shared_keys
+            assert reply.message_type == "train" and set(records["arrays"]) == {PACKED}
+            assert records["arrays"][PACKED].numpy().size in shared_sizes
     assert sum(reply.error is not None for reply in replies) >= 2  # the failing device replied each round
     # And the capture saw what the devices sent up: the failing device's fixed reason, known
     # beforehand, is found in what it pushed (going down it is only in the app bundle's code).

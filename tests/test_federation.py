@@ -19,7 +19,7 @@ from shared.errors import AdapterLoadError
 from shared.expert_package import expert_cache_dir
 from shared.paths import OutputExistsError
 from shared.user_store import UserStore
-from shared.wire import EVALUATE_METRICS, TRAIN_METRICS
+from shared.wire import EVALUATE_METRICS, PACKED, TRAIN_METRICS, SharedLayout
 from simulations.datasets import build_synthetic_users
 from tests.loopback import CoordinatorCrash, LoopbackGrid
 from tests.samples import small_run
@@ -66,7 +66,7 @@ def test_a_run_goes_through_every_phase_and_writes_its_run_directory(model_dir, 
 
     # Personalization sent and received the shared adapter only; personal parts stayed home.
     train_messages = [m for m in grid.delivered if m.metadata.message_type == "train"]
-    personal_sent = [k for m in train_messages for k in m.content["arrays"] if "personal" in k]
+    personal_sent = [k for m in train_messages for k in _sent(m) if "personal" in k]
     assert not personal_sent
     assert set(checkpoint.shared) == set(load_file(run_dir / "checkpoint.safetensors"))
     trained = [UserStore.open(p) for p in users
@@ -91,7 +91,8 @@ def test_replies_carry_the_shared_parameters_and_allow_listed_metrics_only(model
     assert train
     for message, reply in train:
         assert set(reply.content.array_records) == {"arrays"}
-        assert set(reply.content["arrays"]) == set(message.content["arrays"])
+        assert set(reply.content["arrays"]) == set(message.content["arrays"]) == {PACKED}
+        assert list(_sent(reply, message)) == list(_sent(message))
         assert set(reply.content["metrics"]) <= TRAIN_METRICS
 
 
@@ -134,10 +135,10 @@ def test_too_few_valid_replies_leave_the_shared_state_unchanged(model_dir, users
                      **{"method": "sft", "rounds": 1, "clients-per-round": 2, "min-replies": 2})
     grid = _grid(config, users, failing_nodes=frozenset({1000, 1001, 1002}))
     result = run_federation(grid, config)
-    sent = next(m for m in grid.delivered if m.metadata.message_type == "train").content["arrays"]
+    sent = _sent(next(m for m in grid.delivered if m.metadata.message_type == "train"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert rows[0]["aggregated"] is False
-    assert all(torch.equal(result.shared[k], torch.from_numpy(sent[k].numpy())) for k in sent)
+    assert all(torch.equal(result.shared[k], sent[k]) for k in sent)
 
 
 def test_a_device_whose_cached_expert_is_corrupt_gets_it_again(model_dir, users, tmp_path):
@@ -168,6 +169,24 @@ def test_float16_transport_halves_the_bytes_and_aggregates_in_float32(model_dir,
     # the saving is below the payload's exact half, which the real model's sizes approach.
     assert sum(a.numpy().nbytes for a in sent.values()) * 2 == sum(v.numel() * 4 for v in result.shared.values())
     assert rows[0]["upload_bytes_per_client"] < 0.6 * rows32[0]["upload_bytes_per_client"]
+
+
+def _sent(message, request=None) -> dict[str, torch.Tensor]:
+    """The shared parameters a message carries, in the layout its request (or itself) names."""
+    layout = SharedLayout.from_config((request or message).content["config"])
+    return layout.decode(message.content["arrays"])
+
+
+def test_one_array_per_parameter_aggregates_to_the_same_parameters_as_the_packed_array(model_dir, users, tmp_path):
+    packed = _config(model_dir, tmp_path / "packed", **{"method": "sft", "rounds": 1})
+    apart = _config(model_dir, tmp_path / "apart", **{"method": "sft", "rounds": 1, "pack-shared": False})
+    grid = _grid(apart, users)
+    result = run_federation(grid, apart)
+    sent = next(m for m in grid.delivered if m.metadata.message_type == "train")
+    assert set(sent.content["arrays"]) == set(_sent(sent)) and len(sent.content["arrays"]) > 1
+    expected = run_federation(_grid(packed, users), packed).shared
+    assert list(result.shared) == list(expected)
+    assert all(torch.equal(result.shared[k], expected[k]) for k in expected)
 
 
 def _rows(run_dir):
