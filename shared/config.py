@@ -54,6 +54,10 @@ class BaseSpec:
                 "products are about 10x slower without native support); unquantized CPU models stay float32",
         choices=COMPUTE_DTYPES,
     )
+    quantized_cache: bool = setting(
+        True, "keep a 4-bit base quantized on disk (in the data directory) after its first load, so that a "
+              "reload (a deployed device loads it for every message) reads it instead of quantizing again",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -213,6 +217,7 @@ class RunConfig:
     quantization: str = like(BaseSpec, "quantization")
     device: str = like(BaseSpec, "device")
     compute_dtype: str = like(BaseSpec, "compute_dtype")
+    quantized_cache: bool = like(BaseSpec, "quantized_cache")
     dataset: str = setting(
         "shakespeare", "simulation users: 'shakespeare', 'synthetic', 'reviewers' or the path of a LaMP-style JSON "
                        "file"
@@ -355,7 +360,7 @@ class RunConfig:
 
     @property
     def base_spec(self) -> BaseSpec:
-        return BaseSpec(self.model, self.quantization, self.device, self.compute_dtype)
+        return BaseSpec(self.model, self.quantization, self.device, self.compute_dtype, self.quantized_cache)
 
     @property
     def prompt(self) -> PromptConfig:

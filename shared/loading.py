@@ -4,11 +4,14 @@ Hugging Face folder. Running it is `shared.forward`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
+import transformers
 from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
@@ -22,9 +25,12 @@ from shared.base_model import ensure_embedded_base
 from shared.config import BaseSpec
 from shared.errors import ModelLoadError, one_line
 from shared.named_bases import NAMED_BASES, PRETRAINED, SIZES
+from shared.paths import atomic_directory, data_dir, file_lock
 from shared.pretrained_base import ensure_pretrained_base
 
 log = logging.getLogger(__name__)
+
+QUANTIZED_DIR = "quantized"  # in the data directory: 4-bit copies of the bases (`quantized_copy`)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,9 +93,8 @@ def load_causal_lm(model_dir: Path, spec: BaseSpec) -> PreTrainedModel:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
-        model = _from_pretrained(
-            model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": str(device)}
-        )
+        cache = quantized_copy(model_dir, quantization, device) if spec.quantized_cache else None
+        model = _load_4bit(model_dir, quantization, cache, dtype=compute_dtype, device_map={"": str(device)})
         keep_4bit_layers_trainable(model)
     else:
         dtype = compute_dtype if device.type == "cuda" else torch.float32
@@ -97,6 +102,41 @@ def load_causal_lm(model_dir: Path, spec: BaseSpec) -> PreTrainedModel:
     model.requires_grad_(False)
     model.eval()
     log.info("loaded base %s (%s) on %s", model_dir, spec.quantization, device)
+    return model
+
+
+def quantized_copy(model_dir: Path, quantization: BitsAndBytesConfig, device: torch.device) -> Path:
+    """Where the base in `model_dir`, quantized as `quantization` says for this kind of device,
+    is kept: named by the base's files (name, size, modification time), the settings and the
+    library versions, so that a changed base or library never reads a stale copy."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    identity = {
+        "base": str(model_dir.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+        "quantization": quantization.to_dict(), "device": device.type,
+        "bitsandbytes": bnb.__version__, "transformers": transformers.__version__,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return data_dir() / QUANTIZED_DIR / digest
+
+
+def _load_4bit(model_dir: Path, quantization: BitsAndBytesConfig, cache: Path | None, **placement) -> PreTrainedModel:
+    """The base in 4-bit: read from its quantized copy `cache` where there is one; otherwise
+    quantized from `model_dir` (bitsandbytes quantizes with plain tensor ops on the CPU: about
+    20x the time of reading the copy for smollm2-135m) and, with `cache`, kept there."""
+    if cache is not None and (cache / "config.json").is_file():
+        try:
+            model = _from_pretrained(cache, **placement)
+            model.config._name_or_path = str(model_dir)  # the base it is, for PEFT's adapter configs
+            return model
+        except ModelLoadError as error:
+            log.warning("the quantized copy %s cannot be loaded (%s): quantizing %s again", cache, error, model_dir)
+    model = _from_pretrained(model_dir, quantization_config=quantization, **placement)
+    if cache is not None:
+        try:
+            with file_lock(cache.parent / f"{cache.name}.lock"), atomic_directory(cache, overwrite=True) as staging:
+                model.save_pretrained(staging)
+        except OSError as error:  # a full disk costs the next load its speed, never this one its model
+            log.warning("the quantized base could not be kept at %s: %s", cache, one_line(error))
     return model
 
 
