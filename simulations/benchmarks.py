@@ -17,6 +17,9 @@ compares ratios measured in the same run.
           real loopback deployment (simulations/bench_deployment.py)
   wire    wire bytes and requests of a training round, the shared parameters packed into one
           array against one array per parameter, on a real loopback deployment
+  reload  a deployed device's set-up per message (a fresh ClientApp process: imports and the
+          4-bit base), quantizing on load against reading the quantized copy
+          (simulations/bench_reload.py)
 """
 
 from __future__ import annotations
@@ -132,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--clients", type=int, default=3)
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--out", default=f"runs/benchmarks/{name}.json")
+    p = sub.add_parser("reload", help="a deployed device's set-up per message: quantize on load vs quantized copy")
+    p.add_argument("--model", default="smollm2-135m", help="a named base, qwen2.5-0.5b-shape or a model directory")
+    p.add_argument("--device", default="cpu", help="where the base is loaded: cpu, cuda, cuda:N")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (the median is reported)")
+    p.add_argument("--out", default="runs/benchmarks/reload.json")
     for p in sub.choices.values():
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier result at --out (scale: a folder that is not a scale run)")
@@ -174,6 +182,14 @@ def _run(args) -> int:
         config = RunConfig(model=args.model, dataset="shakespeare")
         paths = simulation_store_paths(config, args.users)[: args.users]
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
+        return 0
+    if args.benchmark == "reload":
+        from shared.loading import resolve_model_dir
+        from simulations.bench_reload import reload_benchmark
+
+        shaped = args.model == bench_step.QWEN_SHAPE
+        model_dir = bench_step.shaped_model_dir() if shaped else resolve_model_dir(args.model)
+        reload_benchmark(args.model, model_dir, args.device, args.repeats, Path(args.out))
         return 0
     if args.benchmark in ("secagg", "wire"):
         from simulations.bench_deployment import deployment_benchmark
