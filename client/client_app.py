@@ -40,8 +40,8 @@ def train(msg: Message, context: Context) -> Message:
     instruction = RoundInstruction.from_config(msg.content["config"])
     layout = SharedLayout.from_config(msg.content["config"])
     result = federated.handle_train(instruction, layout.decode(msg.content["arrays"]), context.node_config, config)
-    # In the layout received: Flower's DP mods pair the reply's arrays with those sent by position.
-    arrays = layout.encode(result.shared, config.transport_dtype, config.pack_shared)
+    # In the layout and form received: Flower's DP mods pair the reply's arrays with those sent.
+    arrays = layout.encode(result.shared, config.transport_dtype, layout.is_packed(msg.content["arrays"]))
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -121,22 +121,37 @@ def quantized_copy(model_dir: Path, quantization: BitsAndBytesConfig, device: to
 
 def _load_4bit(model_dir: Path, quantization: BitsAndBytesConfig, cache: Path | None, **placement) -> PreTrainedModel:
     """The base in 4-bit: read from its quantized copy `cache` where there is one; otherwise
-    quantized from `model_dir` (bitsandbytes quantizes with plain tensor ops on the CPU: about
-    20x the time of reading the copy for smollm2-135m) and, with `cache`, kept there."""
+    quantized from `model_dir` (bitsandbytes quantizes with plain tensor ops on the CPU:
+    `simulations/benchmarks.md`, section 7) and, with `cache`, kept there."""
+    broken = False
     if cache is not None and (cache / "config.json").is_file():
         try:
-            model = _from_pretrained(cache, **placement)
-            model.config._name_or_path = str(model_dir)  # the base it is, for PEFT's adapter configs
-            return model
-        except ModelLoadError as error:
-            log.warning("the quantized copy %s cannot be loaded (%s): quantizing %s again", cache, error, model_dir)
+            return _named(_from_pretrained(cache, **placement), model_dir)
+        except Exception as error:  # noqa: BLE001  (any broken copy: quantize again, below)
+            log.warning("the quantized copy %s cannot be loaded (%s): quantizing %s again", cache, one_line(error),
+                        model_dir)
+            broken = True
     model = _from_pretrained(model_dir, quantization_config=quantization, **placement)
     if cache is not None:
         try:
-            with file_lock(cache.parent / f"{cache.name}.lock"), atomic_directory(cache, overwrite=True) as staging:
-                model.save_pretrained(staging)
-        except OSError as error:  # a full disk costs the next load its speed, never this one its model
+            with file_lock(cache.parent / f"{cache.name}.lock"):
+                if broken or not _complete(cache):  # another process may have kept it meanwhile
+                    with atomic_directory(cache, overwrite=True) as staging:
+                        model.save_pretrained(staging)
+        except Exception as error:  # noqa: BLE001  (a full disk costs the next load its speed, not this one its model)
             log.warning("the quantized base could not be kept at %s: %s", cache, one_line(error))
+    return model
+
+
+def _complete(cache: Path) -> bool:
+    """Whether a complete copy is already at `cache` (its config and weights present)."""
+    return (cache / "config.json").is_file() and any(cache.glob("*.safetensors"))
+
+
+def _named(model: PreTrainedModel, model_dir: Path) -> PreTrainedModel:
+    """A model read from its quantized copy, named after the base it is (PEFT records the name
+    in every adapter's config)."""
+    model.name_or_path = model.config._name_or_path = str(model_dir)
     return model
 
 

@@ -147,14 +147,18 @@ class SharedLayout:
         if dtype not in TRANSPORT_DTYPES:
             raise ValueError(f"transport dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
         tensors = [state[key].detach().to(getattr(torch, dtype)) for key in self.keys]
-        if not packed:
+        if not packed or not tensors:  # nothing shared (the `local` split): an empty record
             return ArrayRecord(dict(zip(self.keys, tensors, strict=True)))
         return ArrayRecord({PACKED: torch.cat([t.reshape(-1) for t in tensors])})
+
+    @staticmethod
+    def is_packed(record: ArrayRecord) -> bool:
+        return set(record) == {PACKED}
 
     def decode(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
         """The float32 tensors of a received record of this layout, packed or not."""
         arrays = record.to_torch_state_dict()
-        if set(arrays) == {PACKED} and PACKED not in self.keys:
+        if self.is_packed(record) and PACKED not in self.keys:
             flat = arrays[PACKED].float()
             if flat.numel() != self.numel:
                 raise ValueError(f"packed shared parameters hold {flat.numel()} values, the layout {self.numel}")

@@ -57,7 +57,7 @@ def test_a_reload_reads_the_kept_4bit_copy_and_computes_the_same_logits(model_di
     reloaded, _ = load_base(spec)
     assert [(path, "quantization_config" in options) for path, options in calls] == [(copy.parent, False)]
     assert isinstance(reloaded.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
-    assert reloaded.config._name_or_path == str(model_dir)
+    assert reloaded.name_or_path == reloaded.config._name_or_path == str(model_dir)  # what PEFT records
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():
         assert torch.equal(quantized(ids).logits, reloaded(ids).logits)

@@ -27,6 +27,12 @@ def test_the_shared_state_survives_the_trip_through_its_layouts_config(packed):
     assert all(torch.equal(decoded[k], STATE[k]) for k in STATE)
 
 
+def test_nothing_shared_travels_as_an_empty_record():
+    layout = SharedLayout.of({})
+    record = layout.encode({}, "float32")
+    assert len(record) == 0 and SharedLayout.from_config(layout.to_config()).decode(record) == {}
+
+
 def test_float16_travels_in_half_the_bytes_and_comes_back_as_float32():
     layout = SharedLayout.of(STATE)
     record = layout.encode(STATE, "float16")
