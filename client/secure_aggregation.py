@@ -3,7 +3,8 @@ message when the run config's `secure-aggregation` is on (the coordinator's side
 protects: `coordinator/secure_aggregation.py`).
 
 SecAgg+ speaks Flower's legacy FitIns / FitRes, so the training it wraps is handed our train
-message (shared parameters named by the layout in its config, `shared.wire.SharedLayout`), and its reply goes back
+message (the shared parameters packed into one array, their layout in its config, whatever
+`pack-shared` says), and its reply goes back
 as a FitRes whose parameters are the shared update followed by the train metrics as a vector
 (`shared.wire.metrics_to_vector`): the mod masks both, so no metric of this device is readable
 on its own. The FitRes weight is 1: a weight travels in clear, and a sample count is a
@@ -22,7 +23,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from client.failures import failure_reply
 from shared.config import RunConfig
-from shared.wire import PACKED, SharedLayout, metrics_to_vector
+from shared.wire import PACKED, metrics_to_vector
 
 FITINS_PARAMETERS = "fitins.parameters"  # Flower's names for the legacy records
 FITINS_CONFIG = "fitins.config"
@@ -41,31 +42,28 @@ def device_secure_aggregation(msg: Message, context: Context, call_next: ClientA
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     try:
-        config = RunConfig.from_flower(context.run_config)
-        if not config.secure_aggregation:
+        if not RunConfig.from_flower(context.run_config).secure_aggregation:
             return call_next(msg, context)
-        return secaggplus_mod(msg, context, functools.partial(_train_as_fit, call_next=call_next,
-                                                              packed=config.pack_shared))
+        return secaggplus_mod(msg, context, functools.partial(_train_as_fit, call_next=call_next))
     except TrainingFailed as failed:
         return Message(failed.error, reply_to=msg)
     except Exception as error:  # noqa: BLE001  (as in client.failures: nothing of it leaves the device)
         return failure_reply(msg, error)
 
 
-def _train_as_fit(msg: Message, context: Context, call_next: ClientAppCallable, packed: bool) -> Message:
+def _train_as_fit(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Run the train handler on SecAgg+'s FitIns; reply with the FitRes it masks."""
     config = ConfigRecord(dict(msg.content.config_records[FITINS_CONFIG]))
-    names = [PACKED] if packed else list(SharedLayout.from_config(config).keys)
     arrays = list(msg.content.array_records[FITINS_PARAMETERS].values())
-    if len(names) != len(arrays):
-        raise ValueError(f"secure aggregation: {len(arrays)} arrays for {len(names)} shared arrays")
-    shared = ArrayRecord({name: Array(array.numpy()) for name, array in zip(names, arrays, strict=True)})
+    if len(arrays) != 1:
+        raise ValueError(f"secure aggregation: {len(arrays)} arrays, expected the one packed array")
+    shared = ArrayRecord({PACKED: Array(arrays[0].numpy())})
     reply = call_next(Message(metadata=msg.metadata, content=RecordDict({"arrays": shared, "config": config})),
                       context)
     if reply.has_error():
         raise TrainingFailed(reply.error)
     trained = next(iter(reply.content.array_records.values()))
     metrics = dict(next(iter(reply.content.metric_records.values())))
-    update = [trained[name].numpy() for name in names] + [metrics_to_vector(metrics)]
+    update = [trained[PACKED].numpy(), metrics_to_vector(metrics)]
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), num_examples=1, metrics={})
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -78,7 +78,7 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
     for node in nodes:
         clients.register(GridClientProxy(node, grid, run_id=0))
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
-                        MAIN_PARAMS_RECORD: layout.encode(shared, "float32", config.pack_shared)})
+                        MAIN_PARAMS_RECORD: layout.encode(shared, "float32", packed=True)})
     sent = state.array_records[MAIN_PARAMS_RECORD]
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                             ServerConfig(num_rounds=server_round), strategy, clients)
@@ -94,7 +94,7 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
                     server_round)
         return SecureRound(None, {}, 0, upload)
     arrays = parameters_to_ndarrays(arrayrecord_to_parameters(aggregated, keep_input=True))
-    names = list(sent)  # the arrays sent, in order (one when packed); then the metrics vector
+    names = list(sent)  # the one packed array sent; then the metrics vector
     if len(arrays) != len(names) + 1:
         raise RuntimeError(f"secure aggregation returned {len(arrays)} arrays for {len(names)} sent")
     mean = layout.decode(ArrayRecord({name: Array(np.asarray(array, dtype=np.float32).reshape(sent[name].shape))

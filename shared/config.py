@@ -314,6 +314,9 @@ class RunConfig:
                 raise SettingError("run config secure-aggregation", "needs clients-per-round from 2 (a sum of one "
                                                                     "update is that update) to 1023 (SecAgg+'s "
                                                                     "32-bit sums of 22-bit values)")
+            if self.split == "local":
+                raise SettingError("run config secure-aggregation", "has nothing to aggregate with split 'local' "
+                                                                    "(no parameter is shared)")
             if self.privacy.central or self.max_update_norm:
                 raise SettingError("run config secure-aggregation", "cannot go with dp 'server' or 'client' or "
                                                                     "max-update-norm: they need each device's "

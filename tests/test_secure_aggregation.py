@@ -82,7 +82,8 @@ def test_metrics_travel_as_a_vector_whose_mean_gives_each_metrics_mean_over_thos
 
 @pytest.mark.parametrize("overrides", [
     {"dp": "server"}, {"dp": "client"}, {"max-update-norm": 5.0}, {"clients-per-round": 1, "min-replies": 1},
+    {"split": "local"},
 ])
-def test_secure_aggregation_refuses_what_needs_each_update_or_a_single_device(model_dir, tmp_path, overrides):
+def test_secure_aggregation_refuses_what_needs_each_update_one_device_or_no_sharing(model_dir, tmp_path, overrides):
     with pytest.raises(SettingError, match="run config secure-aggregation"):
         _config(model_dir, tmp_path / "run", **{"secure-aggregation": True, **overrides})
