@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]
             for metric in METRICS:
                 row[metric] = interval([c["macro"].get(metric) for c in row["cells"]])
             row["upload_mb"] = max(c["upload_bytes_per_client_round"] for c in row["cells"]) / 1e6
-            row["seconds"] = sum(c["wall_seconds"] for c in row["cells"]) / len(row["cells"])
+            # The median: a cell whose cores were shared by another job does not move it.
+            row["seconds"] = statistics.median(c["wall_seconds"] for c in row["cells"])
     return table
 
 
@@ -122,7 +124,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                      else "."), ""]
     for dataset, methods in table.items():
         lines += [f"## {dataset}", "",
-                  "| method | what | seeds | " + " | ".join(METRICS) + " | upload MB/client/round | s/cell |",
+                  "| method | what | seeds | " + " | ".join(METRICS) + " | upload MB/client/round | s/cell (median) |",
                   "|---|---|---|" + "---|" * (len(METRICS) + 2)]
         for method in sorted(methods, key=lambda m: order.get(m, 99)):
             row = methods[method]
