@@ -4,11 +4,11 @@ protects: `coordinator/secure_aggregation.py`).
 
 SecAgg+ speaks Flower's legacy FitIns / FitRes, so the training it wraps is handed our train
 message (the shared parameters packed into one array, their layout in its config, whatever
-`pack-shared` says), and its reply goes back
-as a FitRes whose parameters are the shared update followed by the train metrics as a vector
-(`shared.wire.metrics_to_vector`): the mod masks both, so no metric of this device is readable
-on its own. The FitRes weight is 1: a weight travels in clear, and a sample count is a
-per-user number. A failure replies like any other, with a fixed category only.
+`pack-shared` says), and its reply goes back as a FitRes whose parameters are the shared
+update followed by the train metrics as a vector (`shared.wire.metrics_to_vector`): the mod
+masks both, so no metric of this device is readable on its own. The FitRes weight is 1: a
+weight travels in clear, and a sample count is a per-user number. A failure replies like any
+other, with a fixed category only.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def _load_4bit(model_dir: Path, quantization: BitsAndBytesConfig, cache: Path | 
     quantized from `model_dir` (bitsandbytes quantizes with plain tensor ops on the CPU:
     `simulations/benchmarks.md`, section 7) and, with `cache`, kept there."""
     broken = False
-    if cache is not None and (cache / "config.json").is_file():
+    if cache is not None and _complete(cache):
         try:
             return _named(_from_pretrained(cache, **placement), model_dir)
         except Exception as error:  # noqa: BLE001  (any broken copy: quantize again, below)
