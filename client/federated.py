@@ -23,7 +23,7 @@ from client.node_store import user_store
 from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
 from client.trainer import train_adapter
-from shared.config import RunConfig, TrainConfig
+from shared.config import GenerationSettings, RunConfig, TrainConfig
 from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
 from shared.methods import METHODS
 from shared.metrics import SCORE_KEYS, SCORES
@@ -149,6 +149,7 @@ def evaluate_personalized(
     run_name: str,
     seed: int,
     evaluate_base: bool = False,
+    generation: GenerationSettings | None = None,
 ) -> dict[str, float]:
     """Evaluate the user's personalized model (global shared + own personal part) on the
     store's held-out samples, and with `evaluate_base` the base alone on the same samples and
@@ -159,7 +160,8 @@ def evaluate_personalized(
     uses_history = METHODS[method].uses_history
 
     def scores(prefix: str) -> dict[str, float]:
-        row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, public_donor_history())
+        row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, public_donor_history(),
+                            generation)
         return {f"{prefix}-{key}": row[score] for score, key in zip(SCORES, SCORE_KEYS, strict=True)}
 
     metrics = {NUM_EXAMPLES: len(store.samples("test")), **scores("eval")}

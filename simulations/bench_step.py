@@ -33,17 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from client.trainer import choose_step
 from shared.adapters import AdapterHost
 from shared.batching import PairBatch, collate
 from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
 from shared.forward import compute_autocast, model_device
-from shared.loading import load_causal_lm, resolve_model_dir
+from shared.loading import load_causal_lm
 from shared.losses import IGNORE_INDEX, nextquill_loss, token_weights
-from shared.paths import atomic_directory, atomic_write_json, atomic_write_text, data_dir
+from shared.paths import atomic_write_json, atomic_write_text
 from shared.prompts import EncodedSample
+from simulations.model_shapes import QWEN_SHAPE, model_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,6 @@ log = logging.getLogger(__name__)
 METHODS = ("context-sft", "nextquill", "nextquill-paired", "nextquill-lean", "authors")
 RATIOS = (("nextquill", "context-sft"), ("nextquill-paired", "context-sft"), ("nextquill-lean", "context-sft"),
           ("nextquill-paired", "nextquill"), ("authors", "nextquill"))
-
-QWEN_SHAPE = "qwen2.5-0.5b-shape"
-# Qwen2.5-0.5B's published shape (config.json of the release); weights are random, since
-# nothing can be downloaded, and the step's cost does not depend on their values.
-QWEN25_05B = {
-    "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-    "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-}
-
 
 @dataclass(frozen=True)
 class StepShape:
@@ -238,19 +228,6 @@ def _rss_now_bytes() -> int:
         return int(handle.read().split()[1]) * resource.getpagesize()
 
 
-def shaped_model_dir(shape_name: str = QWEN_SHAPE) -> Path:
-    """A model directory of Qwen2.5-0.5B's shape with random weights, saved once under the data
-    directory like a downloaded model."""
-    if shape_name != QWEN_SHAPE:
-        raise ValueError(f"unknown model shape {shape_name!r}; known: {QWEN_SHAPE}")
-    target = data_dir() / "models" / shape_name
-    if not (target / "config.json").is_file():
-        torch.manual_seed(0)
-        with atomic_directory(target, overwrite=True) as staging:
-            Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).save_pretrained(staging)
-    return target
-
-
 def bf16_matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
     """This GPU's measured bf16 matrix-product rate (random data, after warm-up)."""
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
@@ -272,7 +249,7 @@ def bf16_matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
 def step_benchmark(model: str, spec: BaseSpec, shape: StepShape, steps: int, out: Path,
                    methods: tuple[str, ...] = METHODS, profile_dir: Path | None = None) -> dict:
     """Time (and, with `profile_dir`, profile) each method; write the result to `out`."""
-    model_dir = shaped_model_dir(model) if model == QWEN_SHAPE else resolve_model_dir(model)
+    model_dir = model_dir_for(model)
     on_cuda = spec.device != "cpu" and torch.cuda.is_available()
     peak_tflops = bf16_matmul_tflops() if on_cuda else None
     rows = []

@@ -17,6 +17,8 @@ compares ratios measured in the same run.
           real loopback deployment (simulations/bench_deployment.py)
   wire    wire bytes and requests of a training round, the shared parameters packed into one
           array against one array per parameter, on a real loopback deployment
+  edge    peak memory of one client round (base, expert token weights, training, evaluation
+          with generation), phase by phase, for several batch sizes (simulations/bench_edge.py)
   reload  a deployed device's set-up per message (a fresh ClientApp process: imports and the
           4-bit base), quantizing on load against reading the quantized copy
           (simulations/bench_reload.py)
@@ -37,13 +39,15 @@ import torch
 from client import federated
 from client.node_store import simulation_store_paths
 from client.personalize import Device
-from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, TrainConfig
+from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, RunConfig, TrainConfig
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
+from simulations.model_shapes import SHAPES, model_dir_for, shaped_model_dir
 from simulations.options import add_settings, checked, run_command, settings_from
 
 log = logging.getLogger(__name__)
+MODEL_HELP = f"a named base, a shape of random weights ({', '.join(SHAPES)}) or a local model directory"
 
 
 def _client_setup(device: Device, store: UserStore, config: RunConfig, shared: dict[str, torch.Tensor]) -> None:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
-    add_settings(p, BaseSpec())  # --model also takes qwen2.5-0.5b-shape: a random model of Qwen2.5-0.5B's shape
+    add_settings(p, BaseSpec())  # --model also takes a shape (simulations/model_shapes.py): random weights
     p.add_argument("--steps", type=int, default=5)
     # The step's shape: each defaults to the model's benchmark shape (bench_step.default_shape).
     p.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"))
@@ -111,13 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("scale", help="a Flower simulation of many users: users/hour, set-up share, memory")
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--clients-per-round", type=int, default=50)
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer files for a shape model (which has none)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1],
+                   help="clients trained at once (Ray workers, each with its resident base); several values: a "
+                        "sweep, one simulation each in <out>/concurrency-N, users/hour plotted against them")
     p.add_argument("--runtime", default="flower", choices=bench_scale.RUNTIMES,
                    help="flower: SuperLink + Ray simulation; inprocess: the same apps in this process (no Ray)")
-    p.add_argument("--device", default="auto", help="where the clients compute (inprocess): auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="where the clients compute: auto, cpu, cuda")
     p.add_argument("--out", default="runs/benchmarks/scale")
     p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
-    p.add_argument("--model", default="tiny", help="tiny, small, qwen2.5-0.5b-shape or a local model directory")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--out", default="runs/benchmarks/comm.json")
     p = sub.add_parser("dce", help="expert pass per 1,000 target tokens, and its amortization over rounds")
@@ -136,10 +144,25 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--out", default=f"runs/benchmarks/{name}.json")
     p = sub.add_parser("reload", help="a deployed device's set-up per message: quantize on load vs quantized copy")
-    p.add_argument("--model", default="smollm2-135m", help="a named base, qwen2.5-0.5b-shape or a model directory")
+    p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="where the base is loaded: cpu, cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (the median is reported)")
     p.add_argument("--out", default="runs/benchmarks/reload.json")
+    p = sub.add_parser("edge", help="peak memory of one client round, phase by phase, against a device's budget")
+    add_settings(p, BaseSpec())
+    p.add_argument("--history-tokens", type=checked(PromptConfig, "history_tokens"), default=2048)
+    p.add_argument("--context-tokens", type=checked(PromptConfig, "context_tokens"), default=64)
+    p.add_argument("--response-tokens", type=checked(PromptConfig, "response_tokens"), default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="training batch sizes to try")
+    p.add_argument("--lean-memory", choices=("off", "on", "both"), default="both",
+                   help="the two-stage backward (TrainConfig.lean_memory)")
+    p.add_argument("--generation-batch-size", type=checked(GenerationSettings, "batch_size"), default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--reviews", type=int, default=72, help="the user's reviews (the latest 10%% held out); with "
+                   "72, most training prompts fill a 2,048-token history")
+    p.add_argument("--budget-mib", type=float, default=4096, help="the device's memory budget (a 4 GB Jetson: 4096)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer files for a shape model (which has none)")
+    p.add_argument("--out", default="runs/benchmarks/edge.json")
     for p in sub.choices.values():
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier result at --out (scale: a folder that is not a scale run)")
@@ -166,13 +189,19 @@ def _run(args) -> int:
                                   Path(args.profile) if args.profile else None)
         return 0
     if args.benchmark == "scale":
-        bench_scale.scale_benchmark(args.users, args.clients_per_round, Path(args.out), args.model,
-                                    runtime=args.runtime, device=args.device)
+        model = str(model_dir_for(args.model, Path(args.tokenizer) if args.tokenizer else None)) \
+            if args.model in SHAPES else args.model
+        if len(args.concurrency) == 1:
+            bench_scale.scale_benchmark(args.users, args.clients_per_round, Path(args.out), model,
+                                        runtime=args.runtime, device=args.device, concurrency=args.concurrency[0])
+        else:
+            bench_scale.concurrency_sweep(args.concurrency, args.users, args.clients_per_round, Path(args.out),
+                                          model=model, runtime=args.runtime, device=args.device)
         return 0
     if args.benchmark == "comm":
         from simulations.bench_comm import comm_benchmark
 
-        model_dir = bench_step.shaped_model_dir(args.model) if args.model == bench_step.QWEN_SHAPE else None
+        model_dir = shaped_model_dir(args.model) if args.model in SHAPES else None
         lora = LoraSettings(lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
         comm_benchmark(args.model, lora, Path(args.out), model_dir)
         return 0
@@ -184,12 +213,20 @@ def _run(args) -> int:
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
     if args.benchmark == "reload":
-        from shared.loading import resolve_model_dir
         from simulations.bench_reload import reload_benchmark
 
-        shaped = args.model == bench_step.QWEN_SHAPE
-        model_dir = bench_step.shaped_model_dir() if shaped else resolve_model_dir(args.model)
-        reload_benchmark(args.model, model_dir, args.device, args.repeats, Path(args.out))
+        reload_benchmark(args.model, model_dir_for(args.model), args.device, args.repeats, Path(args.out))
+        return 0
+    if args.benchmark == "edge":
+        from simulations.bench_edge import EdgeSetting, edge_benchmark
+
+        lean = {"off": (False,), "on": (True,), "both": (False, True)}[args.lean_memory]
+        settings = [EdgeSetting(batch, flag, args.generation_batch_size) for batch in args.batch_sizes for flag in lean]
+        prompt = PromptConfig(history_tokens=args.history_tokens, context_tokens=args.context_tokens,
+                              response_tokens=args.response_tokens)
+        model_dir = model_dir_for(args.model, Path(args.tokenizer) if args.tokenizer else None)
+        edge_benchmark(args.model, model_dir, settings_from(args, BaseSpec()), prompt, settings, Path(args.out),
+                       args.budget_mib, args.steps, args.reviews)
         return 0
     if args.benchmark in ("secagg", "wire"):
         from simulations.bench_deployment import deployment_benchmark

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The benchmarks of simulations/benchmarks.md on a lent GPU machine, in stages that each end
+# within a device call's 10 minutes. Pack the kit first, here: python -m simulations.gpu_kit pack
+#
+#   call 1, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install check step edge reload
+#   call 2, carry [".gpu/federation"]:  bash simulations/gpu_session.sh install scale
+#
+# The two kit parts exceed one call's 64 MiB: the second call must reach the same machine
+# while it is still warm (it keeps what the first installed), or it says so and stops.
+# Each stage's figures go to $OUT/<stage>.tar.gz (a call returns at most 8 files), its log
+# to $OUT/<stage>.log. Stages: install check step edge reload scale; knobs below (environment).
+set -uo pipefail
+
+KIT=${KIT:-.gpu}                      # the kit folder, relative to the repository root
+PYTHON=${PYTHON:-python3}             # the image's Python (the one that holds CUDA torch)
+DEVICE=${DEVICE:-cuda}
+STAGE_SECONDS=${STAGE_SECONDS:-420}   # a stage is stopped after this long (its figures so far are kept)
+SCALE_USERS=${SCALE_USERS:-150}
+SCALE_PER_ROUND=${SCALE_PER_ROUND:-50}
+SCALE_CONCURRENCY=${SCALE_CONCURRENCY:-"1 2 4 8"}
+OUT=${OUT:-runs/gpu-session}
+export NEXTQUILL_HOME=${NEXTQUILL_HOME:-/tmp/nextquill}
+export PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
+RESULTS=runs/gpu-session/results
+TOKENIZER="$NEXTQUILL_HOME/kit/tokenizer"
+mkdir -p "$OUT" "$RESULTS" "$NEXTQUILL_HOME"
+
+bench() {  # python -m simulations.benchmarks ..., stopped at the stage's time limit
+    timeout --kill-after=20 "$STAGE_SECONDS" "$PYTHON" -m simulations.benchmarks "$@" --overwrite
+}
+
+stage_install() {
+    local parts=0
+    for part in compute federation; do
+        [ -d "$KIT/$part/wheels" ] || continue
+        parts=$((parts + 1))
+        if [ -f "$NEXTQUILL_HOME/kit/$part.installed" ]; then echo "kit part $part: installed earlier"; continue; fi
+        # Into the image's own environment: Flower's commands must sit beside its Python, and a
+        # lent machine is bare at every lease, so nothing outlives it.
+        "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
+            "$KIT/$part"/wheels/*.whl || return 1
+        if [ -f "$KIT/$part/data.tar.xz" ]; then
+            mkdir -p "$NEXTQUILL_HOME/kit"
+            tar -xJf "$KIT/$part/data.tar.xz" -C "$NEXTQUILL_HOME/kit" || return 1
+            mkdir -p "$NEXTQUILL_HOME/nltk_data"
+            cp -r "$NEXTQUILL_HOME/kit/nltk_data/." "$NEXTQUILL_HOME/nltk_data/"
+        fi
+        touch "$NEXTQUILL_HOME/kit/$part.installed"
+        echo "kit part $part: installed"
+    done
+    [ "$parts" -gt 0 ] || { echo "no kit under $KIT: carry .gpu/compute or .gpu/federation"; return 1; }
+    if [ ! -f "$NEXTQUILL_HOME/kit/compute.installed" ]; then
+        echo "the compute part is not installed on this machine: a fresh machine needs the call that carries .gpu/compute first"
+        return 1
+    fi
+}
+
+stage_check() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    grep -m1 "model name" /proc/cpuinfo; nproc
+    "$PYTHON" - <<'EOF'
+import importlib.metadata as md, torch
+print({name: md.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "flwr")})
+print("cuda", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name())
+import bitsandbytes as bnb
+layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+x = torch.randn(4, 64, device="cuda", requires_grad=True)
+layer(x.to(torch.bfloat16)).float().sum().backward()
+print("4-bit layer forward and backward on CUDA: ok", tuple(x.grad.shape))
+import client.client_app, coordinator.server_app  # the apps import with the kit's packages
+print("apps import: ok")
+EOF
+}
+
+stage_step() {
+    bench step --model qwen2.5-0.5b-shape --device "$DEVICE" --steps 5 --out "$RESULTS/step_qwen.json" \
+        --profile "$RESULTS/profiles-qwen"
+    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
+        --context-tokens 64 --response-tokens 128 --out "$RESULTS/step_smollm2_2k.json"
+    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 10 --out "$RESULTS/step_smollm2.json"
+}
+
+stage_edge() {
+    bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 2 4 8 \
+        --out "$RESULTS/edge_qwen.json"
+    bench edge --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 8 \
+        --out "$RESULTS/edge_smollm2.json"
+}
+
+stage_reload() {
+    bench reload --model smollm2-135m-shape --device "$DEVICE" --out "$RESULTS/reload_smollm2.json"
+    bench reload --model qwen2.5-0.5b-shape --device "$DEVICE" --out "$RESULTS/reload_qwen.json"
+}
+
+stage_scale() {
+    # shellcheck disable=SC2086  # the concurrency values are separate arguments
+    timeout --kill-after=30 "$STAGE_SECONDS" "$PYTHON" -m simulations.benchmarks scale --model smollm2-135m-shape \
+        --tokenizer "$TOKENIZER" --device "$DEVICE" --users "$SCALE_USERS" --clients-per-round "$SCALE_PER_ROUND" \
+        --concurrency $SCALE_CONCURRENCY --out "$RESULTS/scale"
+}
+
+status=0
+for stage in "$@"; do
+    case "$stage" in
+        install|check|step|edge|reload|scale) ;;
+        *) echo "unknown stage $stage (install check step edge reload scale)"; status=2; continue ;;
+    esac
+    echo "=== $stage $(date -u +%H:%M:%S)"
+    started=$(mktemp)
+    "stage_$stage" 2>&1 | tee "$OUT/$stage.log"
+    code=${PIPESTATUS[0]}
+    echo "=== $stage exit $code"
+    [ "$code" -eq 0 ] || status=1
+    # the figures (and profiles) the stage wrote: JSON, text, plots; not the simulated users
+    (cd "$RESULTS" && find . -type f -newer "$started" \( -name '*.json' -o -name '*.txt' -o -name '*.png' \) \
+        -not -path '*/users/*' -not -path '*/flwr/*' -not -path '*/run/*' -size -4M |
+        tar -czf "$OUT/$stage.tar.gz" -T -)
+    rm -f "$started"
+    if [ "$stage" = install ] && [ "$code" -ne 0 ]; then break; fi
+done
+exit $status
