@@ -17,9 +17,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-import sacrebleu
-from rouge_score import rouge_scorer
-
 from shared.paths import atomic_directory, data_dir
 
 # The scores of an evaluated user, as `evaluate_user` names them, and as metric records carry
@@ -27,22 +24,33 @@ from shared.paths import atomic_directory, data_dir
 SCORES = ("rouge1", "rougeL", "bleu", "meteor", "nll", "history_sensitivity")
 SCORE_KEYS = tuple(score.replace("_", "-") for score in SCORES)
 
-_ROUGE = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1 and ROUGE-L F1 over pairs."""
     _check_pairs(predictions, references)
-    scores = [_ROUGE.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    scorer = _rouge_scorer()
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
     return {
         "rouge1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
         "rougeL": sum(s["rougeL"].fmeasure for s in scores) / len(scores),
     }
 
 
+@functools.cache
+def _rouge_scorer() -> Any:
+    # Imported on first use, as are sacrebleu and nltk: a deployed device starts a fresh process
+    # per message, and a training message scores nothing (rouge-score pulls in nltk, ~0.8 s).
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu, 0-100)."""
+    import sacrebleu
+
     _check_pairs(predictions, references)
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 

