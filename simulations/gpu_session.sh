@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The benchmarks of simulations/benchmarks.md on a lent GPU machine, in stages that each end
-# within a device call's 10 minutes. Pack the kit first, here: python -m simulations.gpu_kit pack
+# The benchmarks of simulations/benchmarks.md on a lent GPU machine, in stages; a call's stages
+# stop within CALL_SECONDS (a device call may run 10 minutes). Pack the kit first, here:
+# python -m simulations.gpu_kit pack. Then three calls, back to back:
 #
-#   call 1, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install check step edge reload
-#   call 2, carry [".gpu/federation"]:  bash simulations/gpu_session.sh install scale
+#   call 1, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install check step
+#   call 2, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install edge reload
+#   call 3, carry [".gpu/federation"]:  bash simulations/gpu_session.sh install scale
 #
-# The two kit parts exceed one call's 64 MiB: the second call must reach the same machine
-# while it is still warm (it keeps what the first installed), or it says so and stops.
-# Each stage's figures go to $OUT/<stage>.tar.gz (a call returns at most 8 files), its log
-# to $OUT/<stage>.log. Stages: install check step edge reload scale; knobs below (environment).
+# The two kit parts exceed one call's 64 MiB: call 3 must reach the machine of the calls before
+# while it is still warm (it keeps what they installed), or it says so and stops. Each stage's
+# figures go to $OUT/<stage>.tar.gz (a call returns at most 8 files), its log to
+# $OUT/<stage>.log. Stages: install check step edge reload scale; knobs below (environment).
 set -uo pipefail
 
 KIT=${KIT:-.gpu}                      # the kit folder, relative to the repository root
 PYTHON=${PYTHON:-python3}             # the image's Python (the one that holds CUDA torch)
 DEVICE=${DEVICE:-cuda}
-STAGE_SECONDS=${STAGE_SECONDS:-420}   # a stage is stopped after this long (its figures so far are kept)
+CALL_SECONDS=${CALL_SECONDS:-560}     # every benchmark is stopped by then (what it wrote so far is kept)
 SCALE_USERS=${SCALE_USERS:-150}
 SCALE_PER_ROUND=${SCALE_PER_ROUND:-50}
 SCALE_CONCURRENCY=${SCALE_CONCURRENCY:-"1 2 4 8"}
@@ -25,8 +27,12 @@ RESULTS=runs/gpu-session/results
 TOKENIZER="$NEXTQUILL_HOME/kit/tokenizer"
 mkdir -p "$OUT" "$RESULTS" "$NEXTQUILL_HOME"
 
-bench() {  # python -m simulations.benchmarks ..., stopped at the stage's time limit
-    timeout --kill-after=20 "$STAGE_SECONDS" "$PYTHON" -m simulations.benchmarks "$@" --overwrite
+DEADLINE=$((SECONDS + CALL_SECONDS))
+
+bench() {  # python -m simulations.benchmarks ..., stopped at the call's deadline
+    local left=$((DEADLINE - SECONDS - 20))
+    if [ "$left" -lt 30 ]; then echo "skipped (the call's time is spent): benchmarks $*"; return 1; fi
+    timeout --kill-after=15 "$left" "$PYTHON" -m simulations.benchmarks "$@" --overwrite
 }
 
 stage_install() {
@@ -41,7 +47,8 @@ stage_install() {
             "$KIT/$part"/wheels/*.whl || return 1
         if [ -f "$KIT/$part/data.tar.xz" ]; then
             mkdir -p "$NEXTQUILL_HOME/kit"
-            tar -xJf "$KIT/$part/data.tar.xz" -C "$NEXTQUILL_HOME/kit" || return 1
+            "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+                "$KIT/$part/data.tar.xz" "$NEXTQUILL_HOME/kit" || return 1
             mkdir -p "$NEXTQUILL_HOME/nltk_data"
             cp -r "$NEXTQUILL_HOME/kit/nltk_data/." "$NEXTQUILL_HOME/nltk_data/"
         fi
@@ -72,19 +79,18 @@ print("apps import: ok")
 EOF
 }
 
-stage_step() {
+stage_step() {  # target 1: both shapes at a 2k-token history, batch 1 (bench_step.default_shape)
     bench step --model qwen2.5-0.5b-shape --device "$DEVICE" --steps 5 --out "$RESULTS/step_qwen.json" \
         --profile "$RESULTS/profiles-qwen"
     bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
         --context-tokens 64 --response-tokens 128 --out "$RESULTS/step_smollm2_2k.json"
-    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 10 --out "$RESULTS/step_smollm2.json"
 }
 
-stage_edge() {
-    bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 2 4 8 \
+stage_edge() {  # target 5: a client round's peak memory against a 4 GB device
+    bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 4 8 \
         --out "$RESULTS/edge_qwen.json"
-    bench edge --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 8 \
-        --out "$RESULTS/edge_smollm2.json"
+    bench edge --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 8 \
+        --lean-memory off --out "$RESULTS/edge_smollm2.json"
 }
 
 stage_reload() {
@@ -92,11 +98,10 @@ stage_reload() {
     bench reload --model qwen2.5-0.5b-shape --device "$DEVICE" --out "$RESULTS/reload_qwen.json"
 }
 
-stage_scale() {
+stage_scale() {  # target 2: users/hour against clients at once; a rerun resumes the sweep
     # shellcheck disable=SC2086  # the concurrency values are separate arguments
-    timeout --kill-after=30 "$STAGE_SECONDS" "$PYTHON" -m simulations.benchmarks scale --model smollm2-135m-shape \
-        --tokenizer "$TOKENIZER" --device "$DEVICE" --users "$SCALE_USERS" --clients-per-round "$SCALE_PER_ROUND" \
-        --concurrency $SCALE_CONCURRENCY --out "$RESULTS/scale"
+    bench scale --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --users "$SCALE_USERS" \
+        --clients-per-round "$SCALE_PER_ROUND" --concurrency $SCALE_CONCURRENCY --out "$RESULTS/scale"
 }
 
 status=0
