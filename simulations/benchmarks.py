@@ -26,6 +26,7 @@ compares ratios measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import platform
 import signal
@@ -94,9 +95,9 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of every benchmark (checked without running one by `gpu_session.sh`'s
+    dry run, so that a lent GPU's minutes are not lost to a mistyped flag)."""
     from simulations import bench_scale, bench_step
 
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks", description=__doc__,
@@ -166,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier result at --out (scale: a folder that is not a scale run)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     # SIGTERM (a `kill`, a job scheduler) unwinds like an exception, so that the SuperLink,
     # SuperExec and Ray processes a benchmark started are stopped by its cleanup, not orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -17,25 +17,30 @@ KIT=${KIT:-.gpu}                      # the kit folder, relative to the reposito
 PYTHON=${PYTHON:-python3}             # the image's Python (the one that holds CUDA torch)
 DEVICE=${DEVICE:-cuda}
 CALL_SECONDS=${CALL_SECONDS:-560}     # every benchmark is stopped by then (what it wrote so far is kept)
-SCALE_USERS=${SCALE_USERS:-150}
+SCALE_USERS=${SCALE_USERS:-100}
 SCALE_PER_ROUND=${SCALE_PER_ROUND:-50}
 SCALE_CONCURRENCY=${SCALE_CONCURRENCY:-"1 2 4 8"}
 OUT=${OUT:-runs/gpu-session}
+DRY_RUN=${DRY_RUN:-0}                 # 1: check every benchmark's command line here, run nothing
 export NEXTQUILL_HOME=${NEXTQUILL_HOME:-/tmp/nextquill}
 export PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
-RESULTS=runs/gpu-session/results
+RESULTS=${RESULTS:-runs/gpu-session/results}   # where the benchmarks write (kept between calls)
 TOKENIZER="$NEXTQUILL_HOME/kit/tokenizer"
 mkdir -p "$OUT" "$RESULTS" "$NEXTQUILL_HOME"
 
 DEADLINE=$((SECONDS + CALL_SECONDS))
 
+DRY_LINES=$(mktemp)
+
 bench() {  # python -m simulations.benchmarks ..., stopped at the call's deadline
+    if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@" >> "$DRY_LINES"; echo >> "$DRY_LINES"; return 0; fi
     local left=$((DEADLINE - SECONDS - 20))
     if [ "$left" -lt 30 ]; then echo "skipped (the call's time is spent): benchmarks $*"; return 1; fi
     timeout --kill-after=15 "$left" "$PYTHON" -m simulations.benchmarks "$@" --overwrite
 }
 
 stage_install() {
+    if [ "$DRY_RUN" = 1 ]; then echo "dry run: nothing installed"; return 0; fi
     local parts=0
     for part in compute federation; do
         [ -d "$KIT/$part/wheels" ] || continue
@@ -63,6 +68,7 @@ stage_install() {
 }
 
 stage_check() {
+    if [ "$DRY_RUN" = 1 ]; then echo "dry run: no GPU checked"; return 0; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     grep -m1 "model name" /proc/cpuinfo; nproc
     "$PYTHON" - <<'EOF'
@@ -123,4 +129,15 @@ for stage in "$@"; do
     rm -f "$started"
     if [ "$stage" = install ] && [ "$code" -ne 0 ]; then break; fi
 done
+if [ "$DRY_RUN" = 1 ]; then  # every command line the stages would run, through the benchmarks' own parser
+    "$PYTHON" - "$DRY_LINES" <<'EOF' || status=1
+import shlex, sys
+from simulations.benchmarks import build_parser
+lines = [line for line in open(sys.argv[1]).read().splitlines() if line.strip()]
+for line in lines:
+    build_parser().parse_args(shlex.split(line) + ["--overwrite"])
+print(f"dry run: {len(lines)} benchmark command lines parse")
+EOF
+fi
+rm -f "$DRY_LINES"
 exit $status

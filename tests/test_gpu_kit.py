@@ -3,9 +3,11 @@ that still install."""
 
 import csv
 import io
+import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 from simulations.gpu_kit import IMAGE_PROVIDES, SLIM, _slim, kit_parts
 
@@ -44,3 +46,15 @@ def test_a_slimmed_wheel_drops_the_matched_files_from_its_record_and_installs(tm
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
                     str(target), str(slim)], check=True)
     assert (target / "bitsandbytes" / "libbitsandbytes_cuda130.so").read_bytes() == b"13"
+
+
+def test_every_benchmark_command_line_of_the_gpu_session_parses(tmp_path):
+    # A dry run: the stages' command lines go through the benchmarks' own parser, nothing runs.
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "simulations/gpu_session.sh", "install", "check", "step", "edge", "reload", "scale"],
+                          cwd=repo, env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
+                                         "OUT": str(tmp_path / "out"),
+                                         "RESULTS": str(tmp_path / "results"), "NEXTQUILL_HOME": str(tmp_path / "home")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dry run: 7 benchmark command lines parse" in done.stdout
