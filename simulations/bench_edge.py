@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
+from shared.loading import resolve_device
 from shared.paths import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ def client_round_memory(model_dir: str, spec: BaseSpec, prompt: PromptConfig, se
     from client.personalize import EXPERT_ADAPTER, Device, Expert
     from shared.adapters import save_adapter
     from shared.config import GenerationSettings
-    from shared.loading import resolve_device
     from shared.split import SplitSpec
     from shared.user_store import UserStore
 
@@ -193,10 +193,11 @@ def edge_benchmark(model: str, model_dir: Path, spec: BaseSpec, prompt: PromptCo
             rows.append(row)
             log.info("%s: %s", setting, f"peak {row['peak_mib']:.0f} MiB in {row['peak_phase']}"
                      if status == "ok" else f"{status}: {value}")
+    on_cuda = resolve_device(spec.device).type == "cuda"
     result = {
         "benchmark": "edge memory", "model": model, "spec": asdict(spec), "prompt": asdict(prompt), "steps": steps,
-        "reviews": reviews, "budget_mib": budget_mib, "machine": platform.machine(),
-        "device_name": torch.cuda.get_device_name() if spec.device.startswith("cuda") else platform.processor(),
+        "reviews": reviews, "budget_mib": budget_mib, "machine": platform.machine(), "on_cuda": on_cuda,
+        "device_name": torch.cuda.get_device_name() if on_cuda else platform.processor(),
         "rows": rows,
     }
     atomic_write_json(out, result)
@@ -205,7 +206,7 @@ def edge_benchmark(model: str, model_dir: Path, spec: BaseSpec, prompt: PromptCo
 
 
 def render(result: dict) -> str:
-    on_cuda = result["spec"]["device"].startswith("cuda")
+    on_cuda = result["on_cuda"]
     prompt = result["prompt"]
     lines = [f"edge memory, {result['model']} ({result['spec']['quantization']}), history {prompt['history_tokens']} "
              f"tokens, response {prompt['response_tokens']}, budget {result['budget_mib']:.0f} MiB",
