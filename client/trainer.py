@@ -1,6 +1,6 @@
 """The local trainer: one LoRA, one loop, and a step that reads like the NextQuill objective:
 
-    passes  = forward(batch)                      the logits at the response tokens
+    passes  = forward(batch)                      the logits (or final hidden states) at the responses
     ω       = token_weights(passes, labels, p_E)   uniform, the expert's DCE, or the model's own
     L       = loss(passes, labels, ω)              L_n + alpha · L_p
     L.backward()
