@@ -21,8 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.batching import collate
 from shared.config import PromptConfig
-from shared.forward import model_device, response_logits
-from shared.losses import token_probabilities
+from shared.forward import model_device, response_label_log_probs
+from shared.losses import IGNORE_INDEX
 from shared.paths import atomic_write_json
 from shared.prompts import EncodedSample, encode_sample
 from shared.user_store import Sample, UserStore
@@ -65,11 +65,9 @@ def compute_token_probs(
     for start in tqdm(starts, desc="expert token probabilities", disable=not progress, leave=False):
         chunk = encoded[start : start + batch_size]
         batch = collate(chunk, pad_id).to(device)
-        length = batch.response_length
-        logits_with = response_logits(model, batch.with_history, length)
-        logits_without = response_logits(model, batch.without_history, length)
-        p_with = token_probabilities(logits_with.flatten(0, 1), batch.labels.flatten()).view(len(chunk), length)
-        p_without = token_probabilities(logits_without.flatten(0, 1), batch.labels.flatten()).view(len(chunk), length)
+        ignored = batch.labels == IGNORE_INDEX
+        p_with, p_without = (torch.where(ignored, 0.0, response_label_log_probs(model, side, batch.labels).exp())
+                             for side in (batch.with_history, batch.without_history))
         for row, sample in enumerate(chunk):
             n = len(sample.response)
             out.append(TokenProbs(sample.response, p_with[row, -n:].tolist(), p_without[row, -n:].tolist()))

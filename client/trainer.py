@@ -1,13 +1,14 @@
 """The local trainer: one LoRA, one loop, and a step that reads like the NextQuill objective:
 
-    passes  = forward(batch)                      the logits at the response tokens
+    passes  = forward(batch)                      the logits (or final hidden states) at the responses
     ω       = token_weights(passes, labels, p_E)   uniform, the expert's DCE, or the model's own
-    L       = nextquill_loss(passes, labels, ω)    L_n + alpha · L_p
+    L       = loss(passes, labels, ω)              L_n + alpha · L_p
     L.backward()
 
-Which forward (one pass; two passes, separate, paired or lean) and which token weights a run
-uses follows from its method's row in `shared/methods.py` and its settings; `choose_step`
-picks them once per training run, not per step.
+Which forward (one pass; two passes, separate, paired or lean), which token weights and which
+loss (on logits; or, with `fused_loss`, on the final hidden states with the LM head applied a
+chunk at a time) a run uses follows from its method's row in `shared/methods.py` and its
+settings; `choose_step` picks them once per training run, not per step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +27,16 @@ from tqdm.auto import tqdm
 from client.token_weights import TokenProbs
 from shared.batching import PairBatch, collate
 from shared.config import TrainConfig, WeightScheme
-from shared.forward import model_device, paired_response_logits, response_logits, supports_paired_pass
-from shared.losses import nextquill_loss, token_probabilities, token_weights
+from shared.forward import (
+    compute_autocast,
+    lm_head_weight,
+    model_device,
+    paired_response_logits,
+    response_hidden,
+    response_logits,
+    supports_paired_pass,
+)
+from shared.losses import fused_nextquill_loss, nextquill_loss, token_probabilities, token_weights
 from shared.methods import Method
 from shared.prompts import EncodedSample
 
@@ -76,18 +86,22 @@ def right_aligned(values: Sequence[Sequence[float]], width: int) -> torch.Tensor
 
 @dataclass
 class Passes:
-    """A step's forward passes: float32 logits [N, V] at the N = B·R response positions of the
-    prompt the method reads, and of the no-history prompt when the step needs them (for L_p or
-    the model's own DCE). `finish` runs after the backward (the lean passes' second stage)."""
+    """A step's forward passes at the N = B·R response positions of the prompt the method
+    reads, and of the no-history prompt when the step needs them (for L_p or the model's own
+    DCE): float32 logits [N, V]; or, read with `_hidden_states` for the fused loss, the final
+    hidden states [N, D] that the LM head maps to them. `finish` runs after the backward (the
+    lean passes' second stage)."""
 
-    logits: torch.Tensor
-    logits_without: torch.Tensor | None = None
+    outputs: torch.Tensor
+    outputs_without: torch.Tensor | None = None
     finish: Callable[[], None] = lambda: None
 
 
 Forward = Callable[[torch.nn.Module, PairBatch], Passes]
+Read = Callable[[torch.nn.Module, PairBatch, bool], torch.Tensor]
 ExpertProbs = tuple[torch.Tensor, torch.Tensor]  # the expert's p(y_t | x, h, y<t), p(y_t | x, ∅, y<t): [B, R] each
 TokenWeights = Callable[[Passes, torch.Tensor, ExpertProbs | None], torch.Tensor]
+Loss = Callable[[Passes, torch.Tensor, torch.Tensor, float, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _logits(model: torch.nn.Module, batch: PairBatch, with_history: bool) -> torch.Tensor:
@@ -95,14 +109,19 @@ def _logits(model: torch.nn.Module, batch: PairBatch, with_history: bool) -> tor
     return response_logits(model, side, batch.response_length).flatten(0, 1)
 
 
-def history_pass(model: torch.nn.Module, batch: PairBatch) -> Passes:
+def _hidden_states(model: torch.nn.Module, batch: PairBatch, with_history: bool) -> torch.Tensor:
+    side = batch.with_history if with_history else batch.without_history
+    return response_hidden(model, side, batch.response_length).flatten(0, 1)
+
+
+def history_pass(model: torch.nn.Module, batch: PairBatch, read: Read = _logits) -> Passes:
     """ContextSFT, DCE-only: the prompt with the history."""
-    return Passes(_logits(model, batch, with_history=True))
+    return Passes(read(model, batch, True))
 
 
-def no_history_pass(model: torch.nn.Module, batch: PairBatch) -> Passes:
+def no_history_pass(model: torch.nn.Module, batch: PairBatch, read: Read = _logits) -> Passes:
     """SFT: the prompt without the history."""
-    return Passes(_logits(model, batch, with_history=False))
+    return Passes(read(model, batch, False))
 
 
 def history_dropout_pass(rate: float, seed: int) -> Forward:
@@ -117,9 +136,9 @@ def history_dropout_pass(rate: float, seed: int) -> Forward:
     return forward
 
 
-def two_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
+def two_passes(model: torch.nn.Module, batch: PairBatch, read: Read = _logits) -> Passes:
     """NextQuill: (x, h, y) and (x, ∅, y), two forwards, both in the graph."""
-    return Passes(_logits(model, batch, with_history=True), _logits(model, batch, with_history=False))
+    return Passes(read(model, batch, True), read(model, batch, False))
 
 
 def paired_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
@@ -148,6 +167,9 @@ def lean_two_passes(model: torch.nn.Module, batch: PairBatch) -> Passes:
 def choose_forward(config: TrainConfig, model: torch.nn.Module) -> Forward:
     """The passes `config.method` needs, in the variant the settings ask for."""
     method = config.spec
+    if config.fused_loss:  # the settings refuse it beside a paired, lean or dropout variant
+        forward = two_passes if method.aligns_effects else history_pass if method.uses_history else no_history_pass
+        return partial(forward, read=_hidden_states)
     if not method.uses_history:
         return no_history_pass
     if not method.aligns_effects:
@@ -183,8 +205,8 @@ def self_weights(scheme: WeightScheme) -> TokenWeights:
     """ω from the DCE of the model being trained (the authors' released code), no gradient."""
 
     def weights(passes: Passes, labels: torch.Tensor, expert: ExpertProbs | None) -> torch.Tensor:
-        return token_weights(scheme, token_probabilities(passes.logits.detach(), labels),
-                             token_probabilities(passes.logits_without.detach(), labels))
+        return token_weights(scheme, token_probabilities(passes.outputs.detach(), labels),
+                             token_probabilities(passes.outputs_without.detach(), labels))
 
     return weights
 
@@ -198,6 +220,35 @@ def choose_token_weights(method: Method, scheme: WeightScheme) -> TokenWeights:
     return uniform_weights
 
 
+def logits_loss(passes: Passes, labels: torch.Tensor, weights: torch.Tensor, alpha: float,
+                weighted_alignment: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The NextQuill loss of the passes' logits."""
+    return nextquill_loss(passes.outputs, passes.outputs_without if alpha else None, labels, weights, alpha,
+                          weighted_alignment=weighted_alignment)
+
+
+def head_folded_loss(model: torch.nn.Module) -> Loss:
+    """The NextQuill loss of the passes' final hidden states, `model`'s LM head applied a chunk
+    of tokens at a time (`fused_loss`), in the model's own precision (bf16 autocast on CUDA):
+    the same loss and gradients, without every token's logits of both passes in memory."""
+    head = lm_head_weight(model)
+    if head is None:
+        raise ValueError("fused_loss needs a linear LM head without bias or logit soft-capping, which this base "
+                         "does not have: train without it")
+
+    def loss(passes: Passes, labels: torch.Tensor, weights: torch.Tensor, alpha: float,
+             weighted_alignment: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with compute_autocast(model):
+            return fused_nextquill_loss(passes.outputs, passes.outputs_without if alpha else None, head, labels,
+                                        weights, alpha, weighted_alignment=weighted_alignment)
+
+    return loss
+
+
+def choose_loss(config: TrainConfig, model: torch.nn.Module) -> Loss:
+    return head_folded_loss(model) if config.fused_loss else logits_loss
+
+
 @dataclass(frozen=True)
 class TrainingStep:
     """One step's gradients: forward passes, token weights, the NextQuill loss, backward."""
@@ -205,6 +256,7 @@ class TrainingStep:
     model: torch.nn.Module
     forward: Forward
     token_weights: TokenWeights
+    loss: Loss
     alpha: float  # 0 for a method that does not align effects
     weighted_alignment: bool
 
@@ -212,9 +264,8 @@ class TrainingStep:
         """Accumulate the gradients of one batch; returns (total, l_n, l_p), detached."""
         passes = self.forward(self.model, batch)
         labels = batch.labels.flatten()
-        weights = self.token_weights(passes, labels, expert).to(passes.logits.device)
-        total, l_n, l_p = nextquill_loss(passes.logits, passes.logits_without if self.alpha else None, labels,
-                                         weights, self.alpha, weighted_alignment=self.weighted_alignment)
+        weights = self.token_weights(passes, labels, expert).to(labels.device)
+        total, l_n, l_p = self.loss(passes, labels, weights, self.alpha, self.weighted_alignment)
         total.backward()
         passes.finish()
         return total.detach(), l_n.detach(), l_p.detach()
@@ -224,7 +275,8 @@ def choose_step(config: TrainConfig, model: torch.nn.Module) -> TrainingStep:
     """The step of `config.method` on `model`, chosen once per training run."""
     method = config.spec
     return TrainingStep(model, choose_forward(config, model), choose_token_weights(method, config.weight_scheme),
-                        config.alpha if method.aligns_effects else 0.0, method.weighted_alignment)
+                        choose_loss(config, model), config.alpha if method.aligns_effects else 0.0,
+                        method.weighted_alignment)
 
 
 def train_adapter(

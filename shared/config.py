@@ -148,6 +148,12 @@ class TrainConfig:
         False, "two-stage NextQuill backward: same gradients, the peak memory of the longer pass alone, for one "
                "more short forward"
     )
+    fused_loss: bool = setting(
+        False, "the loss reads the final hidden states and applies the LM head a chunk of tokens at a time (the "
+               "alignment logits as the head applied to the two passes' difference): same loss and gradients, "
+               "without every token's logits of both passes in memory; not with paired_pass, lean_memory, "
+               "history_dropout or the model's own token weights",
+    )
     history_dropout: float = setting(
         0.0, "ContextSFT, DCE-only: the fraction of steps that read the prompt with the history removed, so "
              "that an expert's no-history prompt learns what every user's targets share",
@@ -160,6 +166,11 @@ class TrainConfig:
         if self.history_dropout and not _one_history_pass(self.method):
             raise ValueError(f"history_dropout applies to a method that reads the history in one pass "
                              f"(context-sft, dce-only), not to {self.method!r}")
+        if self.fused_loss:
+            other = [name for name in ("paired_pass", "lean_memory", "history_dropout") if getattr(self, name)]
+            if other or self.spec.weights == "self":
+                raise ValueError(f"fused_loss does not combine with {', '.join(other) or 'method ' + self.method}: "
+                                 "its passes read hidden states, not logits")
 
     @property
     def spec(self) -> Method:
@@ -240,6 +251,7 @@ class RunConfig:
     alpha: float = like(TrainConfig, "alpha")
     lean_memory: bool = like(TrainConfig, "lean_memory")
     paired_pass: bool = like(TrainConfig, "paired_pass")
+    fused_loss: bool = like(TrainConfig, "fused_loss")
     history_dropout: float = like(
         TrainConfig, "history_dropout", help="the fraction of ContextSFT steps (the expert phase's, or a context-sft "
                                              "or dce-only run's) that read the prompt with the history removed",
@@ -301,6 +313,11 @@ class RunConfig:
         if self.history_dropout and self.expert_rounds == 0 and not _one_history_pass(self.method):
             raise SettingError("run config history-dropout", f"applies to the expert phase (expert-rounds >= 1) or "
                                                              f"a context-sft or dce-only run, not to {self.method!r}")
+        if self.fused_loss:
+            other = [_key(name) for name in ("paired_pass", "lean_memory", "history_dropout") if getattr(self, name)]
+            if other or METHODS[self.method].weights == "self":
+                raise SettingError("run config fused-loss", f"does not combine with "
+                                   f"{', '.join(other) or 'method ' + self.method}: its passes read hidden states")
         if self.needs_expert and not self.expert and self.expert_rounds == 0:
             raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
                                                     "or expert to an existing expert adapter directory")
@@ -394,6 +411,7 @@ class RunConfig:
         return TrainConfig(method=method, max_steps=self.local_steps, batch_size=self.batch_size,
                            learning_rate=self.learning_rate, alpha=self.alpha, weight_scheme=self.weight_scheme,
                            paired_pass=self.paired_pass, lean_memory=self.lean_memory,
+                           fused_loss=self.fused_loss,
                            history_dropout=self.history_dropout if _one_history_pass(method) else 0.0, seed=seed)
 
 

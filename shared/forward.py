@@ -8,9 +8,10 @@ import contextlib
 
 import bitsandbytes as bnb
 import torch
+import torch.nn.functional as F
 
 from shared.batching import PairBatch, SideBatch
-from shared.losses import token_log_probs
+from shared.losses import FUSED_CHUNK_TOKENS, token_log_probs
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -45,6 +46,38 @@ def response_logits(model: torch.nn.Module, side: SideBatch, response_length: in
             use_cache=False,
         )
     return out.logits[:, :-1, :].float()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (its LoRA layers in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The LM head's weight W [V, D] when the logits are exactly `hidden @ Wᵀ` (a linear head
+    without bias, and no logit soft-capping or scaling), so that a loss may apply it itself;
+    None otherwise."""
+    inner = _unwrapped(model)
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if getattr(inner.config, "final_logit_softcapping", None) or getattr(inner.config, "logit_scale", None):
+        return None
+    return head.weight
+
+
+def response_hidden(model: torch.nn.Module, side: SideBatch, response_length: int) -> torch.Tensor:
+    """The final hidden states [B, R, D] (after the last norm) at the positions whose logits
+    predict the last `response_length` tokens of each row: what the LM head reads in
+    `response_logits`, before it is applied."""
+    with compute_autocast(model):
+        out = _unwrapped(model).get_decoder()(
+            input_ids=side.input_ids,
+            attention_mask=side.attention_mask,
+            position_ids=side.position_ids,
+            use_cache=False,
+        )
+    return out.last_hidden_state[:, -(response_length + 1):-1, :]
 
 
 # Attention implementations that take a prepared 4D mask as it is: a boolean one (True:
@@ -96,8 +129,26 @@ def paired_response_logits(model: torch.nn.Module, batch: PairBatch) -> tuple[to
 
 
 @torch.no_grad()
+def response_label_log_probs(model: torch.nn.Module, side: SideBatch, labels: torch.Tensor,
+                             chunk_tokens: int = FUSED_CHUNK_TOKENS) -> torch.Tensor:
+    """log p(label) at each response position under `model`: [B, R] float32 (0 where the label
+    is IGNORE_INDEX). Where the LM head allows (`lm_head_weight`), it is applied to
+    `chunk_tokens` hidden states at a time, so that no more than a chunk's logits exist at once
+    (at a 151,936-token vocabulary, a batch of 16 × 128 response tokens has 1.2 GB of float32
+    logits per pass); otherwise from `response_logits`."""
+    head = lm_head_weight(model)
+    if head is None:
+        return token_log_probs(response_logits(model, side, labels.shape[1]), labels)
+    states = response_hidden(model, side, labels.shape[1]).flatten(0, 1)
+    flat = labels.flatten()
+    with compute_autocast(model):
+        parts = [token_log_probs(F.linear(states[start:start + chunk_tokens], head), flat[start:start + chunk_tokens])
+                 for start in range(0, len(flat), chunk_tokens)]
+    return torch.cat(parts).view(labels.shape)
+
+
+@torch.no_grad()
 def response_token_nll(model: torch.nn.Module, batch: PairBatch, with_history: bool = True) -> torch.Tensor:
     """Per-token negative log-likelihood of the response labels: [B, R] (0 where ignored)."""
     side = batch.with_history if with_history else batch.without_history
-    logits = response_logits(model, side, batch.response_length)
-    return -token_log_probs(logits, batch.labels)
+    return -response_label_log_probs(model, side, batch.labels)

@@ -7,16 +7,24 @@ Notation (per response token t of a sample (x, h, y)):
   L_n   = Σ ω_t CE(z(x,h,y<t), y_t) / Σ ω_t
   L_p   = Σ ω_t CE(MCE_t, y_t) / Σ ω_t
   L     = L_n + alpha · L_p
+
+With a linear LM head W [V, D] without bias or soft-capping, z = W·s for the final hidden state
+s, so MCE_t = W·(s(x,h,y<t) - s(x,∅,y<t)): both losses are cross-entropies of W applied to
+hidden states, which `fused_nextquill_loss` computes a chunk of tokens at a time.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from shared.config import WeightScheme
 
 IGNORE_INDEX = -100
+# Response tokens per chunk of the fused loss: at Qwen2.5's 151,936-token vocabulary, a
+# chunk's float32 logits take 156 MB (the unfused loss holds every token's, of both passes).
+FUSED_CHUNK_TOKENS = 256
 
 
 def dce_weights(
@@ -105,6 +113,68 @@ def nextquill_loss(
     ce_mce = F.cross_entropy(mce, targets, reduction="none")
     l_p = (w * ce_mce).sum() / w_sum if weighted_alignment else ce_mce.mean()
     return l_n + alpha * l_p, l_n, l_p
+
+
+def fused_nextquill_loss(
+    hidden_with: torch.Tensor,
+    hidden_without: torch.Tensor | None,
+    head: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float = 0.1,
+    weighted_alignment: bool = True,
+    chunk_tokens: int = FUSED_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nextquill_loss` of the logits `hidden @ headᵀ`, without ever holding them all.
+
+    hidden_with:    [N, D] final hidden states with the history in the prompt.
+    hidden_without: [N, D] the same without the history (None when alpha == 0).
+    head:           [V, D] the LM head's weight (a head without bias or soft-capping).
+    labels, weights, alpha, weighted_alignment: as `nextquill_loss`.
+
+    The alignment logits are `(hidden_with - hidden_without) @ headᵀ`, which equals the
+    difference of the two passes' logits. Each chunk of `chunk_tokens` tokens computes its
+    logits, reduces them to the weighted sums of its cross-entropies, and recomputes them in the
+    backward (activation checkpointing): the logits alive at any time are one chunk's.
+    """
+    if hidden_with.dim() != 2 or labels.shape != hidden_with.shape[:1] or weights.shape != labels.shape:
+        raise ValueError(
+            f"expected hidden states [N, D], labels [N], weights [N]; got {tuple(hidden_with.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(weights.shape)}"
+        )
+    if head.dim() != 2 or head.shape[1] != hidden_with.shape[1]:
+        raise ValueError(f"head {tuple(head.shape)} does not map hidden states {tuple(hidden_with.shape)} to logits")
+    align = alpha != 0.0
+    if align and (hidden_without is None or hidden_without.shape != hidden_with.shape):
+        raise ValueError("alpha > 0 needs hidden_without, aligned on the same response tokens as hidden_with")
+    keep = labels != IGNORE_INDEX
+    if not bool(keep.any()):
+        raise ValueError("no response tokens to train on: every label is IGNORE_INDEX")
+    targets, w = labels[keep], weights[keep].to(torch.float32)
+    with_states = hidden_with[keep]
+    difference = (with_states - hidden_without[keep]) if align else None
+    # L_p's own token weights: ω, or 1 for the authors' unweighted mean
+    w_p = w if weighted_alignment else torch.ones_like(w)
+    sum_n = sum_p = torch.zeros((), dtype=torch.float32, device=w.device)
+    for start in range(0, len(targets), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        sum_n = sum_n + checkpoint(_weighted_cross_entropy, with_states[part], head, targets[part], w[part],
+                                   use_reentrant=False)
+        if align:
+            sum_p = sum_p + checkpoint(_weighted_cross_entropy, difference[part], head, targets[part], w_p[part],
+                                       use_reentrant=False)
+    l_n = sum_n / w.sum()
+    l_p = sum_p / w_p.sum()
+    return l_n + alpha * l_p, l_n, l_p
+
+
+def _weighted_cross_entropy(states: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+    """Σ weights · CE(states @ headᵀ, targets): [n, D], [V, D], [n], [n] -> scalar; the logits
+    in the head's dtype (bf16 under autocast, as the model's own head computes them), the
+    cross-entropy in float32."""
+    logits = F.linear(states.to(head.dtype), head).float()
+    return (weights * F.cross_entropy(logits, targets, reduction="none")).sum()
 
 
 def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

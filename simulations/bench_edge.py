@@ -45,6 +45,7 @@ class EdgeSetting:
     batch_size: int = 8
     lean_memory: bool = False
     generation_batch_size: int = 16
+    fused_loss: bool = False
 
 
 class PeakRss(threading.Thread):
@@ -116,7 +117,7 @@ def client_round_memory(model_dir: str, spec: BaseSpec, prompt: PromptConfig, se
         phases["token-weights"] = _phase_peaks(on_cuda, rss)
         split = SplitSpec("dual")
         config = TrainConfig(method="nextquill", max_steps=steps, batch_size=setting.batch_size,
-                             lean_memory=setting.lean_memory)
+                             lean_memory=setting.lean_memory, fused_loss=setting.fused_loss)
         shared_in = split.shared_state(client.host.new(*split.adapters, seed=config.seed))
         _phase_peaks(on_cuda, rss)
         started = time.perf_counter()
@@ -210,12 +211,13 @@ def render(result: dict) -> str:
     prompt = result["prompt"]
     lines = [f"edge memory, {result['model']} ({result['spec']['quantization']}), history {prompt['history_tokens']} "
              f"tokens, response {prompt['response_tokens']}, budget {result['budget_mib']:.0f} MiB",
-             "| batch | lean | generation batch | " + " | ".join(PHASES) + " | peak | fits |",
+             "| batch | variant | generation batch | " + " | ".join(PHASES) + " | peak | fits |",
              "|---|---|---|" + "---|" * (len(PHASES) + 2)]
     key = "cuda_reserved_mib" if on_cuda else "rss_mib"
     for row in result["rows"]:
         s = row["setting"]
-        head = f"| {s['batch_size']} | {s['lean_memory']} | {s['generation_batch_size']} | "
+        variant = "lean" if s["lean_memory"] else "fused" if s.get("fused_loss") else "plain"
+        head = f"| {s['batch_size']} | {variant} | {s['generation_batch_size']} | "
         if "failure" in row:
             lines.append(head + " | ".join("" for _ in PHASES) + f" | {row['failure']} | no |")
             continue

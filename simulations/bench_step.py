@@ -48,10 +48,12 @@ from simulations.model_shapes import QWEN_SHAPE, model_dir_for
 log = logging.getLogger(__name__)
 
 # nextquill: two forwards (the default); nextquill-paired: both passes in one forward
-# (`paired-pass`); nextquill-lean: the two-stage backward (`lean-memory`).
-METHODS = ("context-sft", "nextquill", "nextquill-paired", "nextquill-lean", "authors")
+# (`paired-pass`); nextquill-lean: the two-stage backward (`lean-memory`); nextquill-fused: the
+# LM head applied inside the loss, a chunk of tokens at a time (`fused-loss`).
+METHODS = ("context-sft", "nextquill", "nextquill-paired", "nextquill-lean", "nextquill-fused", "authors")
 RATIOS = (("nextquill", "context-sft"), ("nextquill-paired", "context-sft"), ("nextquill-lean", "context-sft"),
-          ("nextquill-paired", "nextquill"), ("authors", "nextquill"))
+          ("nextquill-fused", "context-sft"), ("nextquill-paired", "nextquill"), ("nextquill-fused", "nextquill"),
+          ("authors", "nextquill"))
 
 @dataclass(frozen=True)
 class StepShape:
@@ -124,7 +126,8 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     config = TrainConfig(method=method if method in ("context-sft", "nextquill") else "nextquill",
-                         lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill-paired")
+                         lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill-paired",
+                         fused_loss=method == "nextquill-fused")
     training_step = choose_step(config, model)
     model.train()
 

@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-tokens", type=checked(PromptConfig, "context_tokens"), default=64)
     p.add_argument("--response-tokens", type=checked(PromptConfig, "response_tokens"), default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="training batch sizes to try")
-    p.add_argument("--lean-memory", choices=("off", "on", "both"), default="both",
-                   help="the two-stage backward (TrainConfig.lean_memory)")
+    p.add_argument("--variants", nargs="+", choices=("plain", "lean", "fused"), default=["plain", "lean", "fused"],
+                   help="the training step: two passes (plain), the two-stage backward (lean-memory), or the LM "
+                        "head inside the loss (fused-loss)")
     p.add_argument("--generation-batch-size", type=checked(GenerationSettings, "batch_size"), default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--reviews", type=int, default=72, help="the user's reviews (the latest 10%% held out); with "
@@ -225,8 +226,8 @@ def _run(args) -> int:
     if args.benchmark == "edge":
         from simulations.bench_edge import EdgeSetting, edge_benchmark
 
-        lean = {"off": (False,), "on": (True,), "both": (False, True)}[args.lean_memory]
-        settings = [EdgeSetting(batch, flag, args.generation_batch_size) for batch in args.batch_sizes for flag in lean]
+        settings = [EdgeSetting(batch, variant == "lean", args.generation_batch_size, variant == "fused")
+                    for batch in args.batch_sizes for variant in args.variants]
         prompt = PromptConfig(history_tokens=args.history_tokens, context_tokens=args.context_tokens,
                               response_tokens=args.response_tokens)
         model_dir = model_dir_for(args.model, Path(args.tokenizer) if args.tokenizer else None)

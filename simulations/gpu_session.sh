@@ -96,7 +96,7 @@ stage_edge() {  # target 5: a client round's peak memory against a 4 GB device
     bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 4 8 \
         --out "$RESULTS/edge_qwen.json"
     bench edge --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 8 \
-        --lean-memory off --out "$RESULTS/edge_smollm2.json"
+        --variants plain fused --out "$RESULTS/edge_smollm2.json"
 }
 
 stage_reload() {

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from shared.losses import IGNORE_INDEX, continuous_dce_weights, dce_weights, nextquill_loss, token_probabilities
+from shared.losses import (
+    IGNORE_INDEX,
+    continuous_dce_weights,
+    dce_weights,
+    fused_nextquill_loss,
+    nextquill_loss,
+    token_probabilities,
+)
 
 
 def _hand_ce(logits_row, target):
@@ -93,3 +100,37 @@ def test_token_probabilities_pick_the_label_and_zero_ignored():
     logits = torch.log(torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]))
     probs = token_probabilities(logits, torch.tensor([1, 0, IGNORE_INDEX]))
     assert probs.tolist() == pytest.approx([0.8, 0.6, 0.0])
+
+
+@pytest.mark.parametrize(("alpha", "weighted_alignment"), [(0.3, True), (0.3, False), (0.0, True)])
+def test_the_fused_loss_is_the_loss_of_the_head_applied_to_hidden_states_with_the_same_gradients(
+        alpha, weighted_alignment):
+    torch.manual_seed(0)
+    n, d, v = 11, 6, 37
+    head = torch.randn(v, d, dtype=torch.float64)
+    leaves = [torch.randn(n, d, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    labels = torch.randint(0, v, (n,))
+    labels[[0, 5]] = IGNORE_INDEX
+    weights = torch.rand(n, dtype=torch.float64)
+
+    def gradients(loss):
+        grads = torch.autograd.grad(loss[0], leaves, allow_unused=True)
+        return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves, strict=True)]
+
+    # The reference: every token's logits of both passes, MCE their difference.
+    want = nextquill_loss(leaves[0] @ head.T, leaves[1] @ head.T, labels, weights, alpha, weighted_alignment)
+    # Chunks of 4 tokens: several chunks, the last one short, ignored tokens inside them.
+    got = fused_nextquill_loss(leaves[0], leaves[1] if alpha else None, head, labels, weights, alpha,
+                               weighted_alignment, chunk_tokens=4)
+    for value, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(value, expected.float(), rtol=1e-6, atol=1e-7)
+    for grad, expected in zip(gradients(got), gradients(want), strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-8)  # float32 cross-entropies
+
+
+def test_the_fused_loss_refuses_a_head_of_another_width_and_a_missing_no_history_pass():
+    hidden, labels, weights = torch.randn(3, 4), torch.tensor([1, 2, 3]), torch.ones(3)
+    with pytest.raises(ValueError, match="does not map"):
+        fused_nextquill_loss(hidden, hidden, torch.randn(9, 5), labels, weights)
+    with pytest.raises(ValueError, match="needs hidden_without"):
+        fused_nextquill_loss(hidden, None, torch.randn(9, 4), labels, weights, alpha=0.1)

@@ -155,3 +155,25 @@ def test_train_adapter_refuses_what_it_cannot_train(float_model, tokenizer):
     report = train_adapter(float_model, [example] * 3, tokenizer.pad_token_id,
                            TrainConfig(method="nextquill-authors", max_steps=2, batch_size=2), progress=False)
     assert report.steps == 2 and report.examples == 4 and all(l_p > 0 for l_p in report.l_p)
+
+
+@pytest.mark.parametrize("method", ["nextquill", "mce-only", "context-sft", "sft"])
+def test_the_fused_loss_gives_the_steps_loss_and_gradients(float_model, tokenizer, method):
+    batch = uneven_batch(tokenizer)
+    probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
+    expert = probs if METHODS[method].needs_expert else None
+    want = _gradients(float_model, choose_step(TrainConfig(method=method, alpha=0.3), float_model), batch, expert)
+    got = _gradients(float_model, choose_step(TrainConfig(method=method, alpha=0.3, fused_loss=True), float_model),
+                     batch, expert)
+    for value, expected in zip(got[:3], want[:3], strict=True):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert got[3].keys() == want[3].keys() and want[3]
+    for name, grad in want[3].items():
+        torch.testing.assert_close(got[3][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("settings", [{"paired_pass": True}, {"lean_memory": True}, {"method": "nextquill-authors"},
+                                      {"method": "context-sft", "history_dropout": 0.5}])
+def test_the_fused_loss_is_refused_beside_a_variant_that_needs_logits(settings):
+    with pytest.raises(ValueError, match="fused_loss does not combine"):
+        TrainConfig(**{"method": "nextquill", **settings, "fused_loss": True})
