@@ -16,11 +16,11 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import federated
 from client.failures import replies_without_details
 from client.privacy import device_privacy
 from client.secure_aggregation import device_secure_aggregation
 from shared.config import RunConfig
+from shared.expert_package import holds_expert, unpack_expert
 from shared.wire import (
     EXPERT_DELIVER,
     EXPERT_RECORD,
@@ -33,13 +33,22 @@ from shared.wire import (
 app = ClientApp(mods=[device_secure_aggregation, device_privacy])
 
 
+def _federated():
+    """The training side (torch, transformers, PEFT), imported by the handlers that train or
+    evaluate: Flower starts a process per message, and a query or one of SecAgg+'s key
+    stages (which the mod answers without calling `train`) then never pays for loading it."""
+    from client import federated
+
+    return federated
+
+
 @app.train()
 @replies_without_details
 def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
     layout = SharedLayout.from_config(msg.content["config"])
-    result = federated.handle_train(instruction, layout.decode(msg.content["arrays"]), context.node_config, config)
+    result = _federated().handle_train(instruction, layout.decode(msg.content["arrays"]), context.node_config, config)
     # In the layout and form received: Flower's DP mods pair the reply's arrays with those sent.
     arrays = layout.encode(result.shared, config.transport_dtype, layout.is_packed(msg.content["arrays"]))
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(result.metrics)})
@@ -52,7 +61,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = RunConfig.from_flower(context.run_config)
     instruction = RoundInstruction.from_config(msg.content["config"])
     shared = SharedLayout.from_config(msg.content["config"]).decode(msg.content["arrays"])
-    metrics = federated.handle_evaluate(instruction, shared, context.node_config, config)
+    metrics = _federated().handle_evaluate(instruction, shared, context.node_config, config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -62,9 +71,9 @@ def query(msg: Message, context: Context) -> Message:
     request = msg.content["config"]
     action = request["action"]
     if action == EXPERT_STATUS:
-        has_expert = federated.expert_status(str(request["expert-digest"]))
+        has_expert = holds_expert(str(request["expert-digest"]))
     elif action == EXPERT_DELIVER:
-        federated.receive_expert(msg.content[EXPERT_RECORD])
+        unpack_expert(dict(msg.content[EXPERT_RECORD]))
         has_expert = True
     else:
         raise ValueError(f"unknown query action {action!r}")

@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 from flwr.app import Context, Error, Message
 
-from client.federated import forget_resident_device
 from shared.errors import AdapterLoadError, ModelLoadError
 from shared.expert_package import ExpertDigestError
 from shared.settings import SettingError
@@ -58,6 +57,8 @@ def failure_reply(message: Message, error: BaseException) -> Message:
     log.error("%s message failed (%s); the coordinator is told the category only", message.metadata.message_type,
               category, exc_info=error)
     if category in ("expert", "internal"):  # the resident base may hold a half-loaded adapter
+        from client.federated import forget_resident_device
+
         forget_resident_device()
     reason = f"device failed: {category} (details in the device's log)"
     return Message(Error(code=FAILURE_CODES[category], reason=reason), reply_to=message)

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
 from client.trainer import train_adapter
 from shared.config import GenerationSettings, RunConfig, TrainConfig
-from shared.expert_package import ExpertDigestError, cached_expert, unpack_expert
+from shared.expert_package import ExpertDigestError, cached_expert
 from shared.methods import METHODS
 from shared.metrics import SCORE_KEYS, SCORES
 from shared.split import EXPERT_SPLIT, SplitSpec
@@ -194,17 +193,3 @@ def handle_evaluate(
     return evaluate_personalized(resident_device(config), store, config.split_spec, shared_in, config.method,
                           instruction.run_name, config.seed, config.evaluate_base)
 
-
-def expert_status(digest: str) -> bool:
-    """Whether this device holds the expert with `digest`, intact (a corrupt copy counts as
-    missing, so that the coordinator sends it again)."""
-    try:
-        return cached_expert(digest) is not None
-    except ExpertDigestError as error:
-        log.warning("%s; asking for it again", error)
-        return False
-
-
-def receive_expert(package: Mapping[str, bytes | str]) -> Path:
-    """Verify and cache an expert sent by the coordinator (refused on a digest mismatch)."""
-    return unpack_expert(dict(package))

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 from client.evaluation import evaluate_user
 from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
 from client.trainer import TrainExample, TrainReport, train_adapter
-from shared.adapters import AdapterHost, adapter_digest, base_fingerprint, check_adapter_base, save_adapter
+from shared.adapter_files import adapter_digest
+from shared.adapters import AdapterHost, base_fingerprint, check_adapter_base, save_adapter
 from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, TrainConfig
 from shared.loading import load_base, resolve_model_dir
 from shared.paths import refuse_to_replace

@@ -34,7 +34,8 @@ from coordinator.privacy import RunPrivacy, weight_key
 from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
 from coordinator.secure_aggregation import secure_round
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
-from shared.adapters import adapter_digest, check_adapter_base
+from shared.adapter_files import adapter_digest
+from shared.adapters import check_adapter_base
 from shared.config import RunConfig
 from shared.expert_package import pack_expert
 from shared.split import EXPERT_SPLIT, SplitSpec

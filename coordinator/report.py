@@ -21,9 +21,9 @@ from typing import Any
 from shared.metrics import macro_average
 from shared.paths import (
     OutputExistsError,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
+    atomic_write_png,
     atomic_write_text,
     holds_something,
 )
@@ -128,10 +128,7 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(Path(run_dir) / PLOT_FILE, buffer.getvalue())
+    atomic_write_png(fig, Path(run_dir) / PLOT_FILE)
 
 
 def _finite(value: Any) -> bool:

@@ -12,11 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
 
+from shared.adapter_files import ADAPTER_FILES, adapter_digest
 from shared.config import LoraSettings
 from shared.errors import AdapterLoadError, one_line
 from shared.paths import atomic_directory, atomic_write_json
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METADATA_FILE = "nextquill.json"
 
 
@@ -138,18 +138,6 @@ def check_adapter_base(adapter_dir: Path, base_id: str) -> None:
     if recorded and recorded != base_id:
         raise AdapterLoadError(f"adapter {adapter_dir} was trained on another base (fingerprint {recorded}); "
                                f"this base's fingerprint is {base_id}: pass the --model it was made for")
-
-
-def adapter_digest(adapter_dir: Path) -> str:
-    """sha256 over the adapter's config and weights (names and bytes): its content identity."""
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        path = Path(adapter_dir) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter directory {adapter_dir} lacks {name}")
-        digest.update(name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def base_fingerprint(model_dir: Path) -> str:

@@ -4,12 +4,14 @@ mismatch or a corrupt file, so a device never computes token weights with a wron
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from shared.adapters import ADAPTER_FILES, adapter_digest
+from shared.adapter_files import ADAPTER_FILES, adapter_digest
 from shared.paths import atomic_directory, data_dir
 
 DIGEST_KEY = "digest"
+log = logging.getLogger(__name__)
 
 
 class ExpertDigestError(ValueError):
@@ -38,6 +40,16 @@ def cached_expert(digest: str) -> Path | None:
     if adapter_digest(path) != digest:
         raise ExpertDigestError(f"cached expert {path} no longer matches its digest {digest[:16]}...")
     return path
+
+
+def holds_expert(digest: str) -> bool:
+    """Whether this device holds the expert with `digest`, intact (a corrupt copy counts as
+    missing, so that the coordinator sends it again)."""
+    try:
+        return cached_expert(digest) is not None
+    except ExpertDigestError as error:
+        log.warning("%s; asking for it again", error)
+        return False
 
 
 def unpack_expert(package: dict[str, bytes | str]) -> Path:

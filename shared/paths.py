@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -57,6 +58,16 @@ def ensure_folder(folder: Path) -> None:
                 raise NotADirectoryError(f"cannot write under {folder}: {part} is a file, not a folder")
             break
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write_png(figure: Any, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at `path`, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

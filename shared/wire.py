@@ -33,14 +33,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
 
 from shared.config import TRANSPORT_DTYPES
 from shared.metrics import SCORE_KEYS
+
+if TYPE_CHECKING:
+    import torch
 
 NUM_EXAMPLES = "num-examples"
 
@@ -146,6 +148,8 @@ class SharedLayout:
         dtype: one flat array, or one array per parameter."""
         if dtype not in TRANSPORT_DTYPES:
             raise ValueError(f"transport dtype must be one of {TRANSPORT_DTYPES}, got {dtype!r}")
+        import torch
+
         tensors = [state[key].detach().to(getattr(torch, dtype)) for key in self.keys]
         if not packed or not tensors:  # nothing shared (the `local` split): an empty record
             return ArrayRecord(dict(zip(self.keys, tensors, strict=True)))
@@ -157,6 +161,8 @@ class SharedLayout:
 
     def decode(self, record: ArrayRecord) -> dict[str, torch.Tensor]:
         """The float32 tensors of a received record of this layout, packed or not."""
+        import torch  # noqa: F401  (Flower converts to tensors only once torch is imported)
+
         arrays = record.to_torch_state_dict()
         if self.is_packed(record) and PACKED not in self.keys:
             flat = arrays[PACKED].float()

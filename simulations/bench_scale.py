@@ -30,7 +30,7 @@ import torch
 
 from shared.config import RunConfig
 from shared.loading import resolve_device
-from shared.paths import atomic_write_bytes, atomic_write_json
+from shared.paths import atomic_write_json, atomic_write_png
 from shared.wire import Phase
 from simulations.datasets import build_synthetic_users
 from simulations.deployment import local_simulation, run_app
@@ -233,15 +233,17 @@ def _run_in_process(run_config: dict, users: int) -> WorkerMemory:
     return memory
 
 
-def _plot_sweep(rows: list[dict], path: Path, title: str) -> None:
-    import io
-
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    return plt
+
+
+def _plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+    fig, ax = _pyplot().subplots(figsize=(5, 3.2))
     ax.plot([r["concurrency"] for r in rows], [r["users_per_hour"] for r in rows], marker="o", color="#4c72b0")
     ax.set_xlabel("clients at once (Ray workers)")
     ax.set_ylabel("simulated users per hour")
@@ -250,24 +252,14 @@ def _plot_sweep(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_png(fig, path)
 
 
 def _plot_memory(samples: list[tuple[float, float]], cuda_samples: list[tuple[float, float]], path: Path,
                  users: int) -> None:
     if not samples:
         return
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = _pyplot().subplots(figsize=(6, 3.2))
     ax.plot([t / 60 for t, _ in samples], [m for _, m in samples], color="#4c72b0")
     ax.set_xlabel("minutes into the run")
     ax.set_ylabel("client process RSS (MiB)")
@@ -281,7 +273,4 @@ def _plot_memory(samples: list[tuple[float, float]], cuda_samples: list[tuple[fl
     ax.set_title(f"{users} simulated users")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_png(fig, path)

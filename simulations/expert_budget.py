@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import TrainConfig
-from shared.paths import atomic_write_json, atomic_write_text, ensure_folder
+from shared.paths import atomic_write_json, atomic_write_png, atomic_write_text, ensure_folder
 from simulations.study import EXPERT_CELL, StudyConfig, dce_detection, run_config, work_dir
 
 log = logging.getLogger("nextquill.expert_budget")
@@ -132,10 +132,7 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         axis.legend(fontsize=7)
     fig.tight_layout()
     ensure_folder(out)
-    partial = out / ".auc-vs-steps.png.partial"
-    fig.savefig(partial, dpi=120, format="png")
-    partial.replace(out / "auc-vs-steps.png")
-    plt.close(fig)
+    atomic_write_png(fig, out / "auc-vs-steps.png", dpi=120)
     lines += ["", "![ROC AUC, precision and recall against expert steps](auc-vs-steps.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

@@ -18,7 +18,7 @@ from client.evaluation import donor_history
 from client.personalize import Device, Expert
 from shared.methods import METHODS
 from shared.metrics import SCORES, macro_average
-from shared.paths import atomic_directory, atomic_write_json, atomic_write_text
+from shared.paths import atomic_directory, atomic_write_json, atomic_write_png, atomic_write_text
 from shared.user_store import UserStore
 from simulations.compare_config import CompareConfig
 
@@ -128,7 +128,4 @@ def plot_summary(summary: dict[str, dict[str, float]], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("macro-average over users (whiskers: standard deviation across users)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write_png(fig, path)

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -340,6 +341,8 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         expert = runs / STUDY_METHODS[method].expert / "shared_adapter"
         config = run_config(study, dataset, seed, method, expert, work)
         if not path.is_file():
+            if STUDY_METHODS[method].needs_expert:
+                rebuild_lost_expert(out, study, dataset, seed, STUDY_METHODS[method].expert, work)
             started = time.perf_counter()
             if STUDY_METHODS[method].central:
                 result = run_central_cell(config, study.users, expert)
@@ -359,6 +362,29 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
             if detection is not None:
                 atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(todo))
+
+
+def rebuild_lost_expert(out: Path, study: StudyConfig, dataset: str, seed: int, expert_row: str, work: Path) -> None:
+    """Run `expert_row`'s cell again for its adapter when the cell is recorded but its run folder
+    is gone (the study resumed from a fresh clone, on another machine, or after the data
+    directory was cleaned), so that the cells still to run train with the same expert as those
+    before them. The recorded cell is kept; a rebuilt expert that scores otherwise is reported."""
+    recorded = cell_path(out, dataset, seed, expert_row)
+    config = run_config(study, dataset, seed, expert_row, None, work)
+    if not recorded.is_file() or (config.resolve(config.run_dir) / "shared_adapter").is_dir():
+        return
+    log.info("%s seed %d: rebuilding the expert %s (its cell is recorded, its run folder is gone)",
+             _dataset_name(dataset), seed, expert_row)
+    rebuilt = run_federated_cell(config, study.users)["macro"]
+    before = json.loads(recorded.read_text())["macro"]
+    differs = sorted(k for k in before if k in rebuilt and not _same_score(before[k], rebuilt[k]))
+    if differs:
+        log.warning("the rebuilt expert %s of %s seed %d scores otherwise than its recorded cell (%s): the cells "
+                    "still to run use the rebuilt one", expert_row, _dataset_name(dataset), seed, ", ".join(differs))
+
+
+def _same_score(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
 
 
 def work_dir(study: StudyConfig) -> Path:

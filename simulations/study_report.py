@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.metrics import SCORE_KEYS
-from shared.paths import atomic_write_text
+from shared.paths import atomic_write_png, atomic_write_text
 
 DCE_SUFFIX = ".dce.json"  # an expert row's DCE scores, beside its cell (the study names them so)
 METRICS = SCORE_KEYS  # as the federation reports them
@@ -250,10 +250,7 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(out / name)
+        atomic_write_png(fig, out / name)
 
     for dataset, methods in table.items():
         names = sorted(methods, key=lambda m: order.get(m, 99))

@@ -5,7 +5,8 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 
 from client.trainer import train_adapter
-from shared.adapters import ADAPTER_FILES, AdapterHost, adapter_digest, save_adapter
+from shared.adapter_files import ADAPTER_FILES, adapter_digest
+from shared.adapters import AdapterHost, save_adapter
 from shared.batching import collate
 from shared.config import BaseSpec, LoraSettings, TrainConfig
 from shared.forward import response_logits

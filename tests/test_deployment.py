@@ -142,7 +142,7 @@ def test_a_run_asking_for_more_nodes_than_exist_and_losing_one_mid_run_completes
     as a fixed category, its details only the device's own log."""
     users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
     run_dir = tmp_path / "run"
-    run_config = small_run(model_dir, run_dir, method="sft", rounds=3, **{
+    run_config = small_run(model_dir, run_dir, method="sft", rounds=2, **{
         "clients-per-round": 4, "local-steps": 1, "connect-timeout": 5.0, "round-timeout": 30.0})
     nodes = [{"user-dir": str(users[0])}, {"user-dir": str(users[1])}, {"user-dir": str(tmp_path / CANARY)}]
 
@@ -164,7 +164,7 @@ def test_a_run_asking_for_more_nodes_than_exist_and_losing_one_mid_run_completes
     assert run.status == "finished:completed" and seconds < 600
 
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["personalize"] * 3 + ["evaluate"]
+    assert [r["phase"] for r in rows] == ["personalize"] * 2 + ["evaluate"]
     assert (rows[0]["sampled"], rows[0]["accepted"]) == (3, 2)  # 3 connected of the 4 wanted; the canary device failed
     assert all(r["accepted"] == 1 for r in rows[1:])  # supernode-1 is gone; supernode-0 goes on
     assert "3 SuperNode(s) connected, fewer than the 4 wanted: going on with them" in run.output
@@ -287,12 +287,13 @@ def test_a_killed_supernode_rejoins_with_its_identity_and_an_unregistered_one_is
         # until it has timed out its old session (the SuperNode exits with code 305), so it is
         # started again until it stays up.
         for attempt in range(1, 40):
+            started = time.time()
             process = deployment.start_supernode("supernode-1", log_name=f"supernode-1-again-{attempt}")
             try:
                 process.wait(timeout=15)
                 time.sleep(5)
-            except subprocess.TimeoutExpired:  # still up: it was let in
-                seen["restarted_at"] = time.time()
+            except subprocess.TimeoutExpired:  # still up: it was let in (and may have trained meanwhile)
+                seen["restarted_at"] = started
                 return True
         return True
 

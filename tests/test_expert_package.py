@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.adapters import ADAPTER_FILES, adapter_digest
+from shared.adapter_files import ADAPTER_FILES, adapter_digest
 from shared.expert_package import ExpertDigestError, cached_expert, pack_expert, unpack_expert
 from shared.paths import DATA_DIR_ENV
 

@@ -13,7 +13,7 @@ from client.personal_state import personal_path
 from coordinator.checkpoint import load_checkpoint
 from coordinator.federation import run_federation
 from coordinator.nodes import NotEnoughNodes
-from shared.adapters import adapter_digest
+from shared.adapter_files import adapter_digest
 from shared.config import RunConfig
 from shared.errors import AdapterLoadError
 from shared.expert_package import expert_cache_dir

@@ -119,3 +119,27 @@ def test_a_cell_named_like_dce_is_a_cell_and_scores_are_not(tmp_path):
     (folder / "dce-only.json").write_text(json.dumps({"method": "dce-only"}))
     (folder / "fedit-context-sft.dce.json").write_text(json.dumps({"roc_auc": 0.6}))
     assert load_cells(tmp_path) == [{"method": "dce-only"}]
+
+
+def test_a_study_resumed_without_its_run_folders_rebuilds_the_expert_and_keeps_its_cell(finished, tmp_path,
+                                                                                        monkeypatch, caplog):
+    # As from a fresh clone: the committed cells are there, the data directory is new.
+    import shutil
+
+    config, out = finished
+    resumed = tmp_path / "study"
+    shutil.copytree(out / "cells", resumed / "cells")
+    (resumed / "cells" / "reviewers" / "seed-0" / "nextquill-fed.json").unlink()
+    expert_cell = resumed / "cells" / "reviewers" / "seed-0" / "fedit-context-sft.json"
+    recorded = expert_cell.read_bytes()
+    monkeypatch.setenv("NEXTQUILL_HOME", str(tmp_path / "new-home"))
+    ran = []
+    monkeypatch.setattr(study_module, "run_central_cell", lambda *args: ran.append(args))
+    with caplog.at_level("INFO", logger="nextquill.study"):
+        run_study(config, resumed, progress=False)
+    assert "rebuilding the expert fedit-context-sft" in caplog.text
+    assert "scores otherwise" not in caplog.text  # the same seed rebuilds the same expert
+    assert expert_cell.read_bytes() == recorded
+    assert (resumed / "cells" / "reviewers" / "seed-0" / "nextquill-fed.json").is_file() and not ran
+    assert (study_module.work_dir(config) / "runs" / "reviewers" / "seed-0" / "fedit-context-sft"
+            / "shared_adapter").is_dir()

@@ -75,3 +75,20 @@ def test_a_record_that_does_not_fit_the_layout_is_refused(record_state, complain
 def test_a_message_whose_layout_is_malformed_is_refused(config, complaint):
     with pytest.raises(ValueError, match=complaint):
         SharedLayout.from_config(config)
+
+
+def test_a_fresh_process_decodes_a_received_record_before_anything_imported_torch():
+    # A deployed device's ClientApp process imports torch only when it trains or evaluates;
+    # Flower's ArrayRecord converts to tensors only once torch is imported.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import numpy as np, sys; from flwr.app import Array, ArrayRecord; import client.client_app; "
+             "from shared.wire import PACKED, SharedLayout; assert 'torch' not in sys.modules; "
+             "shared = SharedLayout(('a', 'b'), ((2, 3), (4,))).decode(ArrayRecord({PACKED: Array(np.arange(10.0))})); "
+             "print({k: v.tolist() for k, v in shared.items()})")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "{'a': [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], 'b': [6.0, 7.0, 8.0, 9.0]}"
