@@ -20,6 +20,9 @@ NUM_PARTITIONS_KEY = "num-partitions"
 _store_paths: dict[tuple, list[Path]] = {}
 
 
+SIMULATED_USERS_SEED = 0
+
+
 def simulation_users_dir(config: RunConfig) -> Path:
     if config.users_dir:
         return config.resolve(config.users_dir)
@@ -32,7 +35,10 @@ def _build_simulated_users(config: RunConfig, root: Path, num_partitions: int) -
     SuperNode; shakespeare: every speaker), or the users of a LaMP-style JSON file."""
     if config.dataset in GENERATED:
         max_users = None if config.dataset == "shakespeare" else num_partitions
-        build_users(config.dataset, root, max_users=max_users, seed=config.seed)
+        # The users are data, built once per folder: their seed is fixed, never the run's (which
+        # sets initialisation and sample order), so runs of several seeds, in any order, see the
+        # same users.
+        build_users(config.dataset, root, max_users=max_users, seed=SIMULATED_USERS_SEED)
     else:
         build_users("lamp-json", root, records=config.resolve(config.dataset))
 

@@ -31,7 +31,7 @@ from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from coordinator.nodes import NodeSnapshot, NodeWaiter
 from coordinator.privacy import RunPrivacy, weight_key
-from coordinator.report import RoundLog, check_run_config, plot_rounds, write_evaluation
+from coordinator.report import RoundLog, check_run_config, plot_rounds, read_summary, write_evaluation
 from coordinator.secure_aggregation import secure_round
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
 from shared.adapter_files import adapter_digest
@@ -98,7 +98,8 @@ def run_federation(grid: Grid, config: RunConfig) -> RunResult:
                                 privacy=privacy.state())
         save_checkpoint(run_dir, checkpoint)
 
-    summary = None
+    # A run resumed after it finished reports its recorded evaluation.
+    summary = read_summary(run_dir) if checkpoint.phase == Phase.DONE else None
     if checkpoint.phase == Phase.PERSONALIZE:
         shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, config.split_spec, config.rounds,
                          run_dir, privacy)

@@ -99,6 +99,12 @@ def write_evaluation(run_dir: Path, rows: Sequence[dict[str, Any]], extra: dict[
     return summary
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The final evaluation's summary of a finished run, or None where it has none."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Training loss per round of each phase and, where evaluated, the evaluation metrics."""
     import matplotlib

@@ -38,7 +38,7 @@ from shared.methods import METHODS
 from shared.paths import atomic_write_json, data_dir, ensure_folder
 from shared.settings import check_settings, setting
 from simulations.datasets import GENERATED
-from simulations.study_report import DCE_SUFFIX
+from simulations.study_report import DCE_SUFFIX, machine
 
 log = logging.getLogger("nextquill.study")
 
@@ -349,7 +349,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
             else:
                 result = run_federated_cell(config, study.users)
             atomic_write_json(path, {"dataset": _dataset_name(dataset), "seed": seed, "method": method,
-                                     "wall_seconds": time.perf_counter() - started,
+                                     "wall_seconds": time.perf_counter() - started, "machine": machine(),
                                      "run_config": config.to_flower(), **result})
             log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
                      result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,8 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
         f"(the central reference: the same number of samples, pooled); greedy decoding; prompt budgets "
         f"{study.history_tokens}/{study.context_tokens}/{study.response_tokens} tokens. Intervals: 95% over seeds "
         "(t); with one seed, none. Metrics are macro-averages over users of their held-out (latest) samples.",
-        "", f"Machine: {machine()}. Made by `python -m simulations.study` with the settings in `study.json`.", "",
+        "", f"Report written on: {machine()}. Made by `python -m simulations.study` with the settings in "
+        "`study.json`.", "", *_machines_line(cells), "",
     ]
     if planned is not None:
         lines += [f"Cells finished: {len(cells)} of {planned}"
@@ -223,14 +225,28 @@ def machine() -> str:
     return cpu_description() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
 
 
+UNRECORDED_MACHINE = "not recorded (computed before cells named their machine)"
+
+
+def _machines_line(cells: list[dict[str, Any]]) -> list[str]:
+    """Which machines computed the cells: training on the CPU is deterministic on one machine,
+    but another CPU (its float kernels) gives a different, equally valid, trajectory, so wall
+    times and single cells compare only within one machine."""
+    counts = Counter(cell.get("machine", UNRECORDED_MACHINE) for cell in cells)
+    if not counts:
+        return []
+    return ["Cells computed on: " + "; ".join(f"{name}: {n} cells" for name, n in counts.most_common()) + "."]
+
+
 def _write_csvs(out: Path, cells: list[dict[str, Any]]) -> None:
-    columns = ["dataset", "method", "seed", *METRICS, "upload_bytes_per_client_round", "wall_seconds"]
+    columns = ["dataset", "method", "seed", *METRICS, "upload_bytes_per_client_round", "wall_seconds", "machine"]
     table = io.StringIO()
     writer = csv.DictWriter(table, columns)
     writer.writeheader()
     for cell in cells:
         writer.writerow({**{k: cell[k] for k in ("dataset", "method", "seed", "upload_bytes_per_client_round",
-                                                  "wall_seconds")}, **{m: cell["macro"].get(m) for m in METRICS}})
+                                                  "wall_seconds")}, **{m: cell["macro"].get(m) for m in METRICS},
+                         "machine": cell.get("machine", UNRECORDED_MACHINE)})
     atomic_write_text(out / "cells.csv", table.getvalue())
     users = io.StringIO()
     writer = csv.DictWriter(users, ["dataset", "method", "seed", "node_id", *METRICS], extrasaction="ignore")

@@ -114,6 +114,9 @@ def test_a_restarted_coordinator_resumes_after_the_last_completed_round(model_di
     assert {m.content["config"]["server-round"] for m in train} == {2}
     assert {m.content["config"]["run-id"] for m in train} == {checkpoint.run_id}
     assert result.expert_digest == checkpoint.expert_digest
+    # Run again once finished: nothing is sent, and the recorded evaluation is what it reports.
+    again = _grid(config, users)
+    assert run_federation(again, config).summary == result.summary and again.delivered == []
 
 
 def test_a_resumed_run_with_another_config_is_refused(model_dir, users, tmp_path):

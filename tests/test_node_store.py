@@ -22,6 +22,17 @@ def test_simulated_nodes_map_partitions_to_user_stores_built_on_first_use(tmp_pa
         user_store({"partition-id": 0, "num-partitions": 30000}, config)
 
 
+@pytest.mark.parametrize("dataset", ["synthetic", "reviewers"])
+def test_the_simulated_users_do_not_depend_on_which_seed_built_them_first(tmp_path, dataset):
+    # A study runs seeds 0, 1, 2 on the same users, and may start at any of them.
+    built = {}
+    for seed in (0, 1):
+        config = RunConfig(dataset=dataset, users_dir=str(tmp_path / f"users-{seed}"), seed=seed)
+        built[seed] = [(s.user_id, [(x.x, x.y) for x in s.samples()])
+                       for s in (user_store({"partition-id": i, "num-partitions": 2}, config) for i in range(2))]
+    assert built[0] == built[1]
+
+
 def test_a_deployed_node_opens_the_store_it_names_and_a_lamp_dataset_gets_its_own_folder(tmp_path):
     records = [{"id": f"r{i}", "user_id": f"u{i % 2}", "input": f"Write {i}", "output": f"Text {i}.",
                 "profile": [{"id": "p", "text": "Old text."}]} for i in range(6)]

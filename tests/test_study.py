@@ -7,6 +7,7 @@ import pytest
 
 from simulations import study as study_module
 from simulations.study import STUDY_METHODS, StudyConfig, cells, run_study
+from simulations.study_report import machine
 
 METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "nextquill-central",
            "nextquill-dropout-expert", "dp-eps-8")
@@ -52,6 +53,7 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
         cell = saved[method]
         assert {"rouge1", "rougeL", "bleu", "meteor", "nll", "history-sensitivity"} <= set(cell["macro"])
         assert len(cell["per_user"]) == 2
+        assert cell["machine"] == machine()  # another CPU trains along another trajectory
     # What travels: nothing for the local baseline, the whole LoRA for FedIT, a part for the splits.
     uploads = {m: saved[m]["upload_bytes_per_client_round"] for m in ("local", "fedit-context-sft",
                                                                          "nextquill-fed", "split-layers")}
@@ -81,6 +83,8 @@ def test_the_report_holds_the_table_csv_and_plots(finished):
     assert "`nextquill-fed` vs `fedit-context-sft`" in report and "ROC AUC" in report
     rows = (out / "cells.csv").read_text().splitlines()
     assert len(rows) == 1 + len(METHODS) + 2  # and the two experts
+    assert f"Cells computed on: {machine()}: {len(rows) - 1} cells." in report
+    assert rows[0].endswith(",machine")
     assert "expert `expert-dropout`" in report
     assert "### The cost of differential privacy" in report and "| `dp-eps-8` | 8.00 |" in report
     for plot in ("rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png", "dce-roc.png",
