@@ -384,7 +384,8 @@ def rebuild_lost_expert(out: Path, study: StudyConfig, dataset: str, seed: int, 
 
 
 def _same_score(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
+    # Equal up to float rounding: the held-out NLL has been summed in other orders across versions.
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
 
 
 def work_dir(study: StudyConfig) -> Path:
