@@ -13,6 +13,8 @@ masks it, outermost (`client.secure_aggregation`).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -33,7 +35,7 @@ from shared.wire import (
 app = ClientApp(mods=[device_secure_aggregation, device_privacy])
 
 
-def _federated():
+def _federated() -> ModuleType:
     """The training side (torch, transformers, PEFT), imported by the handlers that train or
     evaluate: Flower starts a process per message, and a query or one of SecAgg+'s key
     stages (which the mod answers without calling `train`) then never pays for loading it."""
