@@ -135,38 +135,28 @@ class _Watcher(threading.Thread):
 
 
 @pytest.mark.slow
-def test_a_run_asking_for_more_nodes_than_exist_and_losing_one_mid_run_completes(model_dir, tmp_path):
-    """Real processes: clients-per-round above the SuperNodes connected, a SuperNode killed after
-    the first round, and a device whose store is missing (a canary in its path). The run goes
-    on with the nodes it has and completes; the failing device's error reaches the coordinator
-    as a fixed category, its details only the device's own log."""
+def test_a_run_asking_for_more_nodes_than_exist_with_a_failing_device_completes(model_dir, tmp_path):
+    """Real processes: clients-per-round above the SuperNodes connected, and a device whose store
+    is missing (a canary in its path). The run goes on with the nodes it has and completes; the
+    failing device's error reaches the coordinator as a fixed category, its details only the
+    device's own log. (A SuperNode lost mid-run: the killed-SuperNode test below.)"""
     users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
     run_dir = tmp_path / "run"
-    run_config = small_run(model_dir, run_dir, method="sft", rounds=2, **{
+    run_config = small_run(model_dir, run_dir, method="sft", rounds=1, **{
         "clients-per-round": 4, "local-steps": 1, "connect-timeout": 5.0, "round-timeout": 30.0})
     nodes = [{"user-dir": str(users[0])}, {"user-dir": str(users[1])}, {"user-dir": str(tmp_path / CANARY)}]
-
-    def kill_after_first_round(deployment) -> bool:
-        if '"phase": "personalize"' not in _rounds_text(run_dir):
-            return False
-        _kill(deployment, ("supernode-1.key",))
-        return True
-
     homes = [{"NEXTQUILL_HOME": str(tmp_path / f"device-{i}")} for i in range(3)]
     with local_deployment(tmp_path / "flwr", nodes, tmp_path / "certs", node_envs=homes) as deployment:
-        watcher = _Watcher(kill_after_first_round, deployment)
-        watcher.start()
         started = time.monotonic()
         run = run_app(deployment, REPO, run_config, timeout=600)
         seconds = time.monotonic() - started
-        watcher.check()
         logs = {name: path.read_text(errors="replace") for name, path in deployment.logs.items()}
     assert run.status == "finished:completed" and seconds < 600
 
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["personalize"] * 2 + ["evaluate"]
+    assert [r["phase"] for r in rows] == ["personalize", "evaluate"]
     assert (rows[0]["sampled"], rows[0]["accepted"]) == (3, 2)  # 3 connected of the 4 wanted; the canary device failed
-    assert all(r["accepted"] == 1 for r in rows[1:])  # supernode-1 is gone; supernode-0 goes on
+    assert rows[1]["accepted"] == 2
     assert "3 SuperNode(s) connected, fewer than the 4 wanted: going on with them" in run.output
     assert "failed: device failed: user-store (details in the device's log)" in run.output
     assert CANARY not in run.output and CANARY not in logs["superlink"]
