@@ -229,9 +229,9 @@ UNRECORDED_MACHINE = "not recorded (computed before cells named their machine)"
 
 
 def _machines_line(cells: list[dict[str, Any]]) -> list[str]:
-    """Which machines computed the cells: training on the CPU is deterministic on one machine,
-    but another CPU (its float kernels) gives a different, equally valid, trajectory, so wall
-    times and single cells compare only within one machine."""
+    """Which machines computed the cells: wall times compare only within one machine, and a
+    cell that another machine does not reproduce can be traced to where it ran (the two CPUs
+    seen so far, an AMD EPYC and an Intel Xeon, gave the same cells)."""
     counts = Counter(cell.get("machine", UNRECORDED_MACHINE) for cell in cells)
     if not counts:
         return []

@@ -53,7 +53,7 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
         cell = saved[method]
         assert {"rouge1", "rougeL", "bleu", "meteor", "nll", "history-sensitivity"} <= set(cell["macro"])
         assert len(cell["per_user"]) == 2
-        assert cell["machine"] == machine()  # another CPU trains along another trajectory
+        assert cell["machine"] == machine()  # wall times compare only within one machine
     # What travels: nothing for the local baseline, the whole LoRA for FedIT, a part for the splits.
     uploads = {m: saved[m]["upload_bytes_per_client_round"] for m in ("local", "fedit-context-sft",
                                                                          "nextquill-fed", "split-layers")}
