@@ -38,7 +38,7 @@ from shared.methods import METHODS
 from shared.paths import atomic_write_json, data_dir, ensure_folder
 from shared.settings import check_settings, setting
 from simulations.datasets import GENERATED
-from simulations.study_report import DCE_SUFFIX, machine
+from simulations.study_report import DCE_SUFFIX, load_cells, machine
 
 log = logging.getLogger("nextquill.study")
 
@@ -110,6 +110,10 @@ STUDY_METHODS: dict[str, StudyMethod] = {
 }
 
 
+# Which cells a run asks for; a study folder gathers the cells of every run with its protocol.
+ASKED = ("datasets", "methods", "seeds")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study runs; the defaults are the size that fits a 2-core CPU on the real base."""
@@ -134,10 +138,14 @@ class StudyConfig:
     def __post_init__(self) -> None:
         check_settings(self)
 
+    def protocol(self) -> dict[str, Any]:
+        """The settings every cell of a study folder shares: all but which cells are asked for."""
+        return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(self))).items() if k not in ASKED}
+
     @property
     def digest(self) -> str:
         """Names this protocol: cells of another protocol never mix with its cells."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.protocol(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 QUICK = {"model": "tiny", "seeds": (0,), "users": 4, "rounds": 2, "local_steps": 3}
@@ -321,17 +329,18 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     out = Path(out)
     ensure_folder(out)
     recorded = out / "study.json"
-    protocol = {**json.loads(json.dumps(dataclasses.asdict(study))), "digest": study.digest}
+    protocol = study.protocol()
+    todo = cells(study)
+    asked = [(_dataset_name(dataset), seed, method) for dataset, seed, method in todo]
     if recorded.is_file():
         earlier = json.loads(recorded.read_text())
-        different = sorted(k for k in protocol if k not in ("methods", "datasets", "seeds", "digest")
-                           and earlier.get(k) != protocol[k])
+        different = sorted(k for k in protocol if earlier.get(k) != protocol[k])
         if different:
             raise ValueError(f"{out} holds a study with other settings ({', '.join(different)}); its cells would "
                              "not compare: choose another --out")
-    atomic_write_json(recorded, protocol)
+        asked = [*(c for c in _asked_before(out, earlier, study) if c not in asked), *asked]
+    atomic_write_json(recorded, {**protocol, "digest": study.digest, "cells": [list(c) for c in asked]})
     work = work_dir(study)
-    todo = cells(study)
     experts = experts_of(study.methods)
     bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress)
     for dataset, seed, method in bar:
@@ -361,7 +370,21 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
             detection = dce_detection(config, study.users, config.resolve(config.run_dir) / "shared_adapter")
             if detection is not None:
                 atomic_write_json(scores, {"expert": method, **detection})
-    return write_report(out, study, STUDY_METHODS, planned=len(todo))
+    return write_report(out, study, STUDY_METHODS, planned=len(asked))
+
+
+def _asked_before(out: Path, recorded: dict[str, Any], study: StudyConfig) -> list[tuple[str, int, str]]:
+    """The cells the earlier runs into the study folder `out` asked for: those its `study.json`
+    lists and those finished. (Before it listed them, `study.json` held the last run's datasets,
+    methods and seeds.)"""
+    asked = [(dataset, seed, method) for dataset, seed, method in recorded.get("cells", [])]
+    methods = tuple(m for m in recorded.get("methods", ()) if m in STUDY_METHODS)
+    if methods:
+        last = dataclasses.replace(study, datasets=tuple(recorded.get("datasets", study.datasets)), methods=methods,
+                                   seeds=tuple(recorded.get("seeds", study.seeds)))
+        asked += [(_dataset_name(dataset), seed, method) for dataset, seed, method in cells(last)]
+    asked += [(cell["dataset"], cell["seed"], cell["method"]) for cell in load_cells(out)]
+    return list(dict.fromkeys(asked))
 
 
 def rebuild_lost_expert(out: Path, study: StudyConfig, dataset: str, seed: int, expert_row: str, work: Path) -> None:
@@ -391,8 +414,7 @@ def _same_score(a: float, b: float) -> bool:
 def work_dir(study: StudyConfig) -> Path:
     """The study's users and run folders in the data directory: they depend on the protocol,
     not on which rows or seeds are asked."""
-    fixed = {k: v for k, v in dataclasses.asdict(study).items() if k not in ("methods", "datasets", "seeds")}
-    return data_dir() / "study" / hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
+    return data_dir() / "study" / study.digest
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

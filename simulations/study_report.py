@@ -122,7 +122,8 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
     ]
     if planned is not None:
         lines += [f"Cells finished: {len(cells)} of {planned}"
-                  + (" (the study is under way: rerunning the same command goes on)." if len(cells) < planned
+                  + (" (under way: rerunning the commands that asked for the rest goes on; `study.json` lists the "
+                     "cells asked for)." if len(cells) < planned
                      else "."), ""]
     for dataset, methods in table.items():
         lines += [f"## {dataset}", "",

@@ -1,6 +1,7 @@
 """The study: every cell through the real apps (or pooled, for the central reference), results
 saved as each cell finishes, a rerun that skips finished cells, and the report."""
 
+import dataclasses
 import json
 
 import pytest
@@ -103,6 +104,25 @@ def test_a_rerun_skips_finished_cells_and_another_protocol_is_refused(finished, 
     run_study(config, out, progress=False)
     with pytest.raises(ValueError, match="other settings \\(rounds\\)"):
         run_study(StudyConfig(**{**config.__dict__, "rounds": 3}), out, progress=False)
+
+
+def test_a_run_asking_for_fewer_cells_keeps_the_cells_asked_before(finished, monkeypatch):
+    # A study larger than one sitting runs in pieces, some of them a subset (`--seeds 2`): the
+    # report counts the cells every run into the folder asked for, not the last run's.
+    config, out = finished
+    monkeypatch.setattr(study_module, "run_federated_cell", lambda *args: pytest.fail("a finished cell ran again"))
+    recorded = out / "study.json"
+    everything = {tuple(c) for c in json.loads(recorded.read_text())["cells"]}
+    assert len(everything) == len(METHODS) + 2  # and the two experts
+    subset = dataclasses.replace(config, methods=("base",))
+    run_study(subset, out, progress=False)
+    assert {tuple(c) for c in json.loads(recorded.read_text())["cells"]} == everything
+    assert f"Cells finished: {len(everything)} of {len(everything)}." in (out / "report.md").read_text()
+    # A folder from before study.json listed its cells held the last run's datasets, methods and seeds.
+    recorded.write_text(json.dumps({**config.protocol(), "datasets": ["reviewers"], "methods": list(METHODS),
+                                    "seeds": [0], "digest": "0123456789ab"}))
+    run_study(subset, out, progress=False)
+    assert {tuple(c) for c in json.loads(recorded.read_text())["cells"]} == everything
 
 
 def test_every_study_row_is_a_valid_run_config(tmp_path):
