@@ -338,7 +338,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         if different:
             raise ValueError(f"{out} holds a study with other settings ({', '.join(different)}); its cells would "
                              "not compare: choose another --out")
-        asked = [*(c for c in _asked_before(out, earlier, study) if c not in asked), *asked]
+        asked = list(dict.fromkeys([*_asked_before(out, earlier, study), *asked]))
     atomic_write_json(recorded, {**protocol, "digest": study.digest, "cells": [list(c) for c in asked]})
     work = work_dir(study)
     experts = experts_of(study.methods)
@@ -383,8 +383,7 @@ def _asked_before(out: Path, recorded: dict[str, Any], study: StudyConfig) -> li
         last = dataclasses.replace(study, datasets=tuple(recorded.get("datasets", study.datasets)), methods=methods,
                                    seeds=tuple(recorded.get("seeds", study.seeds)))
         asked += [(_dataset_name(dataset), seed, method) for dataset, seed, method in cells(last)]
-    asked += [(cell["dataset"], cell["seed"], cell["method"]) for cell in load_cells(out)]
-    return list(dict.fromkeys(asked))
+    return asked + [(cell["dataset"], cell["seed"], cell["method"]) for cell in load_cells(out)]
 
 
 def rebuild_lost_expert(out: Path, study: StudyConfig, dataset: str, seed: int, expert_row: str, work: Path) -> None:
