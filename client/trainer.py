@@ -13,6 +13,7 @@ settings; `choose_step` picks them once per training run, not per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ from client.token_weights import TokenProbs
 from shared.batching import PairBatch, collate
 from shared.config import TrainConfig, WeightScheme
 from shared.forward import (
+    compiled_decoder_layers,
     compute_autocast,
     lm_head_weight,
     model_device,
@@ -296,41 +298,43 @@ def train_adapter(
         raise ValueError("the model has no trainable parameters: attach a LoRA first")
     step = choose_step(config, model)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    device = model_device(model)
     rng = random.Random(config.seed)
 
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
     report = TrainReport()
     model.train()
-    order: list[int] = []
-    bar = tqdm(range(total_steps), desc=f"train {config.method}", disable=not progress, leave=False, mininterval=2)
-    for _ in bar:
-        if len(order) < config.batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        chunk = [examples[i] for i in order[: config.batch_size]]
-        del order[: config.batch_size]
-        started = time.perf_counter()
-        batch = collate([e.encoded for e in chunk], pad_id).to(device)
-        expert = None
-        if config.needs_expert:
-            width = batch.response_length
-            expert = (
-                right_aligned([e.expert_probs.prob_with for e in chunk], width).to(device),
-                right_aligned([e.expert_probs.prob_without for e in chunk], width).to(device),
-            )
-        total, l_n, l_p = step(batch, expert)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        report.seconds += time.perf_counter() - started
-        report.steps += 1
-        report.examples += len(chunk)
-        report.loss.append(total.item())
-        report.l_n.append(l_n.item())
-        report.l_p.append(l_p.item())
-        bar.set_postfix(loss=f"{report.loss[-1]:.3f}", refresh=False)
+    device = model_device(model)
+    # Compiled while training only: the layers run eagerly again for evaluation and generation.
+    with compiled_decoder_layers(model) if config.compile_layers else contextlib.nullcontext():
+        order: list[int] = []
+        bar = tqdm(range(total_steps), desc=f"train {config.method}", disable=not progress, leave=False, mininterval=2)
+        for _ in bar:
+            if len(order) < config.batch_size:
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order += fresh
+            chunk = [examples[i] for i in order[: config.batch_size]]
+            del order[: config.batch_size]
+            started = time.perf_counter()
+            batch = collate([e.encoded for e in chunk], pad_id).to(device)
+            expert = None
+            if config.needs_expert:
+                width = batch.response_length
+                expert = (
+                    right_aligned([e.expert_probs.prob_with for e in chunk], width).to(device),
+                    right_aligned([e.expert_probs.prob_without for e in chunk], width).to(device),
+                )
+            total, l_n, l_p = step(batch, expert)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            report.seconds += time.perf_counter() - started
+            report.steps += 1
+            report.examples += len(chunk)
+            report.loss.append(total.item())
+            report.l_n.append(l_n.item())
+            report.l_p.append(l_p.item())
+            bar.set_postfix(loss=f"{report.loss[-1]:.3f}", refresh=False)
     model.eval()
     return report

@@ -5,6 +5,9 @@ forward, and per-token NLL of the responses. Loading a model is `shared.loading`
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+from collections.abc import Iterator
 
 import bitsandbytes as bnb
 import torch
@@ -78,6 +81,43 @@ def response_hidden(model: torch.nn.Module, side: SideBatch, response_length: in
             use_cache=False,
         )
     return out.last_hidden_state[:, -(response_length + 1):-1, :]
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    layers = getattr(_unwrapped(model).get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not layers:
+        raise ValueError(f"compile_layers needs a decoder whose layers are a list (`layers`), which "
+                         f"{type(_unwrapped(model)).__name__} does not have: train without it")
+    return layers
+
+
+def _has_cpp_compiler() -> bool:
+    return any(shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if name)
+
+
+@contextlib.contextmanager
+def compiled_decoder_layers(model: torch.nn.Module) -> Iterator[None]:
+    """Each decoder layer of `model` runs through `torch.compile` while the context lasts
+    (regional compilation, as transformers recommends: the layers share one code object, so
+    one compiled graph per input variant serves them all), then eagerly again.
+
+    Compiling fuses the elementwise work around the 4-bit products (casts, LoRA scaling and
+    adds, norms, rotary embeddings): fewer kernels and fewer intermediate tensors, the same
+    loss and gradients up to rounding. bitsandbytes registers its 4-bit kernels as torch
+    custom ops, so they stay in the graph as single calls. Dynamo caches by code object: a
+    later context in the same process (the next simulated client) reuses what the first
+    compiled. Generation stays eager (its key/value cache is another story)."""
+    if model_device(model).type == "cpu" and not _has_cpp_compiler():
+        raise ValueError("compile_layers on the CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX): "
+                         "install one or train without it")
+    layers = _decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: the layer's eager call again
 
 
 # Attention implementations that take a prepared 4D mask as it is: a boolean one (True:

@@ -17,6 +17,7 @@ matrix-product rate measured in the same run (8192^3 products).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -38,7 +39,7 @@ from client.trainer import choose_step
 from shared.adapters import AdapterHost
 from shared.batching import PairBatch, collate
 from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
-from shared.forward import compute_autocast, model_device
+from shared.forward import compiled_decoder_layers, compute_autocast, model_device
 from shared.loading import load_causal_lm
 from shared.losses import IGNORE_INDEX, nextquill_loss, token_weights
 from shared.paths import atomic_write_json, atomic_write_text
@@ -49,11 +50,25 @@ log = logging.getLogger(__name__)
 
 # nextquill: two forwards (the default); nextquill-paired: both passes in one forward
 # (`paired-pass`); nextquill-lean: the two-stage backward (`lean-memory`); nextquill-fused: the
-# LM head applied inside the loss, a chunk of tokens at a time (`fused-loss`).
+# LM head applied inside the loss, a chunk of tokens at a time (`fused-loss`); *-compiled: the
+# decoder layers through torch.compile (`compile-layers`), asked for by name (compiling takes
+# tens of seconds per process).
 METHODS = ("context-sft", "nextquill", "nextquill-paired", "nextquill-lean", "nextquill-fused", "authors")
+COMPILED = ("context-sft-compiled", "nextquill-compiled")
 RATIOS = (("nextquill", "context-sft"), ("nextquill-paired", "context-sft"), ("nextquill-lean", "context-sft"),
           ("nextquill-fused", "context-sft"), ("nextquill-paired", "nextquill"), ("nextquill-fused", "nextquill"),
-          ("authors", "nextquill"))
+          ("authors", "nextquill"), ("nextquill-compiled", "context-sft-compiled"),
+          ("nextquill-compiled", "context-sft"), ("nextquill-compiled", "nextquill"),
+          ("context-sft-compiled", "context-sft"))
+
+
+def step_config(method: str) -> TrainConfig:
+    """The training settings a benchmark method name stands for (`authors` steps on its own
+    loss, with NextQuill's alpha and weights)."""
+    name = method.removesuffix("-compiled")
+    return TrainConfig(method=name if name in ("context-sft", "nextquill") else "nextquill",
+                       lean_memory=name == "nextquill-lean", paired_pass=name == "nextquill-paired",
+                       fused_loss=name == "nextquill-fused", compile_layers=method.endswith("-compiled"))
 
 @dataclass(frozen=True)
 class StepShape:
@@ -125,17 +140,16 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     expert = (probs[0].to(device), probs[1].to(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    config = TrainConfig(method=method if method in ("context-sft", "nextquill") else "nextquill",
-                         lean_memory=method == "nextquill-lean", paired_pass=method == "nextquill-paired",
-                         fused_loss=method == "nextquill-fused")
+    config = step_config(method)
     training_step = choose_step(config, model)
     model.train()
 
-    def step() -> None:
-        if method == "authors":
-            authors_step_loss(model, batch, config.alpha, config.weight_scheme).backward()
-        else:
-            training_step(batch, expert if config.needs_expert else None)
+    def step(compile_layers: bool = config.compile_layers) -> None:
+        with compiled_decoder_layers(model) if compile_layers else contextlib.nullcontext():
+            if method == "authors":
+                authors_step_loss(model, batch, config.alpha, config.weight_scheme).backward()
+            else:
+                training_step(batch, expert if config.needs_expert else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -148,7 +162,10 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
         sync()
         torch.cuda.reset_peak_memory_stats(device)
         baseline_cuda = torch.cuda.memory_allocated(device)
-    step()  # warm-up: allocator, kernels, bitsandbytes' first-call work
+    started = time.perf_counter()
+    step()  # warm-up: allocator, kernels, bitsandbytes' first-call work, compiling
+    sync()
+    warmup_seconds = time.perf_counter() - started
     seconds = []
     for _ in range(steps):
         sync()
@@ -163,12 +180,14 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     if device.type == "cuda":
         # Counted on the math attention path: the counter has no formula for the fused
         # kernels with grouped key/value heads; the math path does the same products.
+        # Eagerly: the counter sees the operators dispatched, which compiled kernels are not.
         with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            step()
+            step(compile_layers=False)
         flops = counter.get_total_flops()
     result = {
         "flops_per_step": flops,
         "method": method, "seconds_per_step": statistics.median(seconds), "seconds": seconds,
+        "warmup_seconds": warmup_seconds,
         "tokens_per_second": tokens / statistics.median(seconds),
         "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - baseline_cuda) if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss,
@@ -293,11 +312,13 @@ def step_table(result: dict) -> str:
     mfu = result.get("bf16_matmul_tflops") is not None
     if mfu:
         lines.append(f"measured bf16 matrix-product rate: {result['bf16_matmul_tflops']:.0f} TFLOP/s")
-    lines += ["| method | s/step | tokens/s | peak memory (MiB) |" + (" TFLOP/step | MFU |" if mfu else ""),
-              "|---|---|---|---|" + ("---|---|" if mfu else "")]
+    lines += ["| method | s/step | tokens/s | peak memory (MiB) | warm-up step (s) |"
+              + (" TFLOP/step | MFU |" if mfu else ""),
+              "|---|---|---|---|---|" + ("---|---|" if mfu else "")]
     for row in result["rows"]:
+        warmup = f"{row['warmup_seconds']:.1f}" if "warmup_seconds" in row else ""
         line = (f"| {row['method']} | {row['seconds_per_step']:.3f} | {row['tokens_per_second']:.0f} | "
-                f"{row['peak_memory_bytes'] / 2**20:.0f} |")
+                f"{row['peak_memory_bytes'] / 2**20:.0f} | {warmup} |")
         if mfu:
             line += f" {row['flops_per_step'] / 1e12:.2f} | {row.get('mfu', 0):.1%} |"
         lines.append(line)

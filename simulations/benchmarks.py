@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"))
     for name in ("history_tokens", "context_tokens", "response_tokens"):
         p.add_argument(f"--{name.replace('_', '-')}", type=checked(PromptConfig, name))
-    p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS), choices=bench_step.METHODS)
+    p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS),
+                   choices=bench_step.METHODS + bench_step.COMPILED,
+                   help="the steps to measure (default: all but the compiled ones, which take tens of seconds of "
+                        "compiling each)")
     p.add_argument("--out", default="runs/benchmarks/step.json")
     p.add_argument("--profile", metavar="DIR", help="also write a PyTorch profiler table per method into DIR")
     p = sub.add_parser("scale", help="a Flower simulation of many users: users/hour, set-up share, memory")

@@ -1,5 +1,6 @@
 """The local trainer: the step each method's row picks (passes, token weights, loss), chosen once
-per run; the paired and lean variants give the two passes' gradients; the loop's refusals."""
+per run; the paired, lean, fused and compiled variants give the two passes' gradients; the
+loop's refusals."""
 
 import math
 
@@ -20,12 +21,12 @@ from client.trainer import (
 )
 from shared.adapters import AdapterHost
 from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
-from shared.forward import response_logits
+from shared.forward import compiled_decoder_layers, response_logits
 from shared.loading import load_base
 from shared.losses import nextquill_loss, token_probabilities, token_weights
 from shared.methods import METHODS
 from shared.prompts import encode_sample
-from tests.samples import PROMPT, uneven_batch
+from tests.samples import PROMPT, train_examples, uneven_batch
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,59 @@ def test_the_fused_loss_gives_the_steps_loss_and_gradients(float_model, tokenize
 def test_the_fused_loss_is_refused_beside_a_variant_that_needs_logits(settings):
     with pytest.raises(ValueError, match="fused_loss does not combine"):
         TrainConfig(**{"method": "nextquill", **settings, "fused_loss": True})
+
+
+def test_compiled_layers_give_the_eager_steps_loss_and_gradients_on_4bit_layers(model_dir, tokenizer):
+    base, _ = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
+    model = AdapterHost(base, LoraSettings(lora_r=4, lora_alpha=8)).new("trained", seed=1)
+    layers = model.get_base_model().get_decoder().layers
+    batch = uneven_batch(tokenizer)
+    probs = (torch.rand(batch.labels.shape), torch.rand(batch.labels.shape))
+    step = choose_step(TrainConfig(method="nextquill", alpha=0.3), model)
+    want = _gradients(model, step, batch, probs)
+    with compiled_decoder_layers(model):
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        got = _gradients(model, step, batch, probs)
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again for evaluation
+    assert want[2] > 0
+    for value, expected in zip(got[:3], want[:3], strict=True):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    assert got[3].keys() == want[3].keys() and want[3]
+    for name, grad in want[3].items():
+        torch.testing.assert_close(got[3][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_training_with_compiled_layers_takes_the_eager_runs_losses(float_model, tokenizer, monkeypatch):
+    entered = []
+
+    def recorded(model):
+        entered.append(model)
+        return compiled_decoder_layers(model)
+
+    monkeypatch.setattr("client.trainer.compiled_decoder_layers", recorded)
+    examples = train_examples(tokenizer, n=4)
+    settings = {"method": "context-sft", "max_steps": 3, "batch_size": 2, "seed": 3}
+    start = {n: p.detach().clone() for n, p in float_model.named_parameters() if p.requires_grad}
+
+    def restart() -> None:
+        with torch.no_grad():
+            for name, param in float_model.named_parameters():
+                if name in start:
+                    param.copy_(start[name])
+
+    eager = train_adapter(float_model, examples, tokenizer.pad_token_id, TrainConfig(**settings), progress=False)
+    restart()
+    compiled = train_adapter(float_model, examples, tokenizer.pad_token_id,
+                             TrainConfig(**settings, compile_layers=True), progress=False)
+    restart()
+    assert entered == [float_model]
+    torch.testing.assert_close(compiled.loss[0], eager.loss[0], rtol=1e-5, atol=1e-5)
+    # Later steps follow AdamW updates, which scale a near-zero gradient's rounding up to a full step.
+    torch.testing.assert_close(torch.tensor(compiled.loss), torch.tensor(eager.loss), rtol=1e-3, atol=1e-4)
+
+
+def test_compiling_on_the_cpu_without_a_cpp_compiler_says_so(float_model, monkeypatch):
+    monkeypatch.setattr("shared.forward.shutil.which", lambda name: None)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"), compiled_decoder_layers(float_model):
+        pass
+    assert all(layer._compiled_call_impl is None for layer in float_model.get_base_model().get_decoder().layers)
