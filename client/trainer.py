@@ -8,7 +8,8 @@
 Which forward (one pass; two passes, separate, paired or lean), which token weights and which
 loss (on logits; or, with `fused_loss`, on the final hidden states with the LM head applied a
 chunk at a time) a run uses follows from its method's row in `shared/methods.py` and its
-settings; `choose_step` picks them once per training run, not per step.
+settings; `choose_step` picks them once per training run, not per step. With `compile_layers`,
+the decoder layers run through torch.compile for the duration of the training loop.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def is_scale_folder(out_dir: Path) -> bool:
 
 def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: str = "tiny",
                     batch_size: int = 8, timeout: float = 6 * 3600, runtime: str = "flower",
-                    device: str = "auto", concurrency: int = 1) -> dict:
+                    device: str = "auto", concurrency: int = 1, compile_layers: bool = False) -> dict:
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
     if concurrency < 1 or (concurrency > 1 and runtime != "flower"):
@@ -112,6 +112,7 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
         "expert-rounds": 1, "rounds": rounds, "clients-per-round": clients_per_round,
         "local-steps": math.ceil(0.9 * SAMPLES_PER_USER / batch_size), "batch-size": batch_size,
         "evaluate-clients": min(users, 8), "run-dir": str(run_dir), "device": device,
+        "compile-layers": compile_layers,
     }
     if runtime == "flower":
         with local_simulation(out_dir / "flwr") as simulation:
@@ -137,7 +138,7 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
     cuda_first, cuda_last = _first_and_last_tenth_peaks(memory.cuda_samples)
     result = {
         "benchmark": "simulation scale", "runtime": runtime, "model": model, "users": users,
-        "concurrency": concurrency, "workers_seen": memory.workers,
+        "concurrency": concurrency, "compile_layers": compile_layers, "workers_seen": memory.workers,
         "clients_per_round": clients_per_round, "rounds": rounds, "run_id": run_id,
         "device": _device_name(device) if runtime == "inprocess" else f"Ray worker, device={device!r}",
         "clients_trained": trained, "personalization_seconds": seconds,
@@ -187,6 +188,9 @@ def concurrency_sweep(values: list[int], users: int, clients_per_round: int, out
         done = folder / "scale.json"
         result = json.loads(done.read_text()) if done.is_file() else scale_benchmark(
             users, clients_per_round, folder, concurrency=concurrency, **options)
+        if result.get("compile_layers", False) != options.get("compile_layers", False):
+            raise ValueError(f"{done} was measured with compile-layers={result.get('compile_layers', False)}: "
+                             "a sweep resumes only with the same settings; choose another --out")
         rows.append({key: result[key] for key in (
             "concurrency", "users_per_hour", "setup_seconds_per_client", "weights_seconds_per_client",
             "train_seconds_per_client", "workers_seen", "rss_mib_per_worker_last_tenth",

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="flower", choices=bench_scale.RUNTIMES,
                    help="flower: SuperLink + Ray simulation; inprocess: the same apps in this process (no Ray)")
     p.add_argument("--device", default="auto", help="where the clients compute: auto, cpu, cuda")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="train with the decoder layers compiled (run config compile-layers): each worker compiles "
+                        "once for all its clients")
     p.add_argument("--out", default="runs/benchmarks/scale")
     p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
@@ -202,10 +205,12 @@ def _run(args) -> int:
             if args.model in SHAPES else args.model
         if len(args.concurrency) == 1:
             bench_scale.scale_benchmark(args.users, args.clients_per_round, Path(args.out), model,
-                                        runtime=args.runtime, device=args.device, concurrency=args.concurrency[0])
+                                        runtime=args.runtime, device=args.device, concurrency=args.concurrency[0],
+                                        compile_layers=args.compile_layers)
         else:
             bench_scale.concurrency_sweep(args.concurrency, args.users, args.clients_per_round, Path(args.out),
-                                          model=model, runtime=args.runtime, device=args.device)
+                                          model=model, runtime=args.runtime, device=args.device,
+                                          compile_layers=args.compile_layers)
         return 0
     if args.benchmark == "comm":
         from simulations.bench_comm import comm_benchmark

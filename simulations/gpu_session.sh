@@ -4,13 +4,13 @@
 # python -m simulations.gpu_kit pack. Then three calls, back to back:
 #
 #   call 1, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install check step
-#   call 2, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install edge reload
+#   call 2, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install edge reload compile
 #   call 3, carry [".gpu/federation"]:  bash simulations/gpu_session.sh install scale
 #
 # The two kit parts exceed one call's 64 MiB: call 3 must reach the machine of the calls before
 # while it is still warm (it keeps what they installed), or it says so and stops. Each stage's
 # figures go to $OUT/<stage>.tar.gz (a call returns at most 8 files), its log to
-# $OUT/<stage>.log. Stages: install check step edge reload scale; knobs below (environment).
+# $OUT/<stage>.log. Stages: install check step edge reload compile scale; knobs below (environment).
 set -uo pipefail
 
 KIT=${KIT:-.gpu}                      # the kit folder, relative to the repository root
@@ -92,6 +92,14 @@ stage_step() {  # target 1: both shapes at a 2k-token history, batch 1 (bench_st
         --context-tokens 64 --response-tokens 128 --out "$RESULTS/step_smollm2_2k.json"
 }
 
+stage_compile() {  # target 1's compile lever: compiled decoder layers against eager, in one run per shape
+    bench step --model qwen2.5-0.5b-shape --device "$DEVICE" --steps 5 \
+        --methods context-sft nextquill context-sft-compiled nextquill-compiled --out "$RESULTS/step_qwen_compiled.json"
+    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
+        --context-tokens 64 --response-tokens 128 --methods context-sft nextquill context-sft-compiled \
+        nextquill-compiled --out "$RESULTS/step_smollm2_2k_compiled.json"
+}
+
 stage_edge() {  # target 5: a client round's peak memory against a 4 GB device
     bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 4 8 \
         --out "$RESULTS/edge_qwen.json"
@@ -113,8 +121,8 @@ stage_scale() {  # target 2: users/hour against clients at once; a rerun resumes
 status=0
 for stage in "$@"; do
     case "$stage" in
-        install|check|step|edge|reload|scale) ;;
-        *) echo "unknown stage $stage (install check step edge reload scale)"; status=2; continue ;;
+        install|check|step|edge|reload|compile|scale) ;;
+        *) echo "unknown stage $stage (install check step edge reload compile scale)"; status=2; continue ;;
     esac
     echo "=== $stage $(date -u +%H:%M:%S)"
     started=$(mktemp)
