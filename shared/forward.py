@@ -111,13 +111,14 @@ def compiled_decoder_layers(model: torch.nn.Module) -> Iterator[None]:
         raise ValueError("compile_layers on the CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX): "
                          "install one or train without it")
     layers = _decoder_layers(model)
+    before = [layer._compiled_call_impl for layer in layers]  # what nn.Module.compile sets; None: eager
     for layer in layers:
         layer.compile()
     try:
         yield
     finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: the layer's eager call again
+        for layer, call in zip(layers, before, strict=True):
+            layer._compiled_call_impl = call
 
 
 # Attention implementations that take a prepared 4D mask as it is: a boolean one (True:
