@@ -21,7 +21,7 @@ from client.trainer import (
 )
 from shared.adapters import AdapterHost
 from shared.config import BaseSpec, LoraSettings, TrainConfig, WeightScheme
-from shared.forward import compiled_decoder_layers, response_logits
+from shared.forward import _has_cpp_compiler, compiled_decoder_layers, response_logits
 from shared.loading import load_base
 from shared.losses import nextquill_loss, token_probabilities, token_weights
 from shared.methods import METHODS
@@ -180,6 +180,10 @@ def test_the_fused_loss_is_refused_beside_a_variant_that_needs_logits(settings):
         TrainConfig(**{"method": "nextquill", **settings, "fused_loss": True})
 
 
+needs_cpp_compiler = pytest.mark.skipif(not _has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@needs_cpp_compiler
 def test_compiled_layers_give_the_eager_steps_loss_and_gradients_on_4bit_layers(model_dir, tokenizer):
     base, _ = load_base(BaseSpec(str(model_dir), quantization="nf4", device="cpu"))
     model = AdapterHost(base, LoraSettings(lora_r=4, lora_alpha=8)).new("trained", seed=1)
@@ -200,6 +204,7 @@ def test_compiled_layers_give_the_eager_steps_loss_and_gradients_on_4bit_layers(
         torch.testing.assert_close(got[3][name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@needs_cpp_compiler
 def test_training_with_compiled_layers_takes_the_eager_runs_losses(float_model, tokenizer, monkeypatch):
     entered = []
 
