@@ -144,12 +144,11 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
     training_step = choose_step(config, model)
     model.train()
 
-    def step(compile_layers: bool = config.compile_layers) -> None:
-        with compiled_decoder_layers(model) if compile_layers else contextlib.nullcontext():
-            if method == "authors":
-                authors_step_loss(model, batch, config.alpha, config.weight_scheme).backward()
-            else:
-                training_step(batch, expert if config.needs_expert else None)
+    def step() -> None:
+        if method == "authors":
+            authors_step_loss(model, batch, config.alpha, config.weight_scheme).backward()
+        else:
+            training_step(batch, expert if config.needs_expert else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -162,35 +161,38 @@ def _run_method(model_dir: str, spec: BaseSpec, method: str, shape: StepShape, s
         sync()
         torch.cuda.reset_peak_memory_stats(device)
         baseline_cuda = torch.cuda.memory_allocated(device)
-    started = time.perf_counter()
-    step()  # warm-up: allocator, kernels, bitsandbytes' first-call work, compiling
-    sync()
-    warmup_seconds = time.perf_counter() - started
-    seconds = []
-    for _ in range(steps):
-        sync()
+    with compiled_decoder_layers(model) if config.compile_layers else contextlib.nullcontext():
         started = time.perf_counter()
-        step()
+        step()  # warm-up: allocator, kernels, bitsandbytes' first-call work, compiling
         sync()
-        seconds.append(time.perf_counter() - started)
+        warmup_seconds = time.perf_counter() - started
+        seconds = []
+        for _ in range(steps):
+            sync()
+            started = time.perf_counter()
+            step()
+            sync()
+            seconds.append(time.perf_counter() - started)
+        if profile_dir:
+            _profile(step, sync, Path(profile_dir) / f"profile-{method}.txt")
+    # Read before the FLOP count's step, which runs eagerly.
+    peak_memory = (torch.cuda.max_memory_allocated(device) - baseline_cuda) if device.type == "cuda" \
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss
     tokens = sum(len(s.prompt_with) + len(s.response) for s in samples)
-    if profile_dir:
-        _profile(step, sync, Path(profile_dir) / f"profile-{method}.txt")
     flops = None
     if device.type == "cuda":
         # Counted on the math attention path: the counter has no formula for the fused
         # kernels with grouped key/value heads; the math path does the same products.
         # Eagerly: the counter sees the operators dispatched, which compiled kernels are not.
         with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            step(compile_layers=False)
+            step()
         flops = counter.get_total_flops()
     result = {
         "flops_per_step": flops,
         "method": method, "seconds_per_step": statistics.median(seconds), "seconds": seconds,
         "warmup_seconds": warmup_seconds,
         "tokens_per_second": tokens / statistics.median(seconds),
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) - baseline_cuda) if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss,
+        "peak_memory_bytes": peak_memory,
         "memory_kind": "CUDA allocated above model + optimizer" if device.type == "cuda"
         else "resident set above model + optimizer (ru_maxrss)",
     }
