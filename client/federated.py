@@ -8,24 +8,28 @@ and only the shared part leaves, with allow-listed numeric metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
 
-from client.evaluation import evaluate_user, public_donor_history
-from client.node_store import user_store
+from client.evaluation import donor_history, evaluate_user, public_donor_history
+from client.node_store import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, USER_DIR_KEY, simulation_donors, user_store
 from client.personal_state import load_personal_state, save_personal_state
 from client.personalize import Device, Expert
+from client.token_weights import user_weight_scheme
 from client.trainer import train_adapter
 from shared.config import GenerationSettings, RunConfig, TrainConfig
 from shared.expert_package import ExpertDigestError, cached_expert
 from shared.methods import METHODS
 from shared.metrics import SCORE_KEYS, SCORES
+from shared.paths import atomic_write_json
 from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.user_store import UserStore
 from shared.wire import NUM_EXAMPLES, Phase, RoundInstruction
@@ -103,22 +107,22 @@ def train_round(
     run_name: str,
     expert: Expert | None = None,
     started: float | None = None,
+    donors: Sequence[UserStore] = (),
 ) -> RoundResult:
     """Train the user's adapters for one round; the personal part is saved in the store,
     the shared part and allow-listed numeric metrics are returned. `setup-seconds` counts
     from `started` (default: now) to the first step: the base (when not yet resident),
-    encoding, adapters; `weights-seconds` the expert's token weights (computed when not yet
-    cached for this expert)."""
+    encoding, adapters; `weights-seconds` the expert's token weights and generic texts (computed
+    when not yet cached for this expert). `donors`: other users' stores, for the counterfactual
+    history 'donors' (simulation only)."""
     started = time.perf_counter() if started is None else started
-    probs, weights_seconds = {}, 0.0
-    encoded = device.encoded(store)
-    if config.needs_expert:  # computed once per expert digest, then read from the store's cache
-        if expert is None:
-            raise ValueError(f"method {config.method!r} needs an expert adapter")
-        weights_started = time.perf_counter()
-        probs = device.expert_probs(store, expert, encoded=encoded)
-        weights_seconds = time.perf_counter() - weights_started
-    examples = device.store_examples(store, probs, encoded)
+    weights_started = time.perf_counter()
+    # The expert's token probabilities and generic texts: computed once per expert digest, then
+    # read from the store's cache.
+    examples = device.store_examples(store, config, expert, donors)
+    config = dataclasses.replace(config, weight_scheme=user_weight_scheme(
+        config.weight_scheme, [e.expert_probs for e in examples if e.expert_probs is not None]))
+    weights_seconds = time.perf_counter() - weights_started if config.needs_expert else 0.0
     model = build_adapters(device, store, split, shared_in, run_name, config.seed)
     setup_seconds = time.perf_counter() - started - weights_seconds
     report = train_adapter(model, examples, device.tokenizer.pad_token_id, config, progress=False)
@@ -149,25 +153,36 @@ def evaluate_personalized(
     seed: int,
     evaluate_base: bool = False,
     generation: GenerationSettings | None = None,
+    other_history: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Evaluate the user's personalized model (global shared + own personal part) on the
     store's held-out samples, and with `evaluate_base` the base alone on the same samples and
-    prompts; numeric metrics only. History sensitivity uses a public donor history: a device
-    holds no other user's history."""
+    prompts; numeric metrics only. History sensitivity reads `other_history` (in a simulation,
+    another user's of the same dataset), else a public donor history: a deployed device holds
+    no other user's history. The generated texts stay on the device, in the store
+    (`evaluation_path`), for its user to read."""
     model = build_adapters(device, store, split, shared_in, run_name, seed)
     device.host.activate(*split.adapters)
     uses_history = METHODS[method].uses_history
+    other = list(other_history) if other_history else list(public_donor_history())
+    outputs = {}
 
     def scores(prefix: str) -> dict[str, float]:
-        row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, public_donor_history(),
-                            generation)
+        row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, other, generation)
+        outputs[prefix] = row["examples"]
         return {f"{prefix}-{key}": row[score] for score, key in zip(SCORES, SCORE_KEYS, strict=True)}
 
     metrics = {NUM_EXAMPLES: len(store.samples("test")), **scores("eval")}
     if evaluate_base:
         with model.disable_adapter():
             metrics |= scores("eval-base")
+    atomic_write_json(evaluation_path(store, run_name), {"run": run_name, "method": method, "outputs": outputs})
     return metrics
+
+
+def evaluation_path(store: UserStore, run_name: str) -> Path:
+    """Where a device keeps the texts its latest evaluation in run `run_name` generated."""
+    return store.cache_dir / "evaluations" / f"{run_name}.json"
 
 
 def handle_train(
@@ -179,8 +194,10 @@ def handle_train(
     device = resident_device(config)
     store = user_store(node_config, config)
     expert = device_expert(instruction, train_config)
+    uses_donors = "donors" in (train_config.weight_scheme.reference, train_config.alignment_reference)
+    donors = simulation_donors(node_config, config) if uses_donors else ()
     return train_round(device, store, split, shared_in, train_config, instruction.run_name, expert,
-                       started=started)
+                       started=started, donors=donors)
 
 
 def handle_evaluate(
@@ -190,6 +207,10 @@ def handle_evaluate(
     if instruction.phase != Phase.PERSONALIZE:
         raise ValueError(f"evaluation is of the personalized model, not of phase {instruction.phase!r}")
     store = user_store(node_config, config)
+    # In a simulation, history sensitivity reads another user of the same dataset.
+    simulated = (PARTITION_ID_KEY in node_config and USER_DIR_KEY not in node_config
+                 and int(node_config.get(NUM_PARTITIONS_KEY, 1)) > 1)
+    other = donor_history(simulation_donors(node_config, config)[0]) if simulated else None
     return evaluate_personalized(resident_device(config), store, config.split_spec, shared_in, config.method,
-                          instruction.run_name, config.seed, config.evaluate_base)
+                                 instruction.run_name, config.seed, config.evaluate_base, other_history=other)
 

@@ -6,20 +6,25 @@ words are preference-driven (synthetic users), the summary scores DCE as a detec
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from client.personalize import Device, Expert
+from client.token_weights import user_weight_scheme
 from shared.config import WeightScheme
 from shared.losses import token_weights
 from shared.paths import atomic_directory, atomic_write_jsonl, atomic_write_text, refuse_to_replace
 from shared.user_store import UserStore
 
 
-def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme) -> list[dict]:
-    """One row per target (train and test samples): its tokens with offsets, DCE and weight."""
-    probs = device.expert_probs(store, expert, split=None)
+def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme,
+               donors: Sequence[UserStore] = ()) -> list[dict]:
+    """One row per target (train and test samples): its tokens with offsets, DCE against the
+    scheme's counterfactual history, and weight (`donors`: other users, for the 'donors' reference)."""
+    probs = device.expert_probs(store, expert, scheme.reference, donors, split=None)
+    scheme = user_weight_scheme(scheme, probs.values())
     rows = []
     for sample in store.samples():
         p = probs[sample.id]

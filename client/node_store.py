@@ -20,13 +20,14 @@ NUM_PARTITIONS_KEY = "num-partitions"
 _store_paths: dict[tuple, list[Path]] = {}
 
 
-SIMULATED_USERS_SEED = 0
-
-
 def simulation_users_dir(config: RunConfig) -> Path:
     if config.users_dir:
         return config.resolve(config.users_dir)
     name = config.dataset if config.dataset in GENERATED else f"lamp-{Path(config.dataset).stem}"
+    if config.preference_strength:
+        name += f"-strength-{config.preference_strength:g}"
+    if config.users_seed:
+        name += f"-users-seed-{config.users_seed}"
     return config.resolve(f"users/{name}")
 
 
@@ -35,10 +36,11 @@ def _build_simulated_users(config: RunConfig, root: Path, num_partitions: int) -
     SuperNode; shakespeare: every speaker), or the users of a LaMP-style JSON file."""
     if config.dataset in GENERATED:
         max_users = None if config.dataset == "shakespeare" else num_partitions
-        # The users are data, built once per folder: their seed is fixed, never the run's (which
-        # sets initialisation and sample order), so runs of several seeds, in any order, see the
-        # same users.
-        build_users(config.dataset, root, max_users=max_users, seed=SIMULATED_USERS_SEED)
+        # The users are data, built once per folder: their seed is users-seed, never the run's
+        # (which sets initialisation and sample order), so runs of several seeds, in any order,
+        # see the same users.
+        build_users(config.dataset, root, max_users=max_users, seed=config.users_seed,
+                    preference_strength=config.preference_strength or None)
     else:
         build_users("lamp-json", root, records=config.resolve(config.dataset))
 
@@ -79,3 +81,17 @@ def user_store(node_config: Mapping[str, Any], config: RunConfig) -> UserStore:
         f"node config {dict(node_config)} names no user: start the SuperNode with "
         f"--node-config '{USER_DIR_KEY}=\"/path/to/user/store\"' (simulations set {PARTITION_ID_KEY})"
     )
+
+
+def simulation_donors(node_config: Mapping[str, Any], config: RunConfig) -> list[UserStore]:
+    """The donor users of a simulated node (`client.reference.donor_stores`), for the counterfactual
+    history 'donors'; refused on a deployed device, which holds no other user's history."""
+    from client.reference import donor_stores
+
+    if USER_DIR_KEY in node_config or PARTITION_ID_KEY not in node_config:
+        raise ValueError("the counterfactual history 'donors' (run config dce-reference / mce-reference) is for "
+                         "simulations only: a deployed device holds no other user's history; use 'generic'")
+    paths = simulation_store_paths(config, int(node_config[NUM_PARTITIONS_KEY]))
+    users = int(node_config[NUM_PARTITIONS_KEY])
+    stores = [UserStore.open(path) for path in paths[:users]]
+    return donor_stores(stores, int(node_config[PARTITION_ID_KEY]))

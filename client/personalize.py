@@ -3,7 +3,9 @@ training one adapter on one or more user stores, and evaluating it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from client.evaluation import evaluate_user
-from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples
+from client.reference import References, donor_stores, generic_texts
+from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples, user_weight_scheme
 from client.trainer import TrainExample, TrainReport, train_adapter
 from shared.adapter_files import adapter_digest
 from shared.adapters import AdapterHost, base_fingerprint, check_adapter_base, save_adapter
@@ -55,40 +58,57 @@ class Device:
         model, tokenizer = load_base(base)
         return cls(AdapterHost(model, lora), tokenizer, base_fingerprint(resolve_model_dir(base.model)), prompt)
 
-    def encoded(self, store: UserStore, split: str | None = "train") -> list[tuple[Sample, EncodedSample]]:
-        """The store's samples of `split` with both prompt variants encoded."""
-        return encode_store_samples(store, self.tokenizer, self.prompt, split)
+    def encoded(self, store: UserStore, split: str | None = "train",
+                references: References | None = None) -> list[tuple[Sample, EncodedSample]]:
+        """The store's samples of `split` encoded with the user's history and with `references`'
+        counterfactual history (default: the history removed)."""
+        return encode_store_samples(store, self.tokenizer, self.prompt, split, references)
 
-    def expert_probs(self, store: UserStore, expert: Expert, split: str | None = "train",
-                     encoded: list[tuple[Sample, EncodedSample]] | None = None) -> dict[str, TokenProbs]:
-        """The expert's token probabilities for the store's samples of `split` (cached on the
-        store by expert digest; the expert is loaded only when the cache misses); `encoded`
-        when the caller has encoded them already."""
-        def load_expert() -> torch.nn.Module:
-            return self.load_adapter(EXPERT_ADAPTER, expert.path)
+    def references(self, kind: str, store: UserStore, expert: Expert | None,
+                   donors: Sequence[UserStore] = ()) -> References:
+        """The counterfactual history `kind` for the store's user: 'generic' generates (or reads
+        from the store's cache) the expert's texts, 'donors' takes `donors` (simulation only)."""
+        if kind == "generic":
+            if expert is None:
+                raise ValueError("the counterfactual history 'generic' is the expert's text: it needs an expert")
+            return References(kind, generic=generic_texts(store, self._expert_loader(expert), self.tokenizer,
+                                                          expert.digest, self.base_id, self.prompt))
+        return References(kind, donors=tuple(donors) if kind == "donors" else ())
 
-        return cached_token_probs(store, load_expert, self.tokenizer, expert.digest, self.base_id, self.prompt, split,
-                                  encoded=encoded)
+    def _expert_loader(self, expert: Expert) -> Callable[[], torch.nn.Module]:
+        return lambda: self.load_adapter(EXPERT_ADAPTER, expert.path)
+
+    def expert_probs(self, store: UserStore, expert: Expert, reference: str = "generic",
+                     donors: Sequence[UserStore] = (), split: str | None = "train") -> dict[str, TokenProbs]:
+        """The expert's token probabilities for the store's samples of `split` with the user's
+        history and with the counterfactual history `reference` (cached on the store by expert
+        digest and reference; the expert is loaded only when the cache misses)."""
+        references = self.references(reference, store, expert, donors)
+        return cached_token_probs(store, self._expert_loader(expert), self.tokenizer, expert.digest, self.base_id,
+                                  self.prompt, references, split)
 
     def load_adapter(self, name: str, adapter_dir: Path) -> torch.nn.Module:
         """Load a saved adapter as `name`, refusing one made for another base."""
         check_adapter_base(adapter_dir, self.base_id)
         return self.host.load(name, adapter_dir)
 
-    def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:
+    def store_examples(self, store: UserStore, config: TrainConfig, expert: Expert | None,
+                       donors: Sequence[UserStore] = ()) -> list[TrainExample]:
+        """The store's training samples encoded with L_p's counterfactual history, with the
+        expert's token probabilities (against the DCE's counterfactual) where the method weighs
+        tokens by them."""
         if config.needs_expert and expert is None:
             raise ValueError(f"method {config.method!r} needs an expert adapter (--expert)")
-        examples = []
-        for store in stores:
-            examples += self.store_examples(store, self.expert_probs(store, expert) if config.needs_expert else {})
-        return examples
-
-    def store_examples(self, store: UserStore, probs: dict[str, TokenProbs],
-                       encoded: list[tuple[Sample, EncodedSample]] | None = None) -> list[TrainExample]:
-        """The store's training samples, encoded (unless `encoded` holds them already), with
-        the expert's probabilities where given."""
-        encoded = self.encoded(store) if encoded is None else encoded
+        probs = {}
+        if config.spec.needs_expert:
+            probs = self.expert_probs(store, expert, config.weight_scheme.reference, donors)
+        encoded = self.encoded(store, references=self.references(config.alignment_reference, store, expert, donors))
         return [TrainExample(sample_encoding, probs.get(sample.id)) for sample, sample_encoding in encoded]
+
+    def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:
+        """The pooled training examples of `stores` (for 'donors', each user's donors are the others)."""
+        return [e for index, store in enumerate(stores) for e in self.store_examples(
+            store, config, expert, donor_stores(stores, index) if len(stores) > 1 else ())]
 
     def train(
         self,
@@ -105,6 +125,8 @@ class Device:
         if save_to is not None:
             refuse_to_replace(save_to, overwrite)
         examples = self.examples(stores, config, expert)
+        config = dataclasses.replace(config, weight_scheme=user_weight_scheme(
+            config.weight_scheme, [e.expert_probs for e in examples if e.expert_probs is not None]))
         model = self.host.new(LOCAL_ADAPTER, seed=config.seed)
         report = train_adapter(model, examples, self.tokenizer.pad_token_id, config, progress=progress)
         if save_to is not None:

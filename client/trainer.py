@@ -292,7 +292,7 @@ def train_adapter(
     """Train the active (trainable) adapter of `model` on `examples` with `config.method`."""
     if not examples:
         raise ValueError("no training examples: the user store has no training samples")
-    if config.needs_expert and any(e.expert_probs is None for e in examples):
+    if config.spec.needs_expert and any(e.expert_probs is None for e in examples):
         raise ValueError(f"method {config.method!r} needs the expert's token probabilities for every example")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -320,7 +320,7 @@ def train_adapter(
             started = time.perf_counter()
             batch = collate([e.encoded for e in chunk], pad_id).to(device)
             expert = None
-            if config.needs_expert:
+            if config.spec.needs_expert:
                 width = batch.response_length
                 expert = (
                     right_aligned([e.expert_probs.prob_with for e in chunk], width).to(device),

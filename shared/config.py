@@ -33,7 +33,10 @@ from shared.split import SPLIT_KINDS, SplitSpec
 
 QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-WEIGHTINGS = ("threshold", "continuous")
+WEIGHTINGS = ("threshold", "continuous", "fraction")
+# The counterfactual history h_ref (DESIGN.md, "The three quantities"): what the user's history
+# is replaced by when an effect of the history is measured. `client/reference.py` builds it.
+REFERENCES = ("removed", "placeholder", "generic", "donors")
 TRANSPORT_DTYPES = ("float32", "float16")
 EMPTY_HISTORIES = ("removed", "none")
 DP_MODES = ("off", "server", "client", "local")
@@ -99,14 +102,24 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """How DCE values become token weights ω (`shared.losses.token_weights`)."""
+    """How the expert's DCE becomes token weights ω (`shared.losses.token_weights`), and which
+    counterfactual history the DCE is measured against."""
 
-    weighting: str = setting("threshold", "DCE -> token weight: 'threshold' (the paper's) or 'continuous' "
-                                          "(threshold-free)", choices=WEIGHTINGS)
-    delta: float = setting(0.05, "threshold on DCE (a probability difference) above which ω = weight-high",
-                           minimum=0.0, maximum=1.0)
+    reference: str = setting(
+        "generic", "h_ref of the expert's DCE = p_E(y_t | x, h) - p_E(y_t | x, h_ref): 'removed' (no history, the "
+                   "paper), 'placeholder' (the literal None, the authors' code), 'generic' (the expert's own "
+                   "history-free text for each past item's input, computed and cached on the device) or 'donors' "
+                   "(other users' histories, probabilities averaged: simulation only)", choices=REFERENCES,
+    )
+    weighting: str = setting("threshold", "DCE -> token weight: 'threshold' (the paper's: DCE > delta), "
+                                          "'continuous' (threshold-free) or 'fraction' (the keep-fraction of a "
+                                          "user's tokens with the highest DCE)", choices=WEIGHTINGS)
+    delta: float = setting(0.05, "threshold on DCE (a probability difference, in [-1, 1]) above which ω = "
+                                 "weight-high", minimum=-1.0, maximum=1.0)
     weight_high: float = setting(0.9, "λ: the weight of a preference-bearing token", above=0.0, maximum=1.0)
     weight_low: float = setting(0.1, "ε: the weight of any other token", minimum=0.0, maximum=1.0)
+    keep_fraction: float = setting(0.3, "with weighting 'fraction': the share of a user's training tokens that get "
+                                        "weight-high (those of highest DCE)", above=0.0, maximum=1.0)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -160,6 +173,10 @@ class TrainConfig:
                "costs 10 to 40 s of compiling per process, paid back after tens of steps; on the CPU needs a C++ "
                "compiler",
     )
+    alignment_reference: str = setting(
+        "removed", "h_ref of the model-side effect in L_p, MCE = z(x, h) - z(x, h_ref): the same choices as the "
+                   "DCE's reference ('generic' needs the expert)", choices=REFERENCES,
+    )
     history_dropout: float = setting(
         0.0, "ContextSFT, DCE-only: the fraction of steps that read the prompt with the history removed, so "
              "that an expert's no-history prompt learns what every user's targets share",
@@ -184,7 +201,8 @@ class TrainConfig:
 
     @property
     def needs_expert(self) -> bool:
-        return self.spec.needs_expert
+        """The expert's DCE weights the tokens, or its texts make L_p's counterfactual history."""
+        return self.spec.needs_expert or (self.spec.aligns_effects and self.alignment_reference == "generic")
 
 
 @dataclass(frozen=True)
@@ -236,10 +254,17 @@ class RunConfig:
     compute_dtype: str = like(BaseSpec, "compute_dtype")
     quantized_cache: bool = like(BaseSpec, "quantized_cache")
     dataset: str = setting(
-        "shakespeare", "simulation users: 'shakespeare', 'synthetic', 'reviewers' or the path of a LaMP-style JSON "
-                       "file"
+        "shakespeare", "simulation users: 'shakespeare', 'synthetic', 'reviewers', 'chitchat' (real users' chat "
+                       "messages) or the path of a LaMP-style JSON file"
     )
-    users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>)")
+    users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>, with the users "
+                                 "seed and preference strength where not the defaults)")
+    users_seed: int = setting(0, "simulation: the seed that builds the synthetic users and reviewers and draws the "
+                                 "chitchat users", minimum=0)
+    preference_strength: float = setting(
+        0.0, "simulation, reviewers: the share of a user's style words drawn from its favourites (up to 1.0; 0: the "
+             "builder's own, 0.75 to 0.8)", minimum=0.0, maximum=1.0,
+    )
     clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
     expert_rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
     rounds: int = setting(2, "personalization rounds", minimum=0)
@@ -263,7 +288,13 @@ class RunConfig:
         TrainConfig, "history_dropout", help="the fraction of ContextSFT steps (the expert phase's, or a context-sft "
                                              "or dce-only run's) that read the prompt with the history removed",
     )
+    dce_reference: str = like(WeightScheme, "reference")
+    mce_reference: str = like(TrainConfig, "alignment_reference")
     weighting: str = like(WeightScheme, "weighting")
+    delta: float = like(WeightScheme, "delta")
+    weight_high: float = like(WeightScheme, "weight_high")
+    weight_low: float = like(WeightScheme, "weight_low")
+    keep_fraction: float = like(WeightScheme, "keep_fraction")
     split: str = setting("dual", f"shared / personal split: one of {list(SPLIT_KINDS)}", choices=SPLIT_KINDS)
     shared_layers: int = setting(0, "with split 'layers': decoder layers shared", minimum=0)
     transport_dtype: str = setting(
@@ -317,6 +348,9 @@ class RunConfig:
         if self.min_replies > self.clients_per_round:
             raise SettingError("run config min-replies",
                                f"({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})")
+        if self.preference_strength and self.dataset != "reviewers":
+            raise SettingError("run config preference-strength", f"applies to dataset 'reviewers', not to "
+                                                                 f"{self.dataset!r}")
         if self.history_dropout and self.expert_rounds == 0 and not _one_history_pass(self.method):
             raise SettingError("run config history-dropout", f"applies to the expert phase (expert-rounds >= 1) or "
                                                              f"a context-sft or dce-only run, not to {self.method!r}")
@@ -325,14 +359,15 @@ class RunConfig:
             if other or METHODS[self.method].weights == "self":
                 raise SettingError("run config fused-loss", f"does not combine with "
                                    f"{', '.join(other) or 'method ' + self.method}: its passes read hidden states")
-        if self.needs_expert and not self.expert and self.expert_rounds == 0:
-            raise SettingError("run config method", f"{self.method!r} needs an expert: set expert-rounds >= 1 "
-                                                    "or expert to an existing expert adapter directory")
         try:  # the objects derived from the keys check what they hold (same names, kebab-case)
             self.base_spec, self.prompt, self.weight_scheme, self.lora, self.privacy  # noqa: B018
         except SettingError as error:
             raise error.renamed(f"run config {_key(error.name)}") from None
         self.split_spec  # noqa: B018  (raises on an invalid split / shared-layers pair)
+        if self.needs_expert and not self.expert and self.expert_rounds == 0:
+            raise SettingError("run config method", f"{self.method!r} (with mce-reference {self.mce_reference!r}) "
+                                                    "needs an expert: set expert-rounds >= 1 or expert to an "
+                                                    "existing expert adapter directory")
         if self.secure_aggregation:
             if not 2 <= self.clients_per_round <= 1023:
                 raise SettingError("run config secure-aggregation", "needs clients-per-round from 2 (a sum of one "
@@ -369,8 +404,9 @@ class RunConfig:
 
     @property
     def needs_expert(self) -> bool:
-        """Whether the personalization method weights tokens with the expert's DCE."""
-        return METHODS[self.method].needs_expert
+        """Whether the personalization method weights tokens with the expert's DCE or aligns
+        effects against the expert's generic texts."""
+        return self.train_config(self.method, self.seed).needs_expert
 
     def resolve(self, path: str) -> Path:
         """A path of the config: relative ones are under the data directory, because the
@@ -400,7 +436,8 @@ class RunConfig:
 
     @property
     def weight_scheme(self) -> WeightScheme:
-        return WeightScheme(self.weighting)
+        return WeightScheme(self.dce_reference, self.weighting, self.delta, self.weight_high, self.weight_low,
+                            self.keep_fraction)
 
     @property
     def privacy(self) -> PrivacySettings:
@@ -419,6 +456,7 @@ class RunConfig:
                            learning_rate=self.learning_rate, alpha=self.alpha, weight_scheme=self.weight_scheme,
                            paired_pass=self.paired_pass, lean_memory=self.lean_memory,
                            fused_loss=self.fused_loss, compile_layers=self.compile_layers,
+                           alignment_reference=self.mce_reference,
                            history_dropout=self.history_dropout if _one_history_pass(method) else 0.0, seed=seed)
 
 

@@ -196,7 +196,12 @@ def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def token_weights(scheme: WeightScheme, prob_with: torch.Tensor, prob_without: torch.Tensor) -> torch.Tensor:
     """ω of each token under `scheme` (threshold or continuous), from the probabilities of the
-    ground-truth tokens with and without the history: [N], [N] -> [N] float32."""
+    ground-truth tokens with the history and with the counterfactual one: [N], [N] -> [N]
+    float32. Weighting 'fraction' is a threshold per user: resolve it first
+    (`client.token_weights.user_weight_scheme`)."""
     if scheme.weighting == "threshold":
         return dce_weights(prob_with, prob_without, scheme.delta, scheme.weight_high, scheme.weight_low)
-    return continuous_dce_weights(prob_with, prob_without, scheme.weight_high, scheme.weight_low)
+    if scheme.weighting == "continuous":
+        return continuous_dce_weights(prob_with, prob_without, scheme.weight_high, scheme.weight_low)
+    raise ValueError(f"weighting {scheme.weighting!r} is a per-user threshold: resolve it with the user's "
+                     "token probabilities first")

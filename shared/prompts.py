@@ -1,8 +1,9 @@
 """The one place that knows the prompt format.
 
 A sample (x, h, y) becomes two prompts that end in the same response tokens:
-  with history:    (x, h, y)   history items most recent first, cut to a token budget
-  without history: (x, ∅, y)   the same prompt with the history removed
+  with history:    (x, h, y)      history items most recent first, cut to a token budget
+  reference:       (x, h_ref, y)  the same prompt with the counterfactual history in place of
+                                  the user's (`client/reference.py`; default: removed)
 The response is tokenized on its own and appended to both prompts, so the two
 variants are aligned token for token on the response; labels cover the response only.
 When the tokenizer has a chat template, the prompt is rendered through it.
@@ -29,7 +30,8 @@ _MIN_TRUNCATED_ITEM_TOKENS = 8
 
 @dataclass(frozen=True)
 class EncodedSample:
-    """Token ids of one sample: two prompts and the response they share."""
+    """Token ids of one sample: two prompts and the response they share. `prompt_without` holds
+    the counterfactual history h_ref (none at all, by default)."""
 
     prompt_with: list[int]
     prompt_without: list[int]
@@ -106,10 +108,12 @@ def encode_sample(
     history: Sequence[str],
     y: str,
     config: PromptConfig,
+    reference: Sequence[str] | None = None,
 ) -> EncodedSample:
-    """Both prompt variants of (x, h, y) and the shared response ids."""
+    """Both prompt variants of (x, h, y) and the shared response ids; `reference` is h_ref (None:
+    the history removed), cut to the same budget as h."""
     return EncodedSample(
         prompt_with=_ids(tokenizer, render_prompt(tokenizer, x, history, config)),
-        prompt_without=_ids(tokenizer, render_prompt(tokenizer, x, None, config)),
+        prompt_without=_ids(tokenizer, render_prompt(tokenizer, x, reference, config)),
         response=encode_response(tokenizer, y, config),
     )

@@ -25,7 +25,7 @@ from typing import Any
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_jsonl
 
 STORE_FORMAT = "nextquill-user-store/1"
-SOURCES = ("shakespeare", "synthetic", "lamp-json")
+SOURCES = ("shakespeare", "synthetic", "lamp-json", "chitchat")
 SPLITS = ("train", "test")
 CORE_META = ("format", "user_id", "source", "n_train", "n_test", "n_history")
 

@@ -72,8 +72,19 @@ STUDY_METHODS: dict[str, StudyMethod] = {
                                                                                 "split": "local"}),
     "fedsa": StudyMethod("LoRA A shared, B personal; ContextSFT", {"method": "context-sft", "split": "a-shared"}),
     "feddpa": StudyMethod("shared + personal adapter; ContextSFT", {"method": "context-sft", "split": "dual"}),
-    "nextquill-fed": StudyMethod("ours: NextQuill on the dual split", {"method": "nextquill", "split": "dual"},
-                                 group="ours"),
+    "nextquill-fed": StudyMethod("ours: NextQuill on the dual split (feddpa's adapters)",
+                                 {"method": "nextquill", "split": "dual"}, group="ours"),
+    "nextquill-fedavg": StudyMethod("ours: NextQuill's losses on one FedAvg LoRA (fedit-context-sft's adapter)",
+                                    {"method": "nextquill", "split": "full"}, group="ours"),
+    "reference-removed": StudyMethod("ablation: DCE against the history removed (the paper's h_ref)",
+                                     {"method": "nextquill", "split": "dual", "dce-reference": "removed"},
+                                     group="ablation"),
+    "reference-donors": StudyMethod("reference: DCE against other users' histories (simulation only)",
+                                    {"method": "nextquill", "split": "dual", "dce-reference": "donors"},
+                                    group="ablation"),
+    "mce-generic": StudyMethod("ablation: L_p's MCE against the generic history too",
+                               {"method": "nextquill", "split": "dual", "mce-reference": "generic"},
+                               group="ablation"),
     "mce-only": StudyMethod("ablation: L_p, ω = 1", {"method": "mce-only"}, group="ablation"),
     "dce-only": StudyMethod("ablation: ω from DCE, α = 0", {"method": "dce-only"}, group="ablation"),
     "continuous": StudyMethod("ablation: continuous ω", {"method": "nextquill", "weighting": "continuous"},
@@ -87,8 +98,9 @@ STUDY_METHODS: dict[str, StudyMethod] = {
     "split-layers": StudyMethod("ablation: NextQuill, the first half of the layers shared",
                                 {"method": "nextquill", "split": "layers", "shared-layers": "half"},
                                 group="ablation"),
-    "history-none": StudyMethod("ablation: the empty history as the literal None (the authors' data code)",
-                                {"method": "nextquill", "empty-history": "none"}, group="ablation"),
+    "history-none": StudyMethod("ablation: h_ref as the literal None (the authors' data code), for DCE and MCE",
+                                {"method": "nextquill", "dce-reference": "placeholder",
+                                 "mce-reference": "placeholder"}, group="ablation"),
     "expert-dropout": StudyMethod("ContextSFT with the history dropped from half the steps' prompts (an expert "
                                   "whose no-history prompt learns what all users share)",
                                   {"method": "context-sft", "split": "full", "history-dropout": 0.5},
@@ -114,24 +126,33 @@ STUDY_METHODS: dict[str, StudyMethod] = {
 ASKED = ("datasets", "methods", "seeds")
 
 
+HEADLINE = ("base", "history-prompt", EXPERT_CELL, "feddpa", "nextquill-fed", "nextquill-fedavg")
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study runs; the defaults are the size that fits a 2-core CPU on the real base."""
 
     model: str = setting("smollm2-135m", "the base of every headline number")
-    datasets: tuple[str, ...] = setting(("reviewers", "shakespeare"),
+    datasets: tuple[str, ...] = setting(("reviewers", "chitchat"),
                                         f"{list(GENERATED)} or paths of LaMP-style JSON files")
-    methods: tuple[str, ...] = setting(tuple(STUDY_METHODS), "the study's rows", choices=tuple(STUDY_METHODS))
-    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds of initialisation and sample order (intervals over them)")
-    users: int = setting(4, "users (SuperNodes) per dataset; every one trains in every round", minimum=2)
+    methods: tuple[str, ...] = setting(HEADLINE, f"the study's rows (all: {' '.join(STUDY_METHODS)})",
+                                       choices=tuple(STUDY_METHODS))
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds of initialisation, sample order and of the users drawn "
+                                                "(intervals over users and seeds)")
+    users: int = setting(16, "users (SuperNodes) per dataset, drawn afresh for each seed; every one trains in every "
+                             "round", minimum=2)
+    preference_strength: float = setting(1.0, "the reviewers' favourites' share of their style words (0: the "
+                                               "builder's own, 0.75 to 0.8)", minimum=0.0, maximum=1.0)
     rounds: int = setting(2, "rounds of every method (and of the expert)", minimum=1)
     local_steps: int = setting(3, "local steps per round", minimum=1)
     batch_size: int = setting(4, "samples per step", minimum=1)
     learning_rate: float = setting(3e-4, "AdamW learning rate", above=0.0)
-    history_tokens: int = setting(96, "prompt budget of the history, in tokens", minimum=1)
-    context_tokens: int = setting(32, "prompt budget of the context, in tokens", minimum=1)
-    response_tokens: int = setting(32, "budget of the response, in tokens", minimum=1)
-    evaluate_every: int = setting(1, "also evaluate after every N rounds (the per-round plot; 0: only the end)",
+    history_tokens: int = setting(256, "prompt budget of the history, in tokens (at least four reviews)", minimum=1)
+    context_tokens: int = setting(64, "prompt budget of the context, in tokens", minimum=1)
+    response_tokens: int = setting(64, "budget of the response, in tokens (the report gives the share of targets "
+                                       "cut)", minimum=1)
+    evaluate_every: int = setting(0, "also evaluate after every N rounds (the per-round plot; 0: only the end)",
                                   minimum=0)
     device: str = setting("auto", "where the devices compute: auto, cpu, cuda, cuda:N")
 
@@ -165,9 +186,12 @@ def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert:
     keys = dict(STUDY_METHODS[method].keys)
     if keys.get("shared-layers") == "half":
         keys["shared-layers"] = max(1, _decoder_layers(study.model) // 2)
+    strength = study.preference_strength if dataset == "reviewers" else 0.0
     values = {
-        "model": study.model, "device": study.device, "dataset": dataset,
-        "users-dir": str(work / "users" / _dataset_name(dataset)), "clients-per-round": study.users,
+        "model": study.model, "device": study.device, "dataset": dataset, "users-seed": seed,
+        "preference-strength": strength,
+        # Users are drawn afresh for each seed: a folder of users per (dataset, seed).
+        "users-dir": str(users_dir(work, dataset, seed)), "clients-per-round": study.users,
         "expert-rounds": 0, "rounds": study.rounds, "evaluate-every": study.evaluate_every,
         "evaluate-base": False, "local-steps": study.local_steps, "batch-size": study.batch_size,
         "learning-rate": study.learning_rate, "history-tokens": study.history_tokens,
@@ -181,6 +205,10 @@ def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert:
     return RunConfig.from_flower(values)
 
 
+def users_dir(work: Path, dataset: str, seed: int) -> Path:
+    return work / "users" / _dataset_name(dataset) / f"seed-{seed}"
+
+
 def _decoder_layers(model: str) -> int:
     from shared.loading import resolve_model_dir
 
@@ -191,6 +219,7 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
     """One federated cell through the real apps: per-user and macro metrics, metrics per
     round, upload bytes per client per round."""
     from client.client_app import app as client_app
+    from coordinator.checkpoint import load_checkpoint
     from coordinator.federation import run_federation
     from coordinator.report import EVALUATION_FILE, RoundLog
     from simulations.inprocess import InProcessGrid
@@ -209,6 +238,7 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
                  for r in rows if any(k.startswith("eval-") for k in r)]
     # The study evaluates the base as rows of its own (evaluate-base is off): keep the model's metrics.
     return {
+        "outputs": simulated_outputs(config, users, load_checkpoint(run_dir).run_id),
         "macro": {k.removeprefix("eval-"): v for k, v in result.summary["macro_average"].items()
                   if k.startswith("eval-") and not k.startswith("eval-base-")},
         "per_user": [{k.removeprefix("eval-"): v for k, v in row.items() if not k.startswith("eval-base-")}
@@ -220,6 +250,31 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
                                                  if "update-norm-median" in r] or [float("nan")]),
         "privacy": result.summary.get("privacy"),
     }
+
+
+OUTPUTS_PER_USER = 2  # generated texts a cell keeps per user, for the report to show
+
+
+def simulated_outputs(config: RunConfig, users: int, run_id: str) -> list[dict[str, Any]]:
+    """What the simulated devices generated in their last evaluation (`client.federated.
+    evaluation_path`, in each store: it never crossed the wire), the first few samples of each
+    user, with the user's history as the prompt saw it (most recent first)."""
+    from client.federated import evaluation_path
+    from shared.user_store import UserStore, list_user_stores
+
+    found = []
+    for path in list_user_stores(config.resolve(config.users_dir))[:users]:
+        store = UserStore.open(path)
+        record = evaluation_path(store, f"{run_id}-personalize")
+        if not record.is_file():
+            continue
+        samples = {s.id: s for s in store.samples("test")}
+        for example in json.loads(record.read_text())["outputs"]["eval"][:OUTPUTS_PER_USER]:
+            sample = samples[example["sample_id"]]
+            found.append({"user": store.user_id, "sample_id": sample.id, "x": sample.x,
+                          "history": [h.text for h in store.history_for(sample)][:3],
+                          "reference": example["reference"], "prediction": example["prediction"]})
+    return found
 
 
 def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, Any]:
@@ -248,51 +303,34 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
             "train_seconds": report.seconds}
 
 
-def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any] | None:
-    """How well the expert's DCE picks out the known preference words of generated users:
-    ROC AUC over every target token, precision and recall of the high-weight tokens, and the
-    ROC curve; None when the users carry no ground truth."""
+def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]:
+    """The expert's DCE against every counterfactual history (`shared.config.REFERENCES`): how
+    many tokens it marks, and, where the users carry ground truth (the reviewers' style words),
+    how well it picks them out: ROC AUC over every target token, precision and recall of the
+    high-weight tokens, the ROC curve. The run's own reference's figures are at the top level."""
     from client import federated
-    from client.inspect_weights import detection_summary, roc_auc, roc_curve, token_rows
-    from client.node_store import simulation_store_paths
+    from client.inspect_weights import detection_summary, roc_curve, token_rows
     from client.personalize import Expert
-    from shared.user_store import UserStore
+    from client.reference import donor_stores
+    from shared.config import REFERENCES
+    from shared.user_store import UserStore, list_user_stores
 
-    stores = [UserStore.open(p) for p in simulation_store_paths(config, users)[:users]]
-    if not any(s.preference_spans for store in stores for s in store.samples()):
-        return None
+    stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users_dir))[:users]]
     device = federated.resident_device(config)
-    rows = [row for store in stores for row in token_rows(device, store, Expert.from_dir(expert),
-                                                          config.weight_scheme)]
-    summary = detection_summary(rows, config.weight_scheme)
-    tokens = [t for row in rows for t in row["tokens"]]
-    fpr, tpr = roc_curve([t["dce"] for t in tokens], [t["preference"] for t in tokens])
-    # A diagnostic: the same expert's effect of the user's own history against another user's
-    # (instead of against none), which cancels what any history teaches (the format).
-    contrast = _own_vs_other_history(device, stores, expert)
-    truth = [t["preference"] for row in rows for t in row["tokens"]]
-    return {**summary, "roc_fpr": fpr, "roc_tpr": tpr,
-            "roc_auc_own_vs_other_history": roc_auc(contrast, truth) if len(contrast) == len(truth) else None}
-
-
-def _own_vs_other_history(device: Any, stores: list, expert: Path) -> list[float]:
-    """p_E(y_t | x, own h) - p_E(y_t | x, another user's h) of every target token, in the
-    order `token_rows` lists them (stores, then samples, then tokens)."""
-    from client.personalize import EXPERT_ADAPTER
-    from client.token_weights import compute_token_probs
-    from shared.prompts import encode_sample
-    from shared.scoring import store_scoring_examples
-
-    model = device.load_adapter(EXPERT_ADAPTER, expert)
-    examples = store_scoring_examples(stores, split=None)
-
-    def with_history(own: bool) -> list[list[float]]:
-        encoded = [encode_sample(device.tokenizer, e.x, e.own_history if own else e.other_history, e.y,
-                                 device.prompt) for e in examples]
-        return [p.prob_with for p in compute_token_probs(model, encoded, device.tokenizer.pad_token_id)]
-
-    return [a - b for mine, theirs in zip(with_history(True), with_history(False), strict=True)
-            for a, b in zip(mine, theirs, strict=True)]
+    by_reference = {}
+    for reference in REFERENCES:
+        scheme = dataclasses.replace(config.weight_scheme, reference=reference)
+        rows = [row for index, store in enumerate(stores)
+                for row in token_rows(device, store, Expert.from_dir(expert), scheme, donor_stores(stores, index))]
+        summary = detection_summary(rows, scheme)
+        tokens = [t for row in rows for t in row["tokens"]]
+        summary["share_high_weight"] = summary["high_weight_tokens"] / max(1, summary["tokens"])
+        if "roc_auc" in summary:
+            summary["roc_fpr"], summary["roc_tpr"] = roc_curve([t["dce"] for t in tokens],
+                                                               [t["preference"] for t in tokens])
+        by_reference[reference] = summary
+    return {**by_reference[config.weight_scheme.reference], "reference": config.weight_scheme.reference,
+            "references": by_reference}
 
 
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
@@ -368,8 +406,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         scores = dce_path(out, dataset, seed, method)
         if method in experts and not scores.is_file():
             detection = dce_detection(config, study.users, config.resolve(config.run_dir) / "shared_adapter")
-            if detection is not None:
-                atomic_write_json(scores, {"expert": method, **detection})
+            atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(asked))
 
 

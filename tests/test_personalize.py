@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from client.reference import References
 from client.token_weights import cached_token_probs
 from shared.config import TrainConfig
 from shared.methods import METHODS
@@ -17,7 +18,7 @@ def test_expert_probabilities_are_cached_by_digest_and_a_changed_expert_invalida
     store = user_stores[0]
     first, second = experts
     assert first.digest != second.digest
-    probs = user_device.expert_probs(store, first)
+    probs = user_device.expert_probs(store, first, "removed")
     assert set(probs) == {s.id for s in store.samples("train")}
     cache_files = list((store.cache_dir / "token_probs").glob("*.json"))
     assert len(cache_files) == 1 and first.digest in cache_files[0].read_text()
@@ -26,9 +27,9 @@ def test_expert_probabilities_are_cached_by_digest_and_a_changed_expert_invalida
         raise AssertionError("the cache should have answered")
 
     assert cached_token_probs(store, no_expert, user_device.tokenizer, first.digest, user_device.base_id,
-                              DEVICE_PROMPT) == probs
+                              DEVICE_PROMPT, References("removed")) == probs
     # Another expert: recomputed, and the stale cache is gone.
-    other = user_device.expert_probs(store, second)
+    other = user_device.expert_probs(store, second, "removed")
     assert other != probs
     cache_files = list((store.cache_dir / "token_probs").glob("*.json"))
     assert len(cache_files) == 1 and second.digest in cache_files[0].read_text()

@@ -18,7 +18,7 @@ METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "
 def finished(model_dir, tmp_path_factory):
     config = StudyConfig(model=str(model_dir), datasets=("reviewers",), methods=METHODS, seeds=(0,), users=2,
                          rounds=2, local_steps=1, batch_size=2, history_tokens=48, context_tokens=24,
-                         response_tokens=24, device="cpu")
+                         response_tokens=24, evaluate_every=1, device="cpu")
     out = tmp_path_factory.mktemp("study")
     run_study(config, out, progress=False)
     return config, out

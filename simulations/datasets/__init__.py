@@ -5,6 +5,7 @@
   synthetic    users whose replies carry known preference words (`synthetic.py`)
   reviewers    product reviews: content from the input, style words drawn with user-specific
                probabilities, ground truth kept (`reviewers.py`)
+  chitchat     real users' chat messages from the PyPI package chitchat-dataset (`chitchat.py`)
   lamp-json    LaMP / LongLaMP-style JSON files of input, output, profile (`lamp.py`)
 
 Every input is checked before anything is written; stores that exist already are kept unless
@@ -15,14 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from simulations.datasets.chitchat import build_chitchat_users
 from simulations.datasets.lamp import import_lamp_json
 from simulations.datasets.plans import TEST_FRACTION
 from simulations.datasets.reviewers import build_reviewer_users
 from simulations.datasets.shakespeare import MIN_SAMPLES, build_shakespeare_users
 from simulations.datasets.synthetic import build_synthetic_users
 
-DATASETS = ("shakespeare", "synthetic", "reviewers", "lamp-json")
-GENERATED = ("shakespeare", "synthetic", "reviewers")  # built from what the packages ship: no input file
+DATASETS = ("shakespeare", "synthetic", "reviewers", "chitchat", "lamp-json")
+GENERATED = ("shakespeare", "synthetic", "reviewers", "chitchat")  # built from what the packages ship: no input file
 
 
 def build_users(
@@ -35,14 +37,19 @@ def build_users(
     golds: str | Path | None = None,
     test_fraction: float = TEST_FRACTION,
     seed: int = 0,
+    preference_strength: float | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """The stores of `dataset` in `out_dir`, one folder per user; returns their paths.
 
     max_users: shakespeare keeps the first ones (play order); synthetic and reviewers build
     that many (default 16). min_samples: shakespeare's fewest speeches per speaker. records, golds:
-    lamp-json's records file and, for LaMP's split files, its outputs file.
+    lamp-json's records file and, for LaMP's split files, its outputs file. seed: draws the
+    synthetic users, reviewers and the chitchat users taken. preference_strength: the reviewers'
+    favourites' share of their choices (None: the builder's own, 0.75 to 0.8).
     """
+    if preference_strength is not None and dataset != "reviewers":
+        raise ValueError(f"preference strength applies to the reviewers, not to dataset {dataset!r}")
     if dataset == "shakespeare":
         return build_shakespeare_users(out_dir, min_samples=min_samples, test_fraction=test_fraction,
                                        max_users=max_users, overwrite=overwrite)
@@ -51,6 +58,9 @@ def build_users(
                                      overwrite=overwrite)
     if dataset == "reviewers":
         return build_reviewer_users(out_dir, n_users=max_users or 16, test_fraction=test_fraction, seed=seed,
+                                    preference_strength=preference_strength, overwrite=overwrite)
+    if dataset == "chitchat":
+        return build_chitchat_users(out_dir, max_users=max_users, test_fraction=test_fraction, seed=seed,
                                     overwrite=overwrite)
     if dataset == "lamp-json":
         if records is None:
@@ -61,5 +71,5 @@ def build_users(
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
-__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_reviewer_users", "build_shakespeare_users",
-           "build_synthetic_users", "build_users", "import_lamp_json"]
+__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_chitchat_users", "build_reviewer_users",
+           "build_shakespeare_users", "build_synthetic_users", "build_users", "import_lamp_json"]

@@ -81,10 +81,15 @@ def build_reviewer_users(
     samples_per_user: int = 40,
     test_fraction: float = TEST_FRACTION,
     seed: int = 0,
+    preference_strength: float | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """`n_users` reviewers, each with `samples_per_user` reviews in time order (the latest held
-    out); their style words are the samples' `preference_spans`."""
+    out); their style words are the samples' `preference_spans`. `preference_strength`: the
+    share of a user's openers, adjectives and closers drawn from its favourites (1.0: only
+    favourites; None: 0.8, 0.75 and 0.8, where a quarter of the choices are anyone's)."""
+    if preference_strength is not None and not 0.0 < preference_strength <= 1.0:
+        raise ValueError(f"preference strength must be in (0, 1], got {preference_strength}")
     if n_users < 1:
         raise ValueError(f"n_users must be at least 1, got {n_users}")
     if samples_per_user < 2:
@@ -94,9 +99,9 @@ def build_reviewer_users(
     width = max(2, len(str(n_users - 1)))  # names sort in user order
     for u in range(n_users):
         style = {
-            "openers": _preferences(rng, OPENERS, favourites=2, mass=0.8),
-            "adjectives": _preferences(rng, ADJECTIVES, favourites=3, mass=0.75),
-            "closers": _preferences(rng, CLOSERS, favourites=2, mass=0.8),
+            "openers": _preferences(rng, OPENERS, favourites=2, mass=preference_strength or 0.8),
+            "adjectives": _preferences(rng, ADJECTIVES, favourites=3, mass=preference_strength or 0.75),
+            "closers": _preferences(rng, CLOSERS, favourites=2, mass=preference_strength or 0.8),
             "tic": rng.choice(TICS),
             "p_opener": rng.uniform(0.5, 0.9),
             "p_tic": rng.uniform(0.3, 0.7),
@@ -112,6 +117,7 @@ def build_reviewer_users(
         history = [HistoryItem(id=s.id, time=s.time, text=s.y) for s in samples]
         favourites = {kind: [word for word, p in zip(vocabulary, style[kind], strict=True) if p > 0.05]
                       for kind, vocabulary in (("openers", OPENERS), ("adjectives", ADJECTIVES), ("closers", CLOSERS))}
-        extra = {"seed": seed, "tic": style["tic"], "favourites": favourites}
+        extra = {"seed": seed, "tic": style["tic"], "favourites": favourites,
+                 "preference_strength": preference_strength}
         plans.append(UserPlan(f"reviewer-{u:0{width}d}", "synthetic", samples, history, extra))
     return write_plans(out_dir, plans, overwrite)

@@ -1,0 +1,141 @@
+"""The counterfactual history h_ref of a sample, as the device builds it (DESIGN.md, "The three
+quantities"). An effect of the history is a difference between the prompt with the user's own
+history h and the same prompt with h_ref:
+
+    removed      no history at all (the paper): the prompt of a user-free model
+    placeholder  the history block holds the literal None (the authors' dataset code)
+    generic      each past item replaced by the expert's own history-free text for that item's
+                 input: the same number of texts, of the same kind and on the same topics, by a
+                 reference writer, so that only who wrote them changes. Generated once per
+                 (expert digest, base, prompt budgets), cached on the device; nothing leaves it.
+    donors       other users' histories from the same dataset, at the same position in their
+                 time line (simulation only: a device never holds another user's history);
+                 several donors, whose probabilities the DCE averages
+
+A past item's input is the context x of the store's sample with the same id (a user's earlier
+answer to an earlier context). An item with no such sample (a LaMP profile entry that holds
+text only) is replaced by the expert's text for an empty context: still a text of the same
+kind in the same place, with nothing of the user's in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from shared.config import REFERENCES, GenerationSettings, PromptConfig
+from shared.paths import atomic_write_json
+from shared.prompts import EMPTY_HISTORY_PLACEHOLDER, render_prompt
+from shared.user_store import Sample, UserStore
+
+log = logging.getLogger(__name__)
+
+GENERIC_FORMAT = "nextquill-generic-history/1"
+DONORS = 3  # other users whose histories the `donors` reference averages over
+
+
+@dataclass(frozen=True)
+class References:
+    """What a device replaces its user's history with: `kind` (one of REFERENCES) and what that
+    kind needs, the expert's generic texts by history item id or the donor users' stores."""
+
+    kind: str
+    generic: Mapping[str, str] = field(default_factory=dict)
+    donors: Sequence[UserStore] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in REFERENCES:
+            raise ValueError(f"the counterfactual history must be one of {list(REFERENCES)}, got {self.kind!r}")
+        if self.kind == "donors" and not self.donors:
+            raise ValueError("the counterfactual history 'donors' needs other users' stores, which only a "
+                             "simulation has (a device holds no other user's history): choose 'generic' on a device")
+
+    def histories(self, store: UserStore, sample: Sample) -> list[list[str] | None]:
+        """The reference histories of `sample` (most recent first; None: no history block). One,
+        except for `donors`, which gives one per donor."""
+        if self.kind == "removed":
+            return [None]
+        if self.kind == "placeholder":
+            return [[EMPTY_HISTORY_PLACEHOLDER]]
+        if self.kind == "generic":
+            items = store.history_for(sample)
+            missing = [item.id for item in items if item.id not in self.generic]
+            if missing:
+                raise ValueError(f"no generic text for history item {missing[0]!r} of {store.path}")
+            return [[self.generic[item.id] for item in items] or None]
+        position = [s.id for s in store.samples()].index(sample.id)
+        histories: list[list[str] | None] = []
+        for donor in self.donors:
+            timeline = donor.samples()
+            donor_sample = timeline[min(position, len(timeline) - 1)]
+            histories.append([item.text for item in donor.history_for(donor_sample)] or None)
+        return histories
+
+
+def donor_stores(stores: Sequence[UserStore], index: int, count: int = DONORS) -> list[UserStore]:
+    """The donors of user `index` among `stores` (a simulation's users): the next `count` users
+    in a ring, never the user itself."""
+    if len(stores) < 2:
+        raise ValueError("the counterfactual history 'donors' needs at least two users")
+    return [stores[(index + k) % len(stores)] for k in range(1, min(count, len(stores) - 1) + 1)]
+
+
+def item_inputs(store: UserStore) -> dict[str, str]:
+    """The input each history item answered: the context of the store's sample with the same
+    id, or "" (see the module docstring)."""
+    contexts = {s.id: s.x for s in store.samples()}
+    return {item.id: contexts.get(item.id, "") for item in store.history()}
+
+
+def _generic_key(expert_digest: str, base_id: str, prompt: PromptConfig) -> str:
+    material = json.dumps({"format": GENERIC_FORMAT, "expert": expert_digest, "base": base_id,
+                           "prompt": asdict(prompt)}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:20]
+
+
+def _generic_dir(store: UserStore) -> Path:
+    return store.cache_dir / "generic_history"
+
+
+def generic_texts(
+    store: UserStore,
+    load_expert: Callable[[], torch.nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    expert_digest: str,
+    base_id: str,
+    prompt: PromptConfig,
+) -> dict[str, str]:
+    """The expert's history-free text for every history item's input (item id -> text), from
+    the store's cache when it holds this (expert, base, prompt), else generated greedily with
+    the model `load_expert()` returns and cached; an earlier expert's cache is removed."""
+    from client.evaluation import generate
+
+    inputs = item_inputs(store)
+    path = _generic_dir(store) / f"{_generic_key(expert_digest, base_id, prompt)}.json"
+    cached: dict[str, str] = {}
+    if path.is_file():
+        try:
+            cached = dict(json.loads(path.read_text())["texts"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("generic-history cache %s is unreadable; generating it again", path)
+    missing = sorted({x for item_id, x in inputs.items() if item_id not in cached})
+    if missing:
+        prompts = [render_prompt(tokenizer, x, None, prompt) for x in missing]
+        texts = generate(load_expert(), tokenizer, prompts, GenerationSettings(), prompt)
+        # An empty generation would drop the item from the prompt's history block: keep a mark.
+        by_input = {x: text or "..." for x, text in zip(missing, texts, strict=True)}
+        cached.update({item_id: by_input[x] for item_id, x in inputs.items() if item_id not in cached})
+        atomic_write_json(path, {"format": GENERIC_FORMAT, "expert_digest": expert_digest, "base": base_id,
+                                 "prompt": asdict(prompt), "texts": dict(sorted(cached.items()))})
+        for stale in _generic_dir(store).glob("*.json"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+        log.info("generated %d generic history texts for %s", len(missing), store.user_id)
+    return {item_id: cached[item_id] for item_id in inputs}
