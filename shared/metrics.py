@@ -121,3 +121,33 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError(
             f"need as many predictions as references, at least one; got {len(predictions)} and {len(references)}"
         )
+
+
+_WORDS = re.compile(r"[a-z']+(?:-[a-z']+)*")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of `text` (letters, apostrophes, inner hyphens)."""
+    return _WORDS.findall(text.lower())
+
+
+def span_words(text: str, spans: Sequence[Sequence[int]]) -> set[str]:
+    """The words inside character spans [start, end) of `text` (a sample's preference spans)."""
+    return {w for start, end in spans for w in words(text[start:end])}
+
+
+def style_scores(prediction: str, reference_words: set[str], user_words: set[str],
+                 vocabulary: set[str]) -> dict[str, float]:
+    """How a generated text uses its user's style words (users whose preference spans are known):
+    precision: of the style words it uses (those in `vocabulary`, every user's), the share that
+    are the user's own (`user_words`); recall: the share of the reference's style words
+    (`reference_words`) it has; F1 of the two. nan where a share has nothing to count."""
+    used = set(words(prediction))
+    styled = used & vocabulary
+    precision = len(styled & user_words) / len(styled) if styled else float("nan")
+    recall = len(used & reference_words) / len(reference_words) if reference_words else float("nan")
+    if math.isnan(precision) or math.isnan(recall):
+        f1 = 0.0 if reference_words and not styled else float("nan")
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"style_precision": precision, "style_recall": recall, "style_f1": f1}

@@ -38,7 +38,7 @@ from shared.methods import METHODS
 from shared.paths import atomic_write_json, data_dir, ensure_folder
 from shared.settings import check_settings, setting
 from simulations.datasets import GENERATED
-from simulations.study_report import DCE_SUFFIX, load_cells, machine
+from simulations.study_report import DCE_SUFFIX, PROFILE_SUFFIX, load_cells, machine
 
 log = logging.getLogger("nextquill.study")
 
@@ -252,28 +252,30 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
     }
 
 
-OUTPUTS_PER_USER = 2  # generated texts a cell keeps per user, for the report to show
-
-
 def simulated_outputs(config: RunConfig, users: int, run_id: str) -> list[dict[str, Any]]:
     """What the simulated devices generated in their last evaluation (`client.federated.
-    evaluation_path`, in each store: it never crossed the wire), the first few samples of each
-    user, with the user's history as the prompt saw it (most recent first)."""
+    evaluation_path`, in each store: it never crossed the wire), every test sample of each user,
+    with the user's history as the prompt saw it (most recent first, the first three items) and,
+    where the store knows them, the style words of the reference and of all the user's texts."""
     from client.federated import evaluation_path
+    from shared.metrics import span_words
     from shared.user_store import UserStore, list_user_stores
 
     found = []
-    for path in list_user_stores(config.resolve(config.users_dir))[:users]:
+    for index, path in enumerate(list_user_stores(config.resolve(config.users_dir))[:users]):
         store = UserStore.open(path)
         record = evaluation_path(store, f"{run_id}-personalize")
         if not record.is_file():
             continue
         samples = {s.id: s for s in store.samples("test")}
-        for example in json.loads(record.read_text())["outputs"]["eval"][:OUTPUTS_PER_USER]:
+        user_words = sorted({w for s in store.samples() for w in span_words(s.y, s.preference_spans)})
+        for example in json.loads(record.read_text())["outputs"]["eval"]:
             sample = samples[example["sample_id"]]
-            found.append({"user": store.user_id, "sample_id": sample.id, "x": sample.x,
+            found.append({"user": store.user_id, "index": index, "sample_id": sample.id, "x": sample.x,
                           "history": [h.text for h in store.history_for(sample)][:3],
-                          "reference": example["reference"], "prediction": example["prediction"]})
+                          "reference": example["reference"], "prediction": example["prediction"],
+                          "reference_style_words": sorted(span_words(sample.y, sample.preference_spans)),
+                          "user_style_words": user_words})
     return found
 
 
@@ -331,6 +333,42 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
         by_reference[reference] = summary
     return {**by_reference[config.weight_scheme.reference], "reference": config.weight_scheme.reference,
             "references": by_reference}
+
+
+def data_profile(config: RunConfig, users: int) -> dict[str, Any]:
+    """What the users of a (dataset, seed) leave room for, before any training: the share of
+    targets the response budget cuts, the history items the history budget holds, and the
+    headroom, ROUGE-1 of a non-personal output and of an oracle (reviewers: the content in the
+    shared template against the user's favourite words; other datasets: the user's latest
+    message, and the best single message of the user's history)."""
+    from client import federated
+    from shared.metrics import rouge
+    from shared.prompts import cut_history
+    from shared.user_store import UserStore, list_user_stores
+    from simulations.datasets.reviewers import non_personal_review, oracle_review
+
+    stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users_dir))[:users]]
+    tokenizer = federated.resident_device(config).tokenizer
+    samples = [(store, s) for store in stores for s in store.samples()]
+    lengths = [len(tokenizer(s.y, add_special_tokens=False)["input_ids"]) for _, s in samples]
+    kept = [len(cut_history(tokenizer, [h.text for h in store.history_for(s)], config.history_tokens))
+            for store, s in samples if s.split == "test"]
+    tests = [(store, s) for store, s in samples if s.split == "test"]
+    references = [s.y for _, s in tests]
+    if config.dataset == "reviewers":
+        floor = [non_personal_review(s.x) for _, s in tests]
+        ceiling = [oracle_review(s.x, store.meta) for store, s in tests]
+        names = ("non-personal (shared template)", "oracle (the user's favourite words)")
+    else:
+        floor = [next((h.text for h in store.history_for(s)), "") for store, s in tests]
+        ceiling = [max((h.text for h in store.history_for(s)), key=lambda h, y=s.y: rouge([h], [y])["rouge1"],
+                       default="") for store, s in tests]
+        names = ("the user's latest message", "oracle (the best single message of the user's history)")
+    return {"targets": len(lengths), "response_tokens": config.response_tokens,
+            "targets_cut_share": sum(n >= config.response_tokens for n in lengths) / len(lengths),
+            "target_tokens_mean": sum(lengths) / len(lengths),
+            "history_items_kept_mean": sum(kept) / max(1, len(kept)),
+            "headroom": {names[0]: rouge(floor, references)["rouge1"], names[1]: rouge(ceiling, references)["rouge1"]}}
 
 
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
@@ -401,6 +439,9 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
             log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
                      result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
                      time.perf_counter() - started)
+        profile = cell_path(out, dataset, seed, "data").with_name(f"data{PROFILE_SUFFIX}")
+        if not profile.is_file():
+            atomic_write_json(profile, data_profile(config, study.users))
         # Scored apart from the cell, so a study folder whose scores predate a new one gets it
         # when its <row>.dce.json is removed and the study rerun.
         scores = dce_path(out, dataset, seed, method)

@@ -16,8 +16,11 @@ from typing import Any
 
 from shared.metrics import SCORE_KEYS
 from shared.paths import atomic_write_png, atomic_write_text
+from simulations.study_outputs import outputs_lines, profile_lines, profiles
+from simulations.study_paired import write_paired
 
 DCE_SUFFIX = ".dce.json"  # an expert row's DCE scores, beside its cell (the study names them so)
+PROFILE_SUFFIX = ".profile.json"  # a (dataset, seed)'s budgets and headroom (`data.profile.json`)
 METRICS = SCORE_KEYS  # as the federation reports them
 # Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -37,7 +40,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/*/seed-*/*.json"))
-            if not p.name.endswith(DCE_SUFFIX)]
+            if not p.name.endswith((DCE_SUFFIX, PROFILE_SUFFIX))]
 
 
 def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -110,6 +113,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
     table = summarize(cells)
     order = {name: index for index, name in enumerate(rows)}
     detections = {p: json.loads(p.read_text()) for p in sorted(out.glob(f"cells/*/seed-*/*{DCE_SUFFIX}"))}
+    data_profiles = profiles(out)
     lines = [
         "# NextQuill-Fed study", "",
         f"Base `{study.model}`; {study.users} users per dataset, every one training in every round; "
@@ -137,29 +141,34 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                          f"{row['seconds']:.0f} |")
         lines += ["", *[f"- {line}" for line in comparisons(methods)], ""]
         lines += privacy_table(methods, study.users)
+        lines += profile_lines(data_profiles.get(dataset, []))
+        lines += outputs_lines(cells, dataset, order)
         for expert in sorted({_expert(p) for p in detections if p.parts[-3] == dataset},
                              key=lambda e: order.get(e, 99)):
             found = [d for p, d in detections.items() if p.parts[-3] == dataset and _expert(p) == expert]
+            if not all("roc_auc" in d for d in found):
+                continue
             auc = interval([d["roc_auc"] for d in found])
             precision = interval([d["precision"] for d in found])
             recall = interval([d["recall"] for d in found])
-            contrast = interval([d.get("roc_auc_own_vs_other_history") or float("nan") for d in found])
             starts = interval([d.get("roc_auc_span_start", float("nan")) for d in found])
-            lines += [f"DCE of the expert `{expert}` as a detector of the known preference words ({len(found)} seeds): "
-                      f"ROC AUC {_cell(*auc, 3)}, precision {_cell(*precision, 3)} and recall {_cell(*recall, 3)} "
-                      "of the high-weight tokens. Counting only the first token of each preference word "
-                      "(the rest of a word follows from it) against the tokens outside them: ROC AUC "
-                      f"{_cell(*starts, 3)}. The same expert's effect of the user's own history "
-                      f"against another user's history (not against none) scores ROC AUC {_cell(*contrast, 3)}.",
-                      ""]
+            reference = found[0].get("reference", "removed")
+            lines += [f"DCE of the expert `{expert}` against the run's h_ref (`{reference}`) as a detector of the "
+                      f"known preference words ({len(found)} seeds): ROC AUC {_cell(*auc, 3)}, precision "
+                      f"{_cell(*precision, 3)} and recall {_cell(*recall, 3)} of the high-weight tokens. Counting "
+                      "only the first token of each preference word (the rest of a word follows from it) against "
+                      f"the tokens outside them: ROC AUC {_cell(*starts, 3)}.", ""]
+    lines += write_paired(out, cells, detections, {name: row.group for name, row in rows.items()}, "fedit-context-sft")
     memorization = out / "memorization" / "memorization.md"  # python -m simulations.memorization
     if memorization.is_file():
         lines += ["## Memorization: a canary's exposure", "", memorization.read_text().strip(), ""]
     findings = out / "findings.md"  # written by hand from the numbers; kept when the report is rewritten
     if findings.is_file():
         lines += ["## Findings", "", findings.read_text().strip(), ""]
-    lines += ["Files: `cells.csv` (every cell's macro metrics), `per_user.csv`, `cells/` (one JSON per cell), "
-              "plots `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, `privacy-*.png`, `dce-roc.png`.", ""]
+    lines += ["Files: `cells.csv` (every cell's macro metrics), `per_user.csv`, `paired.csv` (the paired "
+              "differences), `dce.csv` (DCE per counterfactual history), `cells/` (one JSON per cell, with the "
+              "generated texts), plots `paired.png`, `rounds-*.png`, `ablations-*.png`, `quality-vs-upload-*.png`, "
+              "`privacy-*.png`, `dce-roc.png`.", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     _write_csvs(out, cells)
     _plot(out, table, detections, order, {name: row.group for name, row in rows.items()})
@@ -348,16 +357,18 @@ def _plot(out: Path, table: dict, detections: dict, order: dict, groups: dict[st
         ax.set_title(f"{dataset}: quality vs upload")
         ax.grid(alpha=0.3)
         save(fig, f"quality-vs-upload-{dataset}.png")
-    if detections:
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for path, found in detections.items():
-            ax.plot(found["roc_fpr"], found["roc_tpr"], label=f"{path.parts[-3]} {path.parts[-2]} {_expert(path)} "
-                                                             f"(AUC {found['roc_auc']:.3f})")
+    curves = [(path, reference, found) for path, detection in detections.items()
+              for reference, found in detection.get("references", {"": detection}).items() if "roc_fpr" in found]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 6))
+        for path, reference, found in curves:
+            ax.plot(found["roc_fpr"], found["roc_tpr"], linewidth=1,
+                    label=f"{path.parts[-3]} {path.parts[-2]} {_expert(path)} {reference} (AUC {found['roc_auc']:.3f})")
         ax.plot([0, 1], [0, 1], ":", color="#888888")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.set_title("expert DCE: ROC for the known preference tokens")
-        ax.legend(fontsize=7)
+        ax.set_title("expert DCE against each counterfactual history:\nROC for the known preference tokens")
+        ax.legend(fontsize=6)
         save(fig, "dce-roc.png")
 
 

@@ -313,3 +313,53 @@ def test_reviewers_mix_content_from_the_input_with_style_words_of_user_specific_
         assert share(store, mine) > 2 * max(others)
     again = [UserStore.open(p) for p in build_users("reviewers", tmp_path / "again", max_users=4, seed=2)]
     assert [s.samples()[0].y for s in again] == [s.samples()[0].y for s in stores]
+
+
+def test_chitchat_users_are_real_senders_with_history_from_earlier_conversations_only(tmp_path):
+    from shared.user_store import UserStore
+    from simulations.datasets import build_users
+
+    paths = build_users("chitchat", tmp_path / "a", max_users=3, seed=1)
+    assert len(paths) == 3
+    for path in paths:
+        store = UserStore.open(path)
+        samples = store.samples()
+        assert store.samples("train") and store.samples("test")
+        assert max(s.time for s in store.samples("train")) <= min(s.time for s in store.samples("test"))
+        for sample in samples:
+            assert sample.x.startswith("Conversation topic: ") and len(sample.y.split()) >= 4
+            # Never a message of the same conversation: a conversation's samples share an id prefix.
+            assert all(not h.startswith(sample.id.split("-")[0]) for h in sample.history_ids)
+        assert store.history_for(samples[-1])
+    # Another seed draws other users; the same seed the same ones.
+    again = build_users("chitchat", tmp_path / "b", max_users=3, seed=1)
+    other = build_users("chitchat", tmp_path / "c", max_users=3, seed=2)
+    assert [p.name for p in again] == [p.name for p in paths] != [p.name for p in other]
+
+
+def test_chitchat_refuses_more_users_than_it_has(tmp_path):
+    from simulations.datasets import build_users
+
+    with pytest.raises(ValueError, match="fewer than the 1000 users"):
+        build_users("chitchat", tmp_path, max_users=1000)
+    assert not (tmp_path / "chitchat-000").exists()
+
+
+def test_reviewers_at_full_preference_strength_use_only_their_favourites(tmp_path):
+    from shared.metrics import span_words
+    from shared.user_store import UserStore
+    from simulations.datasets import build_users
+    from simulations.datasets.reviewers import non_personal_review, oracle_review
+
+    (path,) = build_users("reviewers", tmp_path, max_users=1, preference_strength=1.0)
+    store = UserStore.open(path)
+    used = {w for s in store.samples() for w in span_words(s.y, s.preference_spans)}
+    tic_words = set(store.meta["tic"].lower().split())
+    assert used - tic_words <= {w for words in store.meta["favourites"].values() for word in words
+                                for w in span_words(word, [(0, len(word))])}
+    sample = store.samples("test")[0]
+    assert "$" in non_personal_review(sample.x) and store.meta["tic"] in oracle_review(sample.x, store.meta)
+    with pytest.raises(ValueError, match="preference strength"):
+        build_users("reviewers", tmp_path / "x", max_users=1, preference_strength=1.5)
+    with pytest.raises(ValueError, match="applies to the reviewers"):
+        build_users("synthetic", tmp_path / "y", max_users=1, preference_strength=1.0)

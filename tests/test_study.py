@@ -49,7 +49,7 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     saved = {p.name.removesuffix(".json"): json.loads(p.read_text())
              for p in (out / "cells" / "reviewers" / "seed-0").glob("*.json")}
     assert set(saved) == {*METHODS, "fedit-context-sft", "expert-dropout", "fedit-context-sft.dce",
-                          "expert-dropout.dce"}
+                          "expert-dropout.dce", "data.profile"}
     for method in (*METHODS, "fedit-context-sft", "expert-dropout"):
         cell = saved[method]
         assert {"rouge1", "rougeL", "bleu", "meteor", "nll", "history-sensitivity"} <= set(cell["macro"])
@@ -68,7 +68,14 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     assert saved["history-prompt"]["run_config"]["method"] == "context-sft"
     scores = saved["fedit-context-sft.dce"]
     assert 0.0 <= scores["roc_auc"] <= 1.0 and scores["roc_tpr"][-1] == 1.0
-    assert 0.0 <= scores["roc_auc_own_vs_other_history"] <= 1.0
+    assert scores["reference"] == "generic" and set(scores["references"]) == {"removed", "placeholder", "generic",
+                                                                              "donors"}
+    assert all(0.0 <= found["roc_auc"] <= 1.0 for found in scores["references"].values())
+    # The devices' generated texts (kept in their stores) are gathered with the style words.
+    outputs = saved["nextquill-fed"]["outputs"]
+    assert {o["index"] for o in outputs} == {0, 1} and all(o["user_style_words"] for o in outputs)
+    profile = saved["data.profile"]
+    assert 0.0 <= profile["targets_cut_share"] <= 1.0 and len(profile["headroom"]) == 2
     assert saved["expert-dropout.dce"]["expert"] == "expert-dropout"
     # Central DP at ε = 8 over the two personalization rounds: the accountant's ε, within the target.
     privacy = saved["dp-eps-8"]["privacy"]
@@ -88,8 +95,15 @@ def test_the_report_holds_the_table_csv_and_plots(finished):
     assert rows[0].endswith(",machine")
     assert "expert `expert-dropout`" in report
     assert "### The cost of differential privacy" in report and "| `dp-eps-8` | 8.00 |" in report
-    for plot in ("rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png", "dce-roc.png",
-                 "privacy-reviewers.png"):
+    paired = (out / "paired.csv").read_text().splitlines()
+    assert paired[0] == "dataset,method,baseline,metric,mean_difference,interval_low,interval_high,users,seeds"
+    assert any(",nextquill-fed,history-prompt,rouge1," in row for row in paired)
+    assert any(",nextquill-dropout-expert,nextquill-fed,style-f1," in row for row in paired)
+    dce = (out / "dce.csv").read_text().splitlines()
+    assert dce[0].startswith("dataset,counterfactual,roc_auc,precision,recall") and len(dce) == 1 + 4
+    assert "## Paired differences against the fair baselines" in report and "| **reference** |" in report
+    for plot in ("paired.png", "rounds-reviewers.png", "ablations-reviewers.png", "quality-vs-upload-reviewers.png",
+                 "dce-roc.png", "privacy-reviewers.png"):
         assert (out / plot).stat().st_size > 1000
 
 

@@ -70,7 +70,8 @@ def _user_plan(user: str, conversations: list[tuple[str, dict]], test_fraction: 
         for i in own[:MESSAGES_PER_CONVERSATION]:
             sample_id = f"{conversation_id[:8]}-{i:02d}"
             these.append(sample_id)
-            samples.append(Sample(id=sample_id, time=turns[i][2], x=_context(conversation["prompt"], turns[:i], user),
+            topic = conversation.get("prompt") or "(none)"
+            samples.append(Sample(id=sample_id, time=turns[i][2], x=_context(topic, turns[:i], user),
                                   y=turns[i][1], split=split, history_ids=tuple(earlier_ids)))
         earlier_ids += these
     history = [HistoryItem(id=s.id, time=s.time, text=s.y) for s in samples]

@@ -75,6 +75,32 @@ def _review(rng: random.Random, style: dict, facts: dict) -> tuple[str, list[tup
     return text, spans
 
 
+_INPUT = re.compile(r"Review the (?P<item>.+): it has (?P<f1>.+) and (?P<f2>.+), priced at \$(?P<price>\d+)\.")
+
+
+def _facts(x: str) -> dict[str, str]:
+    match = _INPUT.fullmatch(x)
+    if match is None:
+        raise ValueError(f"not a reviewers input: {x!r}")
+    return match.groupdict()
+
+
+def non_personal_review(x: str) -> str:
+    """The headroom's floor: what a writer with no style of its own writes for input `x`, the
+    content restated in the shared template with fixed adjectives and closer."""
+    return f"{CONTENT[0].format(**_facts(x))} It feels solid and neat. Recommended."
+
+
+def oracle_review(x: str, meta: dict) -> str:
+    """The headroom's ceiling: the review a model that knew the user's favourites (`user.json`'s
+    `favourites` and `tic`) would write for input `x`."""
+    favourites = meta["favourites"]
+    content = CONTENT[0].format(**_facts(x))
+    adjectives = (favourites["adjectives"] * 2)[:2]
+    return (f"{favourites['openers'][0]} {content[0].lower() + content[1:]} It feels {adjectives[0]} and "
+            f"{adjectives[1]}, {meta['tic']}. {favourites['closers'][0]}")
+
+
 def build_reviewer_users(
     out_dir: str | Path,
     n_users: int = 16,
@@ -115,8 +141,11 @@ def build_reviewer_users(
             entries.append((f"review-{i:04d}", float(i), x, y, tuple(spans)))
         samples = chronological_samples(entries, test_fraction)
         history = [HistoryItem(id=s.id, time=s.time, text=s.y) for s in samples]
-        favourites = {kind: [word for word, p in zip(vocabulary, style[kind], strict=True) if p > 0.05]
-                      for kind, vocabulary in (("openers", OPENERS), ("adjectives", ADJECTIVES), ("closers", CLOSERS))}
+        # A user's favourites: the words its preferences gave a favourite's share (the most likely ones).
+        favourites = {kind: [word for word, p in zip(vocabulary, style[kind], strict=True)
+                             if p >= sorted(style[kind], reverse=True)[count - 1]]
+                      for kind, vocabulary, count in (("openers", OPENERS, 2), ("adjectives", ADJECTIVES, 3),
+                                                      ("closers", CLOSERS, 2))}
         extra = {"seed": seed, "tic": style["tic"], "favourites": favourites,
                  "preference_strength": preference_strength}
         plans.append(UserPlan(f"reviewer-{u:0{width}d}", "synthetic", samples, history, extra))
