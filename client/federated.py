@@ -194,7 +194,7 @@ def handle_train(
     device = resident_device(config)
     store = user_store(node_config, config)
     expert = device_expert(instruction, train_config)
-    uses_donors = "donors" in (train_config.weight_scheme.reference, train_config.alignment_reference)
+    uses_donors = "donors" in (train_config.weight_scheme.dce_reference, train_config.mce_reference)
     donors = simulation_donors(node_config, config) if uses_donors else ()
     return train_round(device, store, split, shared_in, train_config, instruction.run_name, expert,
                        started=started, donors=donors)

@@ -20,13 +20,14 @@ from shared.user_store import UserStore
 
 
 def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightScheme,
-               donors: Sequence[UserStore] = ()) -> list[dict]:
-    """One row per target (train and test samples): its tokens with offsets, DCE against the
-    scheme's counterfactual history, and weight (`donors`: other users, for the 'donors' reference)."""
-    probs = device.expert_probs(store, expert, scheme.reference, donors, split=None)
+               donors: Sequence[UserStore] = (), split: str | None = None) -> list[dict]:
+    """One row per target of `split` (None: train and test samples): its tokens with offsets,
+    DCE against the scheme's counterfactual history, and weight (`donors`: other users, for the
+    'donors' reference)."""
+    probs = device.expert_probs(store, expert, scheme.dce_reference, donors, split=split)
     scheme = user_weight_scheme(scheme, probs.values())
     rows = []
-    for sample in store.samples():
+    for sample in store.samples(split):
         p = probs[sample.id]
         weights = token_weights(scheme, torch.tensor(p.prob_with), torch.tensor(p.prob_without)).tolist()
         offsets = device.tokenizer(sample.y, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

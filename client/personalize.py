@@ -101,8 +101,8 @@ class Device:
             raise ValueError(f"method {config.method!r} needs an expert adapter (--expert)")
         probs = {}
         if config.spec.needs_expert:
-            probs = self.expert_probs(store, expert, config.weight_scheme.reference, donors)
-        encoded = self.encoded(store, references=self.references(config.alignment_reference, store, expert, donors))
+            probs = self.expert_probs(store, expert, config.weight_scheme.dce_reference, donors)
+        encoded = self.encoded(store, references=self.references(config.mce_reference, store, expert, donors))
         return [TrainExample(sample_encoding, probs.get(sample.id)) for sample, sample_encoding in encoded]
 
     def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:

@@ -105,7 +105,7 @@ class WeightScheme:
     """How the expert's DCE becomes token weights ω (`shared.losses.token_weights`), and which
     counterfactual history the DCE is measured against."""
 
-    reference: str = setting(
+    dce_reference: str = setting(
         "generic", "h_ref of the expert's DCE = p_E(y_t | x, h) - p_E(y_t | x, h_ref): 'removed' (no history, the "
                    "paper), 'placeholder' (the literal None, the authors' code), 'generic' (the expert's own "
                    "history-free text for each past item's input, computed and cached on the device) or 'donors' "
@@ -173,7 +173,7 @@ class TrainConfig:
                "costs 10 to 40 s of compiling per process, paid back after tens of steps; on the CPU needs a C++ "
                "compiler",
     )
-    alignment_reference: str = setting(
+    mce_reference: str = setting(
         "removed", "h_ref of the model-side effect in L_p, MCE = z(x, h) - z(x, h_ref): the same choices as the "
                    "DCE's reference ('generic' needs the expert)", choices=REFERENCES,
     )
@@ -202,7 +202,7 @@ class TrainConfig:
     @property
     def needs_expert(self) -> bool:
         """The expert's DCE weights the tokens, or its texts make L_p's counterfactual history."""
-        return self.spec.needs_expert or (self.spec.aligns_effects and self.alignment_reference == "generic")
+        return self.spec.needs_expert or (self.spec.aligns_effects and self.mce_reference == "generic")
 
 
 @dataclass(frozen=True)
@@ -288,8 +288,8 @@ class RunConfig:
         TrainConfig, "history_dropout", help="the fraction of ContextSFT steps (the expert phase's, or a context-sft "
                                              "or dce-only run's) that read the prompt with the history removed",
     )
-    dce_reference: str = like(WeightScheme, "reference")
-    mce_reference: str = like(TrainConfig, "alignment_reference")
+    dce_reference: str = like(WeightScheme, "dce_reference")
+    mce_reference: str = like(TrainConfig, "mce_reference")
     weighting: str = like(WeightScheme, "weighting")
     delta: float = like(WeightScheme, "delta")
     weight_high: float = like(WeightScheme, "weight_high")
@@ -456,7 +456,7 @@ class RunConfig:
                            learning_rate=self.learning_rate, alpha=self.alpha, weight_scheme=self.weight_scheme,
                            paired_pass=self.paired_pass, lean_memory=self.lean_memory,
                            fused_loss=self.fused_loss, compile_layers=self.compile_layers,
-                           alignment_reference=self.mce_reference,
+                           mce_reference=self.mce_reference,
                            history_dropout=self.history_dropout if _one_history_pass(method) else 0.0, seed=seed)
 
 

@@ -309,7 +309,9 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     """The expert's DCE against every counterfactual history (`shared.config.REFERENCES`): how
     many tokens it marks, and, where the users carry ground truth (the reviewers' style words),
     how well it picks them out: ROC AUC over every target token, precision and recall of the
-    high-weight tokens, the ROC curve. The run's own reference's figures are at the top level."""
+    high-weight tokens, the ROC curve. On the training samples only: these figures choose the
+    default reference and weights, which the held-out samples must not. The run's own
+    reference's figures are at the top level."""
     from client import federated
     from client.inspect_weights import detection_summary, roc_curve, token_rows
     from client.personalize import Expert
@@ -321,9 +323,10 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     device = federated.resident_device(config)
     by_reference = {}
     for reference in REFERENCES:
-        scheme = dataclasses.replace(config.weight_scheme, reference=reference)
+        scheme = dataclasses.replace(config.weight_scheme, dce_reference=reference)
         rows = [row for index, store in enumerate(stores)
-                for row in token_rows(device, store, Expert.from_dir(expert), scheme, donor_stores(stores, index))]
+                for row in token_rows(device, store, Expert.from_dir(expert), scheme, donor_stores(stores, index),
+                                      split="train")]
         summary = detection_summary(rows, scheme)
         tokens = [t for row in rows for t in row["tokens"]]
         summary["share_high_weight"] = summary["high_weight_tokens"] / max(1, summary["tokens"])
@@ -331,7 +334,7 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
             summary["roc_fpr"], summary["roc_tpr"] = roc_curve([t["dce"] for t in tokens],
                                                                [t["preference"] for t in tokens])
         by_reference[reference] = summary
-    return {**by_reference[config.weight_scheme.reference], "reference": config.weight_scheme.reference,
+    return {**by_reference[config.weight_scheme.dce_reference], "reference": config.weight_scheme.dce_reference,
             "references": by_reference}
 
 

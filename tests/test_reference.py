@@ -97,7 +97,7 @@ def test_a_deployed_device_refuses_the_donors_reference(tmp_path):
 
 
 def test_the_generic_reference_needs_an_expert_even_for_mce_only(user_device, user_stores):
-    config = TrainConfig(method="mce-only", alignment_reference="generic", **ONE_STEP)
+    config = TrainConfig(method="mce-only", mce_reference="generic", **ONE_STEP)
     assert config.needs_expert and not config.spec.needs_expert
     with pytest.raises(ValueError, match="needs an expert"):
         user_device.train([user_stores[0]], config, None, progress=False)
@@ -106,7 +106,7 @@ def test_the_generic_reference_needs_an_expert_even_for_mce_only(user_device, us
 
 
 def test_mce_only_against_the_generic_history_trains_with_the_expert_texts(user_device, user_stores, experts):
-    config = TrainConfig(method="mce-only", alignment_reference="generic", **ONE_STEP)
+    config = TrainConfig(method="mce-only", mce_reference="generic", **ONE_STEP)
     report = user_device.train([user_stores[0]], config, experts[0], progress=False)
     assert report.steps == 1 and report.l_p[0] > 0
 
@@ -129,7 +129,7 @@ def test_the_weight_settings_are_run_config_keys():
                                     "keep-fraction": 0.4, "dce-reference": "removed", "mce-reference": "placeholder"})
     scheme = config.train_config("nextquill", 0).weight_scheme
     assert dataclasses.astuple(scheme) == ("removed", "fraction", 0.2, 1.0, 0.0, 0.4)
-    assert config.train_config("nextquill", 0).alignment_reference == "placeholder"
+    assert config.train_config("nextquill", 0).mce_reference == "placeholder"
     for key, value, problem in (("delta", 1.5, "at most 1"), ("keep-fraction", 0.0, "greater than 0"),
                                 ("dce-reference", "nobody", "one of")):
         with pytest.raises(ValueError, match=f"run config {key}.*{problem}"):
