@@ -157,7 +157,8 @@ def evaluate_personalized(
 ) -> dict[str, float]:
     """Evaluate the user's personalized model (global shared + own personal part) on the
     store's held-out samples, and with `evaluate_base` the base alone on the same samples and
-    prompts; numeric metrics only. History sensitivity reads `other_history` (in a simulation,
+    prompts (and, where the method reads the history, without it); numeric metrics only.
+    History sensitivity reads `other_history` (in a simulation,
     another user's of the same dataset), else a public donor history: a deployed device holds
     no other user's history. The generated texts stay on the device, in the store
     (`evaluation_path`), for its user to read."""
@@ -167,8 +168,8 @@ def evaluate_personalized(
     other = list(other_history) if other_history else list(public_donor_history())
     outputs = {}
 
-    def scores(prefix: str) -> dict[str, float]:
-        row = evaluate_user(model, device.tokenizer, store, uses_history, device.prompt, other, generation)
+    def scores(prefix: str, history: bool = uses_history) -> dict[str, float]:
+        row = evaluate_user(model, device.tokenizer, store, history, device.prompt, other, generation)
         outputs[prefix] = row["examples"]
         return {f"{prefix}-{key}": row[score] for score, key in zip(SCORES, SCORE_KEYS, strict=True)}
 
@@ -176,6 +177,8 @@ def evaluate_personalized(
     if evaluate_base:
         with model.disable_adapter():
             metrics |= scores("eval-base")
+            if uses_history:
+                metrics |= scores("eval-base-no-history", history=False)
     atomic_write_json(evaluation_path(store, run_name), {"run": run_name, "method": method, "outputs": outputs})
     return metrics
 

@@ -238,7 +238,20 @@ def run_evaluation(
                    **{f"macro-{k}": v for k, v in macro.items()}})
     log.info("[evaluate after round %d] %d users: %s", server_round, len(users),
              ", ".join(f"{k} {v:.4f}" for k, v in (dict(metrics) if metrics else {}).items()))
+    if metrics:
+        log.info("[evaluate after round %d] %s", server_round, side_by_side(dict(metrics)))
     return summary
+
+
+def side_by_side(metrics: dict[str, float]) -> str:
+    """The personalized model beside the base reading the history and the base without it."""
+    models = (("personalized", "eval-"), ("base with the method's prompt", "eval-base-"),
+              ("base without history", "eval-base-no-history-"))
+    parts = []
+    for score in ("rouge1", "nll"):
+        found = [f"{name} {metrics[prefix + score]:.4f}" for name, prefix in models if prefix + score in metrics]
+        parts.append(f"{score}: " + ", ".join(found))
+    return "; ".join(parts)
 
 
 def distribute_expert(grid: Grid, expert: Path, digest: str, timeout: float, nodes: list[int]) -> set[int]:

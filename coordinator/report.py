@@ -114,7 +114,7 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     panels = [("train-loss", "train loss L_n + α·L_p (mean over clients)"), ("eval-nll", "held-out NLL"),
-              ("eval-rougeL", "ROUGE-L"), ("eval-history-sensitivity", "history sensitivity")]
+              ("eval-rouge1", "ROUGE-1"), ("eval-history-sensitivity", "history sensitivity")]
     panels = [(key, title) for key, title in panels if any(_finite(r.get(key)) for r in rows)]
     if not panels:
         return
@@ -124,10 +124,13 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
             points = [(r["round"], r[key]) for r in rows if r["phase"] == phase and _finite(r.get(key))]
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", color=colour, label=phase)
-        base_key = key.replace("eval-", "eval-base-", 1)
-        base = [(r["round"], r[base_key]) for r in rows if key.startswith("eval-") and _finite(r.get(base_key))]
-        if base:
-            ax.plot(*zip(*base, strict=True), "s--", color="#888888", label="base, no training")
+        # The base beside the personalized model: reading the history as the method does, and without it.
+        for prefix, style, label in (("eval-base-", "s--", "base, no training"),
+                                     ("eval-base-no-history-", "v:", "base, no training, no history")):
+            base_key = key.replace("eval-", prefix, 1)
+            base = [(r["round"], r[base_key]) for r in rows if key.startswith("eval-") and _finite(r.get(base_key))]
+            if base:
+                ax.plot(*zip(*base, strict=True), style, color="#888888", label=label)
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -254,7 +254,7 @@ class RunConfig:
     compute_dtype: str = like(BaseSpec, "compute_dtype")
     quantized_cache: bool = like(BaseSpec, "quantized_cache")
     dataset: str = setting(
-        "shakespeare", "simulation users: 'shakespeare', 'synthetic', 'reviewers', 'chitchat' (real users' chat "
+        "reviewers", "simulation users: 'shakespeare', 'synthetic', 'reviewers', 'chitchat' (real users' chat "
                        "messages) or the path of a LaMP-style JSON file"
     )
     users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>, with the users "
@@ -269,7 +269,7 @@ class RunConfig:
     expert_rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
     rounds: int = setting(2, "personalization rounds", minimum=0)
     evaluate_every: int = setting(
-        0, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
+        1, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
     )
     evaluate_clients: int = setting(0, "devices sampled per evaluation (0: every one)", minimum=0)
     evaluate_base: bool = setting(

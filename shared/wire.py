@@ -69,9 +69,11 @@ TRAIN_METRICS = frozenset({
     "weights-seconds",
 })
 # The personalized model's scores, and with `evaluate-base` the same of the base alone (no
-# adapter) on the same samples and prompts: what personalization bought.
+# adapter) on the same samples and prompts, and, for a method that reads the history, of the
+# base without it: what personalization bought, and what the history alone buys.
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in SCORE_KEYS),
-                              *(f"eval-base-{s}" for s in SCORE_KEYS)})
+                              *(f"eval-base-{s}" for s in SCORE_KEYS),
+                              *(f"eval-base-no-history-{s}" for s in SCORE_KEYS)})
 QUERY_METRICS = frozenset({HAS_EXPERT})
 
 # Secure aggregation (SecAgg+, `coordinator/secure_aggregation.py`) carries a train message in

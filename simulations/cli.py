@@ -101,7 +101,7 @@ def _build_users(dataset: str, out: Path, args) -> list[Path]:
 
     return build_users(dataset, out, max_users=args.max_users, min_samples=args.min_samples,
                        records=getattr(args, "records", None), golds=getattr(args, "golds", None), seed=args.seed,
-                       overwrite=args.overwrite_users)
+                       preference_strength=getattr(args, "preference_strength", None), overwrite=args.overwrite_users)
 
 
 def cmd_users(args) -> int:
@@ -229,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, default=None)
     p.add_argument("--records", help="lamp-json: records file (or LaMP questions file)")
     p.add_argument("--golds", help="lamp-json: LaMP outputs file with 'golds'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="synthetic, reviewers: builds the users; chitchat: draws the --max-users taken")
+    p.add_argument("--preference-strength", type=float, default=None,
+                   help="reviewers: the share of a user's style words drawn from its favourites, in (0, 1] "
+                        "(default: 0.75 to 0.8)")
     p.add_argument("--overwrite", dest="overwrite_users", action="store_true",
                    help="rebuild stores that exist already, and replace folders in the way of new ones (their "
                         "personal adapters and caches go too); without it, existing stores are kept")

@@ -169,7 +169,8 @@ class StudyConfig:
         return hashlib.sha256(json.dumps(self.protocol(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-QUICK = {"model": "tiny", "seeds": (0,), "users": 4, "rounds": 2, "local_steps": 3}
+QUICK = {"model": "tiny", "seeds": (0,), "users": 4, "rounds": 2, "local_steps": 3, "history_tokens": 96,
+         "context_tokens": 32, "response_tokens": 48}
 
 
 def cell_path(out: Path, dataset: str, seed: int, method: str) -> Path:

@@ -51,4 +51,5 @@ def small_run(model_dir: Path, run_dir: Path, **overrides) -> dict:
         "model": str(model_dir), "device": "cpu", "clients-per-round": 2, "expert-rounds": 1, "rounds": 2,
         "local-steps": 2, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
         "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir),
+        "evaluate-every": 0,  # evaluated after the last round only: the rounds these tests count
     } | overrides

@@ -90,6 +90,8 @@ def build_chitchat_users(
     """The stores of the senders with at least `min_conversations` conversations (86 at 20); with
     `max_users`, that many of them drawn with `seed`. Users are named by their rank among all
     eligible senders (most conversations first), so a user keeps its name across draws."""
+    if max_users is not None and max_users < 0:
+        raise ValueError(f"max_users must not be negative, got {max_users}")
     if min_conversations < 2:
         raise ValueError(f"min_conversations must be at least 2, got {min_conversations}")
     by_sender: dict[str, list[tuple[str, dict]]] = {}
@@ -101,7 +103,7 @@ def build_chitchat_users(
     if not eligible:
         raise ValueError(f"no chitchat sender has {min_conversations} conversations")
     ranks = range(len(eligible))
-    if max_users is not None:
+    if max_users:  # None or 0: every eligible sender
         if max_users > len(eligible):
             raise ValueError(f"chitchat has {len(eligible)} senders with at least {min_conversations} conversations, "
                              f"fewer than the {max_users} users asked for")
