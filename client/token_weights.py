@@ -1,11 +1,12 @@
 """Data-side causal effects (DCE) and token weights, computed on the device with the expert.
 
 For every training sample the expert's probability of each ground-truth response token is
-computed once with the user's history and once with the counterfactual history h_ref
-(`client/reference.py`; averaged over the donors where there are several); the result is
-cached in the user's store under a key made of the expert's content digest, the base model,
-the prompt budgets and the reference, so a changed expert, prompt or reference invalidates
-it. The cache never leaves the device.
+computed once with the user's history and once with each counterfactual history h_ref asked
+for (`client/reference.py`; averaged over the donors where there are several). The result is
+cached in the user's store under a key made of the expert's content digest, the base model
+and the prompt budgets, so a changed expert or prompt invalidates it; within it, the
+probabilities with the user's history are shared by every reference, and each reference
+adds its own. The cache never leaves the device.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from client.reference import References
-from shared.batching import collate
+from shared.batching import left_pad
 from shared.config import PromptConfig, WeightScheme
 from shared.forward import model_device, response_label_log_probs
 from shared.losses import IGNORE_INDEX
@@ -33,7 +34,7 @@ from shared.user_store import Sample, UserStore
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "nextquill-token-probs/2"
+CACHE_FORMAT = "nextquill-token-probs/3"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,31 @@ def _encode(store: UserStore, tokenizer: PreTrainedTokenizerBase, prompt: Prompt
 
 
 @torch.no_grad()
+def compute_label_probs(
+    model: torch.nn.Module,
+    sequences: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[list[float]]:
+    """p(y_t | prompt, y<t) at every response token of each (prompt ids, response ids), under `model`."""
+    model.eval()
+    device = model_device(model)
+    out: list[list[float]] = []
+    starts = range(0, len(sequences), batch_size)
+    for start in tqdm(starts, desc="expert token probabilities", disable=not progress, leave=False):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(response) for _, response in chunk)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (_, response) in enumerate(chunk):
+            labels[row, width - len(response):] = torch.tensor(response, dtype=torch.long)
+        side = left_pad([prompt + response for prompt, response in chunk], pad_id).to(device)
+        labels = labels.to(device)
+        probs = torch.where(labels == IGNORE_INDEX, 0.0, response_label_log_probs(model, side, labels).exp())
+        out += [probs[row, width - len(response):].tolist() for row, (_, response) in enumerate(chunk)]
+    return out
+
+
 def compute_token_probs(
     model: torch.nn.Module,
     encoded: Sequence[EncodedSample],
@@ -71,21 +97,12 @@ def compute_token_probs(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[TokenProbs]:
-    """p(y_t | x, h, y<t) and p(y_t | x, ∅, y<t) at every response token, under `model`."""
-    model.eval()
-    device = model_device(model)
-    out: list[TokenProbs] = []
-    starts = range(0, len(encoded), batch_size)
-    for start in tqdm(starts, desc="expert token probabilities", disable=not progress, leave=False):
-        chunk = encoded[start : start + batch_size]
-        batch = collate(chunk, pad_id).to(device)
-        ignored = batch.labels == IGNORE_INDEX
-        p_with, p_without = (torch.where(ignored, 0.0, response_label_log_probs(model, side, batch.labels).exp())
-                             for side in (batch.with_history, batch.without_history))
-        for row, sample in enumerate(chunk):
-            n = len(sample.response)
-            out.append(TokenProbs(sample.response, p_with[row, -n:].tolist(), p_without[row, -n:].tolist()))
-    return out
+    """p(y_t | x, h, y<t) and p(y_t | x, h_ref, y<t) at every response token, under `model`."""
+    with_history = compute_label_probs(model, [(e.prompt_with, e.response) for e in encoded], pad_id, batch_size,
+                                       progress)
+    reference = compute_label_probs(model, [(e.prompt_without, e.response) for e in encoded], pad_id, batch_size,
+                                    progress)
+    return [TokenProbs(e.response, a, b) for e, a, b in zip(encoded, with_history, reference, strict=True)]
 
 
 def user_weight_scheme(scheme: WeightScheme, probs: Iterable[TokenProbs]) -> WeightScheme:
@@ -101,9 +118,9 @@ def user_weight_scheme(scheme: WeightScheme, probs: Iterable[TokenProbs]) -> Wei
     return dataclasses.replace(scheme, weighting="threshold", delta=max(-1.0, min(1.0, cut)))
 
 
-def cache_key(expert_digest: str, base_id: str, prompt: PromptConfig, reference: str = "removed") -> str:
+def cache_key(expert_digest: str, base_id: str, prompt: PromptConfig) -> str:
     material = json.dumps({"format": CACHE_FORMAT, "expert": expert_digest, "base": base_id,
-                           "prompt": asdict(prompt), "reference": reference}, sort_keys=True)
+                           "prompt": asdict(prompt)}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
@@ -124,41 +141,50 @@ def cached_token_probs(
 ) -> dict[str, TokenProbs]:
     """Token probabilities of the store's samples under the expert, with the user's history and
     with `references`' counterfactual history (the mean over its histories where it has several),
-    from the cache when it holds this (expert digest, base, prompt, reference) and every sample;
-    otherwise computed with the model `load_expert()` returns (called only then) and cached.
-    Sample id -> TokenProbs."""
+    from the cache where it holds them for this (expert digest, base, prompt); what is missing is
+    computed with the model `load_expert()` returns (called only then) and cached. Sample id ->
+    TokenProbs."""
     samples = store.samples(split)
-    key = cache_key(expert_digest, base_id, prompt, references.kind)
-    path = _cache_dir(store) / f"{key}.json"
-    cached: dict[str, TokenProbs] = {}
+    path = _cache_dir(store) / f"{cache_key(expert_digest, base_id, prompt)}.json"
+    entries: dict[str, dict] = {}
     if path.is_file():
         try:
-            payload = json.loads(path.read_text())
-            cached = {sid: TokenProbs(**row) for sid, row in payload["samples"].items()}
+            entries = dict(json.loads(path.read_text())["samples"])
         except (ValueError, KeyError, TypeError):
             log.warning("token-probability cache %s is unreadable; recomputing it", path)
-    variants = {s.id: [_encode(store, tokenizer, prompt, s, h) for h in references.histories(store, s)]
-                for s in samples if s.id not in cached}
-    stale_rows = [s for s in samples if s.id in cached
-                  and cached[s.id].token_ids != encode_response(tokenizer, s.y, prompt)]
-    for s in stale_rows:
-        variants[s.id] = [_encode(store, tokenizer, prompt, s, h) for h in references.histories(store, s)]
-    if variants:
-        flat = [encoded for per_sample in variants.values() for encoded in per_sample]
-        fresh = iter(compute_token_probs(load_expert(), flat, tokenizer.pad_token_id, batch_size))
-        for sample_id, per_sample in variants.items():
-            probs = [next(fresh) for _ in per_sample]
-            # The with-history side is the same prompt in every variant; the reference side is averaged.
-            mean_reference = [sum(column) / len(probs) for column in zip(*(p.prob_without for p in probs), strict=True)]
-            cached[sample_id] = TokenProbs(probs[0].token_ids, probs[0].prob_with, mean_reference)
-        atomic_write_json(path, {
-            "format": CACHE_FORMAT, "expert_digest": expert_digest, "base": base_id, "prompt": asdict(prompt),
-            "reference": references.kind,
-            "samples": {sid: asdict(probs) for sid, probs in sorted(cached.items())},
-        })
-        # A cache under another key belongs to an earlier expert, prompt or reference: it is stale.
+    need_with, need_reference = [], []
+    for sample in samples:
+        response = encode_response(tokenizer, sample.y, prompt)
+        entry = entries.get(sample.id)
+        if not isinstance(entry, dict) or entry.get("token_ids") != response:
+            entries[sample.id] = entry = {"token_ids": response, "prob_with": None, "reference": {}}
+        if entry["prob_with"] is None:
+            need_with.append(sample)
+        if references.kind not in entry["reference"]:
+            need_reference.append(sample)
+    if need_with or need_reference:
+        model = load_expert()
+        with_history = [(encode_sample(tokenizer, s.x, [h.text for h in store.history_for(s)], s.y, prompt)
+                         .prompt_with, entries[s.id]["token_ids"]) for s in need_with]
+        for sample, probs in zip(need_with, compute_label_probs(model, with_history, tokenizer.pad_token_id,
+                                                                batch_size), strict=True):
+            entries[sample.id]["prob_with"] = probs
+        variants = [(s, _encode(store, tokenizer, prompt, s, h)) for s in need_reference
+                    for h in references.histories(store, s)]
+        fresh = compute_label_probs(model, [(e.prompt_without, e.response) for _, e in variants],
+                                    tokenizer.pad_token_id, batch_size)
+        by_sample: dict[str, list[list[float]]] = {}
+        for (sample, _), probs in zip(variants, fresh, strict=True):
+            by_sample.setdefault(sample.id, []).append(probs)
+        for sample_id, found in by_sample.items():  # the mean over the donors (one history otherwise)
+            entries[sample_id]["reference"][references.kind] = [sum(c) / len(found) for c in zip(*found, strict=True)]
+        atomic_write_json(path, {"format": CACHE_FORMAT, "expert_digest": expert_digest, "base": base_id,
+                                 "prompt": asdict(prompt), "samples": dict(sorted(entries.items()))})
+        # A cache under another key belongs to an earlier expert or prompt: it is stale.
         for stale in _cache_dir(store).glob("*.json"):
             if stale != path:
                 stale.unlink(missing_ok=True)
-        log.info("computed expert token probabilities for %d samples of %s", len(variants), store.user_id)
-    return {s.id: cached[s.id] for s in samples}
+        log.info("computed expert token probabilities (%s) for %d samples of %s", references.kind,
+                 len(need_reference), store.user_id)
+    return {s.id: TokenProbs(entries[s.id]["token_ids"], entries[s.id]["prob_with"],
+                             entries[s.id]["reference"][references.kind]) for s in samples}

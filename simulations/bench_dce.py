@@ -13,6 +13,7 @@ from pathlib import Path
 
 from client import federated
 from client.personalize import Expert
+from client.reference import References
 from client.token_weights import cached_token_probs, compute_token_probs, encode_store_samples
 from client.trainer import train_adapter
 from shared.adapters import save_adapter
@@ -36,10 +37,12 @@ def dce_benchmark(config: RunConfig, stores: list[UserStore], out: Path, rounds:
     compute_seconds = time.perf_counter() - started
 
     for store in stores:  # fill the caches, then time a read of all of them
-        cached_token_probs(store, lambda: model, device.tokenizer, expert.digest, device.base_id, device.prompt)
+        cached_token_probs(store, lambda: model, device.tokenizer, expert.digest, device.base_id, device.prompt,
+                           References("removed"))
     started = time.perf_counter()
     for store in stores:
-        cached_token_probs(store, lambda: model, device.tokenizer, expert.digest, device.base_id, device.prompt)
+        cached_token_probs(store, lambda: model, device.tokenizer, expert.digest, device.base_id, device.prompt,
+                           References("removed"))
     cache_seconds = time.perf_counter() - started
 
     train = TrainConfig(method="nextquill", batch_size=config.batch_size, epochs=1.0)

@@ -136,13 +136,23 @@ def test_the_weight_settings_are_run_config_keys():
             RunConfig.from_flower({key: value})
 
 
-def test_cached_probs_name_their_reference(user_device, user_stores, experts):
+def test_one_cache_holds_every_reference_beside_the_shared_with_history_probabilities(user_device, user_stores,
+                                                                                     experts):
     import json
 
     store = user_stores[0]
-    probs = cached_token_probs(store, lambda: user_device.load_adapter("expert", experts[0].path),
-                               user_device.tokenizer, experts[0].digest, user_device.base_id, user_device.prompt,
-                               References("placeholder"))
-    assert probs
+
+    def cached(kind, load):
+        return cached_token_probs(store, load, user_device.tokenizer, experts[0].digest, user_device.base_id,
+                                  user_device.prompt, References(kind))
+
+    removed = cached("removed", lambda: user_device.load_adapter("expert", experts[0].path))
+    placeholder = cached("placeholder", lambda: user_device.load_adapter("expert", experts[0].path))
     (cache,) = (store.cache_dir / "token_probs").glob("*.json")
-    assert json.loads(cache.read_text())["reference"] == "placeholder"
+    entries = json.loads(cache.read_text())["samples"]
+    assert all({"removed", "placeholder"} <= set(entry["reference"]) for entry in entries.values())
+
+    def no_expert():
+        raise AssertionError("the cache should have answered")
+
+    assert cached("removed", no_expert) == removed and cached("placeholder", no_expert) == placeholder
