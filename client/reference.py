@@ -20,18 +20,15 @@ kind in the same place, with nothing of the user's in it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from client.derived_cache import DerivedCache
 from shared.config import REFERENCES, GenerationSettings, PromptConfig
-from shared.paths import atomic_write_json
 from shared.prompts import EMPTY_HISTORY_PLACEHOLDER, render_prompt
 from shared.user_store import Sample, UserStore
 
@@ -94,16 +91,6 @@ def item_inputs(store: UserStore) -> dict[str, str]:
     return {item.id: contexts.get(item.id, "") for item in store.history()}
 
 
-def _generic_key(expert_digest: str, base_id: str, prompt: PromptConfig) -> str:
-    material = json.dumps({"format": GENERIC_FORMAT, "expert": expert_digest, "base": base_id,
-                           "prompt": asdict(prompt)}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:20]
-
-
-def _generic_dir(store: UserStore) -> Path:
-    return store.cache_dir / "generic_history"
-
-
 def generic_texts(
     store: UserStore,
     load_expert: Callable[[], torch.nn.Module],
@@ -118,13 +105,8 @@ def generic_texts(
     from client.evaluation import generate
 
     inputs = item_inputs(store)
-    path = _generic_dir(store) / f"{_generic_key(expert_digest, base_id, prompt)}.json"
-    cached: dict[str, str] = {}
-    if path.is_file():
-        try:
-            cached = dict(json.loads(path.read_text())["texts"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("generic-history cache %s is unreadable; generating it again", path)
+    cache = DerivedCache.of(store, "generic_history", GENERIC_FORMAT, expert_digest, base_id, prompt)
+    cached = cache.read("texts")
     missing = sorted({x for item_id, x in inputs.items() if item_id not in cached})
     if missing:
         prompts = [render_prompt(tokenizer, x, None, prompt) for x in missing]
@@ -132,10 +114,6 @@ def generic_texts(
         # An empty generation would drop the item from the prompt's history block: keep a mark.
         by_input = {x: text or "..." for x, text in zip(missing, texts, strict=True)}
         cached.update({item_id: by_input[x] for item_id, x in inputs.items() if item_id not in cached})
-        atomic_write_json(path, {"format": GENERIC_FORMAT, "expert_digest": expert_digest, "base": base_id,
-                                 "prompt": asdict(prompt), "texts": dict(sorted(cached.items()))})
-        for stale in _generic_dir(store).glob("*.json"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
+        cache.write("texts", cached)
         log.info("generated %d generic history texts for %s", len(missing), store.user_id)
     return {item_id: cached[item_id] for item_id in inputs}

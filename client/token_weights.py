@@ -12,23 +12,20 @@ adds its own. The cache never leaves the device.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from client.derived_cache import DerivedCache
 from client.reference import References
 from shared.batching import left_pad
 from shared.config import PromptConfig, WeightScheme
 from shared.forward import model_device, response_label_log_probs
 from shared.losses import IGNORE_INDEX
-from shared.paths import atomic_write_json
 from shared.prompts import EncodedSample, encode_response, encode_sample
 from shared.user_store import Sample, UserStore
 
@@ -118,16 +115,6 @@ def user_weight_scheme(scheme: WeightScheme, probs: Iterable[TokenProbs]) -> Wei
     return dataclasses.replace(scheme, weighting="threshold", delta=max(-1.0, min(1.0, cut)))
 
 
-def cache_key(expert_digest: str, base_id: str, prompt: PromptConfig) -> str:
-    material = json.dumps({"format": CACHE_FORMAT, "expert": expert_digest, "base": base_id,
-                           "prompt": asdict(prompt)}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:20]
-
-
-def _cache_dir(store: UserStore) -> Path:
-    return store.cache_dir / "token_probs"
-
-
 def cached_token_probs(
     store: UserStore,
     load_expert: Callable[[], torch.nn.Module],
@@ -145,13 +132,8 @@ def cached_token_probs(
     computed with the model `load_expert()` returns (called only then) and cached. Sample id ->
     TokenProbs."""
     samples = store.samples(split)
-    path = _cache_dir(store) / f"{cache_key(expert_digest, base_id, prompt)}.json"
-    entries: dict[str, dict] = {}
-    if path.is_file():
-        try:
-            entries = dict(json.loads(path.read_text())["samples"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("token-probability cache %s is unreadable; recomputing it", path)
+    cache = DerivedCache.of(store, "token_probs", CACHE_FORMAT, expert_digest, base_id, prompt)
+    entries = cache.read("samples")
     need_with, need_reference = [], []
     for sample in samples:
         response = encode_response(tokenizer, sample.y, prompt)
@@ -178,12 +160,7 @@ def cached_token_probs(
             by_sample.setdefault(sample.id, []).append(probs)
         for sample_id, found in by_sample.items():  # the mean over the donors (one history otherwise)
             entries[sample_id]["reference"][references.kind] = [sum(c) / len(found) for c in zip(*found, strict=True)]
-        atomic_write_json(path, {"format": CACHE_FORMAT, "expert_digest": expert_digest, "base": base_id,
-                                 "prompt": asdict(prompt), "samples": dict(sorted(entries.items()))})
-        # A cache under another key belongs to an earlier expert or prompt: it is stale.
-        for stale in _cache_dir(store).glob("*.json"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
+        cache.write("samples", entries)
         log.info("computed expert token probabilities (%s) for %d samples of %s", references.kind,
                  len(need_reference), store.user_id)
     return {s.id: TokenProbs(entries[s.id]["token_ids"], entries[s.id]["prob_with"],
