@@ -102,7 +102,9 @@ class Device:
         probs = {}
         if config.spec.needs_expert:
             probs = self.expert_probs(store, expert, config.weight_scheme.dce_reference, donors)
-        encoded = self.encoded(store, references=self.references(config.mce_reference, store, expert, donors))
+        # Only L_p reads the counterfactual prompt: the other methods never build it from the expert.
+        kind = config.mce_reference if config.spec.aligns_effects else "removed"
+        encoded = self.encoded(store, references=self.references(kind, store, expert, donors))
         return [TrainExample(sample_encoding, probs.get(sample.id)) for sample, sample_encoding in encoded]
 
     def examples(self, stores: list[UserStore], config: TrainConfig, expert: Expert | None) -> list[TrainExample]:

@@ -156,3 +156,10 @@ def test_one_cache_holds_every_reference_beside_the_shared_with_history_probabil
         raise AssertionError("the cache should have answered")
 
     assert cached("removed", no_expert) == removed and cached("placeholder", no_expert) == placeholder
+
+
+def test_methods_without_l_p_never_build_the_counterfactual_from_the_expert(user_device, user_stores):
+    # The expert phase of a run whose mce-reference is generic trains ContextSFT, without an expert.
+    config = TrainConfig(method="context-sft", mce_reference="generic", **ONE_STEP)
+    assert not config.needs_expert
+    assert user_device.train([user_stores[0]], config, None, progress=False).steps == 1
