@@ -63,8 +63,12 @@ def measure(study: StudyConfig, steps: int, seed: int, history_dropout: float, w
     detection = dce_detection(config, study.users, expert)
     if detection is None:
         raise ValueError(f"the {DATASET} users in {config.users_dir} carry no preference spans")
+    donors = detection["references"].get("donors", {})
+    detection["references"] = {name: {k: v for k, v in summary.items() if not k.startswith("roc_fpr")
+                                      and not k.startswith("roc_tpr")}
+                               for name, summary in detection["references"].items()}
     return {"steps": steps, "history_dropout": history_dropout, "seed": seed, "train_seconds": train_seconds,
-            **detection}
+            "roc_auc_own_vs_other_history": donors.get("roc_auc"), **detection}
 
 
 def _name(steps: int, history_dropout: float) -> str:
@@ -92,12 +96,13 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         f"`settings.json`); machine: {machine()}. The study's expert is federated, {study_steps} client steps "
         "in all. Train seconds are wall time on that machine, at times shared with other jobs: not a benchmark.",
         "",
-        "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (train and test "
-        "samples); the same counting only the first token of each preference word (each word of a style "
+        "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (the training "
+        "samples; DCE against the counterfactual history of `dce-reference`, the history removed in rows "
+        "measured before it existed); the same counting only the first token of each preference word (each word of a style "
         "phrase is a span of the ground truth) against the tokens outside them; precision and recall of the "
         "tokens DCE weights "
-        "high (DCE > δ); the AUC of the contrast of the user's own history against another user's instead "
-        "of none. History dropout: the fraction of the expert's training steps whose prompt had the "
+        "high (DCE > δ); the AUC of the contrast of the user's own history against other users' (the "
+        "`donors` reference) instead. History dropout: the fraction of the expert's training steps whose prompt had the "
         "history removed (0: ContextSFT as the study trains it).", "",
         "| expert steps | history dropout | seed | ROC AUC | AUC, span starts | AUC own vs other history | "
         "precision | recall | mean DCE pref. | mean DCE other | train s |",
@@ -176,7 +181,7 @@ def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, history_dr
         result.pop("roc_fpr"), result.pop("roc_tpr")
         atomic_write_json(path, result)
         log.info("expert of %d steps: ROC AUC %.3f (own vs other %.3f), precision %.3f, recall %.3f", steps,
-                 result["roc_auc"], result["roc_auc_own_vs_other_history"] or float("nan"), result["precision"],
+                 result["roc_auc"], result.get("roc_auc_own_vs_other_history") or float("nan"), result["precision"],
                  result["recall"])
     return write_report(out, study)
 
