@@ -136,6 +136,31 @@ def span_words(text: str, spans: Sequence[Sequence[int]]) -> set[str]:
     return {w for start, end in spans for w in words(text[start:end])}
 
 
+# Words that carry no content of their own, for `content_recall` (words of 1 to 3 letters are
+# left out by length).
+_FUNCTION_WORDS = frozenset(
+    "about after also been before being could does doing from have here into just like more most much only "
+    "over some such than that them then there these they this those very were what when where which while "
+    "will with would your".split())
+_CONTENT = re.compile(r"\d+(?:[.,]\d+)*|[a-z']+(?:-[a-z']+)*")
+
+
+def content_words(text: str) -> set[str]:
+    """Numbers and words of four letters or more, other than function words, of `text`."""
+    return {w for w in _CONTENT.findall(text.lower())
+            if w[0].isdigit() or (len(w) >= 4 and w not in _FUNCTION_WORDS)}
+
+
+def content_recall(context: str, reference: str, prediction: str) -> float:
+    """Of the content words of the input `context` that the reference repeats (a product, a price, a
+    topic), the share that `prediction` repeats too: how faithfully a generated text carries what
+    the user was writing about, apart from how (the style). nan where the reference repeats none."""
+    carried = content_words(context) & content_words(reference)
+    if not carried:
+        return float("nan")
+    return len(carried & content_words(prediction)) / len(carried)
+
+
 def style_scores(prediction: str, reference_words: set[str], user_words: set[str],
                  vocabulary: set[str]) -> dict[str, float]:
     """How a generated text uses its user's style words (users whose preference spans are known):

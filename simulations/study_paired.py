@@ -8,10 +8,10 @@ each drawn seed), so that a few seeds with many users each count as what they ar
 
     paired.csv  dataset, method, baseline, metric, mean difference, interval low, interval high
     dce.csv     dataset, counterfactual, ROC AUC, precision, recall (means over seeds)
-    paired.png  the ROUGE-1 and style-F1 differences with their intervals
+    paired.png  the ROUGE-1, style-F1 and content-recall differences with their intervals
 
-The style metric (`shared.metrics.style_scores`) is computed here from the texts the devices
-generated (kept in their stores and gathered by the simulation, never sent by a device).
+The style and content metrics (`shared.metrics.style_scores`, `content_recall`) are computed
+here from the texts the devices generated (kept in their stores and gathered by the simulation, never sent by a device).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from shared.metrics import style_scores
+from shared.metrics import content_recall, style_scores
 from shared.paths import atomic_write_png, atomic_write_text
 
 # (method, its fair baseline): equal capacity first, then the untrained bar, then the ablations
@@ -37,30 +37,34 @@ FAIR_PAIRS = (
     ("nextquill-fed", "fedit-context-sft"),
 )
 ABLATION_BASELINE = "nextquill-fed"
-METRICS = ("rouge1", "rougeL", "nll", "style-f1")
+TEXT_METRICS = ("style-f1", "content-recall")  # read from the generated texts (`user_text_scores`)
+METRICS = ("rouge1", "rougeL", "nll", "history-sensitivity", *TEXT_METRICS)
 BOOTSTRAP_DRAWS = 4000
 
 
-def user_style(cell: dict[str, Any]) -> dict[int, float]:
-    """User index -> mean style F1 of the user's generated texts (users with known style words)."""
+def user_text_scores(cell: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """Metric -> user index -> mean over the user's generated texts, of the scores read from the
+    texts themselves: style F1 (users with known style words) and content recall (every user)."""
     outputs = cell.get("outputs") or []
     vocabulary = {w for o in outputs for w in o.get("user_style_words", [])}
-    if not vocabulary:
-        return {}
-    by_user: dict[int, list[float]] = {}
+    found: dict[str, dict[int, list[float]]] = {metric: {} for metric in TEXT_METRICS}
     for o in outputs:
-        f1 = style_scores(o["prediction"], set(o["reference_style_words"]), set(o["user_style_words"]),
-                          vocabulary)["style_f1"]
-        if not math.isnan(f1):
-            by_user.setdefault(o["index"], []).append(f1)
-    return {user: sum(v) / len(v) for user, v in by_user.items()}
+        scores = {"content-recall": content_recall(o.get("x", ""), o["reference"], o["prediction"])}
+        if vocabulary:
+            scores["style-f1"] = style_scores(o["prediction"], set(o["reference_style_words"]),
+                                              set(o["user_style_words"]), vocabulary)["style_f1"]
+        for metric, value in scores.items():
+            if not math.isnan(value):
+                found[metric].setdefault(o["index"], []).append(value)
+    return {metric: {user: sum(v) / len(v) for user, v in by_user.items()} for metric, by_user in found.items()}
 
 
 def per_user(cell: dict[str, Any]) -> dict[int, dict[str, float]]:
     """User index -> metrics of one cell (the federation numbers its nodes from 1000)."""
     users = {int(row["node_id"]) % 1000: {m: row[m] for m in METRICS if m in row} for row in cell["per_user"]}
-    for user, f1 in user_style(cell).items():
-        users.setdefault(user, {})["style-f1"] = f1
+    for metric, by_user in user_text_scores(cell).items():
+        for user, value in by_user.items():
+            users.setdefault(user, {})[metric] = value
     return users
 
 
@@ -152,8 +156,10 @@ def paired_section(paired: list[dict[str, Any]], dce: list[dict[str, Any]]) -> l
     """The report's Markdown for the paired differences and the DCE per counterfactual."""
     lines = ["## Paired differences against the fair baselines", "",
              "Per user (same seed, same held-out samples), method minus baseline; mean over users and seeds "
-             "with a 95% two-level bootstrap interval (seeds, then users). Higher is better except for NLL. "
-             "An interval that excludes 0 separates the two.", "",
+             "with a 95% two-level bootstrap interval (seeds, then users). Higher is better except for NLL; "
+             "history-sensitivity (NLL with another user's history minus NLL with the user's own) is how much "
+             "the model's predictions rest on this user's history, what causal preference modeling is meant to "
+             "widen. An interval that excludes 0 separates the two.", "",
              "| dataset | method | baseline | metric | difference | 95% interval | users × seeds |",
              "|---|---|---|---|---|---|---|"]
     for row in paired:
@@ -194,7 +200,7 @@ def _plot(out: Path, paired: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in ("rouge1", "style-f1") if any(r["metric"] == m for r in paired)]
+    shown = [m for m in ("rouge1", "style-f1", "content-recall") if any(r["metric"] == m for r in paired)]
     fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 0.5 + 0.4 * len(paired) / len(shown) + 1.5),
                              squeeze=False)
     for ax, metric in zip(axes[0], shown, strict=True):

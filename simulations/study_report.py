@@ -17,12 +17,11 @@ from typing import Any
 from shared.metrics import SCORE_KEYS
 from shared.paths import atomic_write_png, atomic_write_text
 from simulations.study_outputs import outputs_lines, profile_lines, profiles
-from simulations.study_paired import user_style, write_paired
+from simulations.study_paired import TEXT_METRICS, user_text_scores, write_paired
 
 DCE_SUFFIX = ".dce.json"  # an expert row's DCE scores, beside its cell (the study names them so)
 PROFILE_SUFFIX = ".profile.json"  # a (dataset, seed)'s budgets and headroom (`data.profile.json`)
 METRICS = SCORE_KEYS  # as the federation reports them
-STYLE = "style-f1"  # from the generated texts, where the users' style words are known
 # Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -54,8 +53,10 @@ def summarize(cells: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]
             row["seeds"] = sorted(c["seed"] for c in row["cells"])
             for metric in METRICS:
                 row[metric] = interval([c["macro"].get(metric) for c in row["cells"]])
-            styles = [list(user_style(c).values()) for c in row["cells"]]
-            row[STYLE] = interval([sum(v) / len(v) for v in styles if v])
+            texts = [user_text_scores(c) for c in row["cells"]]
+            for metric in TEXT_METRICS:
+                means = [sum(v) / len(v) for scores in texts if (v := list(scores[metric].values()))]
+                row[metric] = interval(means)
             row["upload_mb"] = max(c["upload_bytes_per_client_round"] for c in row["cells"]) / 1e6
             # The median: a cell whose cores were shared by another job does not move it.
             row["seconds"] = statistics.median(c["wall_seconds"] for c in row["cells"])
@@ -134,13 +135,13 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                      else "."), ""]
     for dataset, methods in table.items():
         lines += [f"## {dataset}", "",
-                  "| method | what | seeds | " + " | ".join((*METRICS, STYLE)) + " | upload MB/client/round | "
+                  "| method | what | seeds | " + " | ".join((*METRICS, *TEXT_METRICS)) + " | upload MB/client/round | "
                   "s/cell (median) |",
                   "|---|---|---|" + "---|" * (len(METRICS) + 3)]
         for method in sorted(methods, key=lambda m: order.get(m, 99)):
             row = methods[method]
             label = rows[method].label if method in rows else ""
-            cells_text = " | ".join(_cell(*row[m]) for m in (*METRICS, STYLE))
+            cells_text = " | ".join(_cell(*row[m]) for m in (*METRICS, *TEXT_METRICS))
             lines.append(f"| `{method}` | {label} | {len(row['seeds'])} | {cells_text} | {row['upload_mb']:.2f} | "
                          f"{row['seconds']:.0f} |")
         lines += ["", *[f"- {line}" for line in comparisons(methods)], ""]

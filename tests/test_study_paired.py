@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from shared.metrics import span_words, style_scores
+from shared.metrics import content_recall, content_words, span_words, style_scores
 from simulations.study_paired import bootstrap_interval, dce_rows, paired_rows, per_user
 
 
@@ -51,15 +51,28 @@ def test_the_style_metric_counts_the_users_own_words():
     assert math.isnan(style_scores("no style", set(), mine, vocabulary)["style_f1"])
 
 
-def test_style_f1_enters_the_per_user_metrics_from_the_devices_outputs():
+def test_style_f1_and_content_recall_enter_the_per_user_metrics_from_the_devices_outputs():
     cell = _cell("nextquill-fed", 0, [0.5, 0.6])
     cell["outputs"] = [
-        {"index": 0, "prediction": "sleek and handy", "reference_style_words": ["sleek", "handy"],
+        {"index": 0, "x": "Review the kettle, priced at $12.", "reference": "The kettle is sleek and handy, $12.",
+         "prediction": "kettle: sleek and handy", "reference_style_words": ["sleek", "handy"],
          "user_style_words": ["sleek", "handy"]},
-        {"index": 1, "prediction": "sleek", "reference_style_words": ["dull"], "user_style_words": ["dull"]},
+        {"index": 1, "x": "Review the lamp.", "reference": "A dull thing.", "prediction": "sleek",
+         "reference_style_words": ["dull"], "user_style_words": ["dull"]},
     ]
     users = per_user(cell)
     assert users[0]["style-f1"] == 1.0 and users[1]["style-f1"] == 0.0 and users[0]["rouge1"] == 0.5
+    assert users[0]["content-recall"] == 0.5  # the kettle carried, the price not
+    assert "content-recall" not in users[1]  # its reference repeats nothing of the input
+
+
+def test_content_recall_counts_the_inputs_content_words_that_the_reference_repeats():
+    context = "Review the keyboard: it has a non-stick coating and a padded strap, priced at $67."
+    reference = "Hmm, for $67 this keyboard comes with a non-stick coating and a padded strap."
+    assert content_words(context) == {"review", "keyboard", "non-stick", "coating", "padded", "strap", "priced", "67"}
+    assert content_recall(context, reference, reference) == 1.0
+    assert content_recall(context, reference, "The keyboard has a padded strap, and it costs $298.") == 0.5
+    assert math.isnan(content_recall(context, "Five stars from me.", "anything"))
 
 
 def test_dce_rows_average_each_counterfactual_over_seeds(tmp_path):
