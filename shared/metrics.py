@@ -138,10 +138,12 @@ def span_words(text: str, spans: Sequence[Sequence[int]]) -> set[str]:
 
 # Words that carry no content of their own, for `content_recall` (words of 1 to 3 letters are
 # left out by length).
-_FUNCTION_WORDS = frozenset(
-    "about after also been before being could does doing from have here into just like more most much only "
-    "over some such than that them then there these they this those very were what when where which while "
-    "will with would your".split())
+_FUNCTION_WORDS = frozenset((
+    "about", "after", "also", "been", "before", "being", "could", "does", "doing", "from", "have", "here",
+    "into", "just", "like", "more", "most", "much", "only", "over", "some", "such", "than", "that", "them",
+    "then", "there", "these", "they", "this", "those", "very", "were", "what", "when", "where", "which",
+    "while", "will", "with", "would", "your",
+))
 _CONTENT = re.compile(r"\d+(?:[.,]\d+)*|[a-z']+(?:-[a-z']+)*")
 
 

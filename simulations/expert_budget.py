@@ -98,12 +98,11 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         "",
         "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (the training "
         "samples; DCE against the counterfactual history of `dce-reference`, the history removed in rows "
-        "measured before it existed); the same counting only the first token of each preference word (each word of a style "
-        "phrase is a span of the ground truth) against the tokens outside them; precision and recall of the "
-        "tokens DCE weights "
-        "high (DCE > δ); the AUC of the contrast of the user's own history against other users' (the "
-        "`donors` reference) instead. History dropout: the fraction of the expert's training steps whose prompt had the "
-        "history removed (0: ContextSFT as the study trains it).", "",
+        "measured before it existed); the same counting only the first token of each preference word (each "
+        "word of a style phrase is a span of the ground truth) against the tokens outside them; precision and "
+        "recall of the tokens DCE weights high (DCE > δ); the AUC of the contrast of the user's own history "
+        "against other users' (the `donors` reference) instead. History dropout: the fraction of the expert's "
+        "training steps whose prompt had the history removed (0: ContextSFT as the study trains it).", "",
         "| expert steps | history dropout | seed | ROC AUC | AUC, span starts | AUC own vs other history | "
         "precision | recall | mean DCE pref. | mean DCE other | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
