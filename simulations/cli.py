@@ -286,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     study_options(p)
     p.set_defaults(func=cmd_study)
 
+    p = sub.add_parser("tune", help="NextQuill's own settings chosen on a validation split, paired with feddpa")
+    from simulations.tune import build_parser as tune_options
+    from simulations.tune import tune_from
+
+    tune_options(p)
+    p.set_defaults(func=tune_from)
+
     p = sub.add_parser("run-config", help="the [tool.flwr.app.config] table of pyproject.toml, from RunConfig")
     p.set_defaults(func=cmd_run_config)
 

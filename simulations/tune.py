@@ -288,12 +288,11 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_png(fig, out / "tune.png")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     from simulations.study import build_parser as study_parser
 
-    parser = study_parser()
-    parser.prog = "python -m simulations.tune"
-    parser.description = __doc__
+    parser = study_parser(parser or argparse.ArgumentParser(prog="python -m simulations.tune", description=__doc__,
+                                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     for action in parser._actions:
         if action.dest == "out":
             action.help = ("the tuning folder: cells and report (default: simulations/results/tune-<model> in this "
@@ -310,24 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_from(args: argparse.Namespace) -> int:
+    """Run the tuning the parsed command line asks for; prints where the report is."""
+    from simulations.study import study_from
+
+    if args.held_out < 1:
+        raise ValueError(f"--held-out must be at least 1, got {args.held_out}")
+    study, study_out = study_from(args)
+    out = Path(args.out) if args.out else study_out.with_name(study_out.name.replace("study", "tune", 1))
+    report = run_tuning(Tuning(study, args.dataset, args.seed, args.held_out, out), parse_grid(args.grid))
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from simulations.options import run_command
-    from simulations.study import study_from
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def tune() -> int:
-        if args.held_out < 1:
-            raise ValueError(f"--held-out must be at least 1, got {args.held_out}")
-        study, study_out = study_from(args)
-        out = Path(args.out) if args.out else study_out.with_name(study_out.name.replace("study", "tune", 1))
-        candidates = parse_grid(args.grid)
-        report = run_tuning(Tuning(study, args.dataset, args.seed, args.held_out, out), candidates)
-        print(f"report: {report}")
-        return 0
-
-    return run_command("tune", tune)
+    return run_command("tune", lambda: tune_from(args))
 
 
 if __name__ == "__main__":
