@@ -15,6 +15,7 @@ from client.personalize import Device, Expert
 from client.token_weights import user_weight_scheme
 from shared.config import WeightScheme
 from shared.losses import token_weights
+from shared.metrics import content_spans
 from shared.paths import atomic_directory, atomic_write_jsonl, atomic_write_text, refuse_to_replace
 from shared.user_store import UserStore
 
@@ -29,6 +30,7 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
     rows = []
     for sample in store.samples(split):
         p = probs[sample.id]
+        carried = content_spans(sample.x, sample.y)
         weights = token_weights(scheme, torch.tensor(p.prob_with), torch.tensor(p.prob_without)).tolist()
         offsets = device.tokenizer(sample.y, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         tokens = []
@@ -42,6 +44,7 @@ def token_rows(device: Device, store: UserStore, expert: Expert, scheme: WeightS
                 "weight": weights[i],
                 "preference": any(s < end and start < e for s, e in sample.preference_spans),
                 "preference_start": False,
+                "content": any(s < end and start < e for s, e in carried),
             })
         # The token where a preference span (a word) begins is where the user's choice shows;
         # the rest of a multi-token word follows from it, with or without history.
@@ -60,6 +63,18 @@ def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
     high = [t for t in tokens if t["weight"] > threshold]
     summary = {"targets": len(rows), "tokens": len(tokens), "high_weight_tokens": len(high),
                "mean_dce": sum(t["dce"] for t in tokens) / max(1, len(tokens))}
+    # Where the weights put the loss: the style words (ground truth), the content carried over
+    # from the input, and the rest (template, function words), each as a share of the tokens
+    # and of the summed weight.
+    classes = {"style": [t for t in tokens if t["preference"]],
+               "content": [t for t in tokens if t.get("content") and not t["preference"]]}
+    classes["other"] = [t for t in tokens if not t["preference"] and not t.get("content")]
+    if not classes["style"]:  # no ground truth: not a class of its own
+        del classes["style"]
+    total = sum(t["weight"] for t in tokens)
+    if tokens and total > 0:
+        summary["token_share"] = {k: len(v) / len(tokens) for k, v in classes.items()}
+        summary["weight_share"] = {k: sum(t["weight"] for t in v) / total for k, v in classes.items()}
     truth = [t for t in tokens if t["preference"]]
     if truth:
         others = [t for t in tokens if not t["preference"]]

@@ -145,12 +145,20 @@ _FUNCTION_WORDS = frozenset((
     "while", "will", "with", "would", "your",
 ))
 _CONTENT = re.compile(r"\d+(?:[.,]\d+)*|[a-z']+(?:-[a-z']+)*")
+_CONTENT_ANY_CASE = re.compile(_CONTENT.pattern, re.IGNORECASE)
 
 
 def content_words(text: str) -> set[str]:
     """Numbers and words of four letters or more, other than function words, of `text`."""
     return {w for w in _CONTENT.findall(text.lower())
             if w[0].isdigit() or (len(w) >= 4 and w not in _FUNCTION_WORDS)}
+
+
+def content_spans(context: str, text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of `text` that are content words of `context`: what a target
+    carries over from its input (a product, a price), as opposed to how it says it."""
+    carried = content_words(context)
+    return [m.span() for m in _CONTENT_ANY_CASE.finditer(text) if m.group().lower() in carried]
 
 
 def content_recall(context: str, reference: str, prediction: str) -> float:

@@ -132,9 +132,15 @@ def dce_rows(detections: dict[Path, dict[str, Any]], expert: str) -> list[dict[s
                 values = [s[key] for s in scores if s.get(key) is not None]
                 return sum(values) / len(values) if values else float("nan")
 
+            def share(kind: str, part: str, scores: list[dict] = scores) -> float:
+                values = [s[kind][part] for s in scores if part in s.get(kind, {})]
+                return sum(values) / len(values) if values else float("nan")
+
             rows.append({"dataset": dataset, "counterfactual": reference, "roc_auc": mean("roc_auc"),
                          "precision": mean("precision"), "recall": mean("recall"),
                          "share_high_weight": mean("share_high_weight"), "mean_dce": mean("mean_dce"),
+                         **{f"{kind}_{part}": share(kind, part) for kind in ("token_share", "weight_share")
+                            for part in ("style", "content")},
                          "seeds": len(scores)})
     return rows
 
@@ -172,12 +178,18 @@ def paired_section(paired: list[dict[str, Any]], dce: list[dict[str, Any]]) -> l
         lines += ["", "## The expert's DCE against each counterfactual history", "",
                   "ROC AUC of DCE for the users' known style words over every target token, and precision and "
                   "recall of the tokens weighted λ (threshold δ); chitchat has no ground truth, only the share "
-                  "of tokens weighted λ. Means over seeds (`dce.csv`).", "",
-                  "| dataset | h_ref | ROC AUC | precision | recall | share weighted λ | mean DCE | seeds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "of tokens weighted λ. Where the loss goes: the share of the summed token weight on the "
+                  "style words and on the content carried over from the input (`shared.metrics.content_spans`), "
+                  "beside their share of the tokens (an unweighted loss gives each its token share). Means over "
+                  "seeds (`dce.csv`).", "",
+                  "| dataset | h_ref | ROC AUC | precision | recall | share weighted λ | mean DCE | style: tokens → "
+                  "weight | content: tokens → weight | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in dce:
             cells = [f"{row[k]:.3f}" if not math.isnan(row[k]) else "–"
                      for k in ("roc_auc", "precision", "recall", "share_high_weight", "mean_dce")]
+            cells += [f"{row[f'token_share_{part}']:.3f} → {row[f'weight_share_{part}']:.3f}"
+                      if not math.isnan(row[f"weight_share_{part}"]) else "–" for part in ("style", "content")]
             lines.append(f"| {row['dataset']} | {row['counterfactual']} | {' | '.join(cells)} | {row['seeds']} |")
     return lines + [""]
 

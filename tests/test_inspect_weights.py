@@ -58,3 +58,27 @@ def test_roc_auc_is_the_chance_a_positive_outscores_a_negative():
     assert roc_auc([0.3, 0.6, 0.1, 0.6], [True, True, False, False]) == pytest.approx(0.625)
     fpr, tpr = roc_curve([0.9, 0.8, 0.1, 0.2], [True, True, False, False])
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0) and tpr[2] == 1.0 and fpr[2] == 0.0
+
+
+def test_the_summary_says_where_the_loss_weight_goes_by_kind_of_token():
+    from client.inspect_weights import detection_summary
+
+    def token(weight, preference=False, content=False):
+        return {"dce": weight, "weight": weight, "preference": preference, "preference_start": preference,
+                "content": content}
+
+    rows = [{"tokens": [token(0.9, preference=True), token(0.1, content=True), token(0.1, content=True),
+                        token(0.9), token(0.1)]}]
+    summary = detection_summary(rows, WeightScheme())
+    assert summary["token_share"] == {"style": 0.2, "content": 0.4, "other": 0.4}
+    assert summary["weight_share"] == pytest.approx({"style": 0.9 / 2.1, "content": 0.2 / 2.1, "other": 1.0 / 2.1})
+    no_truth = detection_summary([{"tokens": [token(0.9), token(0.1, content=True)]}], WeightScheme())
+    assert set(no_truth["weight_share"]) == {"content", "other"}  # no style words known: no class of its own
+
+
+def test_content_spans_are_where_a_target_repeats_its_inputs_content_words():
+    from shared.metrics import content_spans
+
+    text = "For $67 this Keyboard has a padded strap."
+    spans = content_spans("Review the keyboard: a padded strap, priced at $67.", text)
+    assert [text[a:b] for a, b in spans] == ["67", "Keyboard", "padded", "strap"]
