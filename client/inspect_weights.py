@@ -75,6 +75,9 @@ def detection_summary(rows: list[dict], scheme: WeightScheme) -> dict:
     if tokens and total > 0:
         summary["token_share"] = {k: len(v) / len(tokens) for k, v in classes.items()}
         summary["weight_share"] = {k: sum(t["weight"] for t in v) / total for k, v in classes.items()}
+        # The share of each kind's tokens weighted λ: what DCE decides, whatever ε is.
+        summary["high_weight_share"] = {k: sum(1 for t in v if t["weight"] > threshold) / len(v)
+                                        for k, v in classes.items() if v}
     truth = [t for t in tokens if t["preference"]]
     if truth:
         others = [t for t in tokens if not t["preference"]]

@@ -141,6 +141,8 @@ def dce_rows(detections: dict[Path, dict[str, Any]], expert: str) -> list[dict[s
                          "share_high_weight": mean("share_high_weight"), "mean_dce": mean("mean_dce"),
                          **{f"{kind}_{part}": share(kind, part) for kind in ("token_share", "weight_share")
                             for part in ("style", "content")},
+                         **{f"high_weight_share_{part}": share("high_weight_share", part)
+                            for part in ("style", "content", "other")},
                          "seeds": len(scores)})
     return rows
 
@@ -180,16 +182,20 @@ def paired_section(paired: list[dict[str, Any]], dce: list[dict[str, Any]]) -> l
                   "recall of the tokens weighted λ (threshold δ); chitchat has no ground truth, only the share "
                   "of tokens weighted λ. Where the loss goes: the share of the summed token weight on the "
                   "style words and on the content carried over from the input (`shared.metrics.content_spans`), "
-                  "beside their share of the tokens (an unweighted loss gives each its token share). Means over "
-                  "seeds (`dce.csv`).", "",
+                  "beside their share of the tokens (an unweighted loss gives each its token share; the shares "
+                  "follow the run config's ε), and the share of each kind's tokens that DCE weights λ (whatever "
+                  "ε is). Means over seeds (`dce.csv`).", "",
                   "| dataset | h_ref | ROC AUC | precision | recall | share weighted λ | mean DCE | style: tokens → "
-                  "weight | content: tokens → weight | seeds |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "weight | content: tokens → weight | weighted λ: style / content / rest | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in dce:
             cells = [f"{row[k]:.3f}" if not math.isnan(row[k]) else "–"
                      for k in ("roc_auc", "precision", "recall", "share_high_weight", "mean_dce")]
             cells += [f"{row[f'token_share_{part}']:.3f} → {row[f'weight_share_{part}']:.3f}"
                       if not math.isnan(row[f"weight_share_{part}"]) else "–" for part in ("style", "content")]
+            cells.append(" / ".join(f"{row[f'high_weight_share_{part}']:.2f}"
+                                    if not math.isnan(row[f"high_weight_share_{part}"]) else "–"
+                                    for part in ("style", "content", "other")))
             lines.append(f"| {row['dataset']} | {row['counterfactual']} | {' | '.join(cells)} | {row['seeds']} |")
     return lines + [""]
 

@@ -13,13 +13,14 @@ from simulations.datasets import import_lamp_json
 
 def test_inspection_lists_each_target_token_with_offsets_dce_and_weight(user_device, user_stores, experts, tmp_path):
     store = user_stores[0]
-    summary = write_inspection(user_device, store, experts[0], WeightScheme(), tmp_path)
+    scheme = WeightScheme()
+    summary = write_inspection(user_device, store, experts[0], scheme, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "token_weights.jsonl").read_text().splitlines()]
     assert len(rows) == len(store.samples())
     for row in rows:
         for token in row["tokens"]:
             assert 0 <= token["start"] <= token["end"] <= len(row["target"])
-            assert token["weight"] in (pytest.approx(0.9), pytest.approx(0.1))
+            assert token["weight"] in (pytest.approx(scheme.weight_high), pytest.approx(scheme.weight_low))
         pieces = "".join(row["target"][t["start"]:t["end"]] for t in row["tokens"])
         assert pieces.replace(" ", "") == row["target"].replace(" ", "")[: len(pieces.replace(" ", ""))]
     assert summary["preference_tokens"] > 0 and "recall" in summary
@@ -72,6 +73,7 @@ def test_the_summary_says_where_the_loss_weight_goes_by_kind_of_token():
     summary = detection_summary(rows, WeightScheme())
     assert summary["token_share"] == {"style": 0.2, "content": 0.4, "other": 0.4}
     assert summary["weight_share"] == pytest.approx({"style": 0.9 / 2.1, "content": 0.2 / 2.1, "other": 1.0 / 2.1})
+    assert summary["high_weight_share"] == {"style": 1.0, "content": 0.0, "other": 0.5}
     no_truth = detection_summary([{"tokens": [token(0.9), token(0.1, content=True)]}], WeightScheme())
     assert set(no_truth["weight_share"]) == {"content", "other"}  # no style words known: no class of its own
 
