@@ -181,3 +181,15 @@ def test_a_study_resumed_without_its_run_folders_rebuilds_the_expert_and_keeps_i
     assert (resumed / "cells" / "reviewers" / "seed-0" / "nextquill-fed.json").is_file() and not ran
     assert (study_module.work_dir(config) / "runs" / "reviewers" / "seed-0" / "fedit-context-sft"
             / "shared_adapter").is_dir()
+
+
+def test_our_headline_rows_are_the_run_configs_defaults(tmp_path):
+    # The rows pin NextQuill's own settings so their cells keep their meaning; a default changed
+    # without them would leave the headline measuring something the product no longer runs.
+    from shared.config import RunConfig
+
+    defaults = RunConfig().to_flower()
+    for method in ("nextquill-fed", "nextquill-fedavg"):
+        pinned = {k: v for k, v in STUDY_METHODS[method].keys.items() if k not in ("method", "split")}
+        assert pinned == {k: defaults[k] for k in pinned}
+        assert {"dce-reference", "mce-reference", "weight-low"} <= set(pinned)
