@@ -55,6 +55,11 @@ class StudyMethod:
     group: str = "baseline"  # baseline, ours, ablation, reference
     expert: str = EXPERT_CELL  # the row whose global adapter is this row's expert, where it needs one
     datasets: tuple[str, ...] | None = None  # the datasets this row runs on (None: every one)
+    paired_with: str | None = None  # the row it is paired with, user by user (ablations: ours)
+
+    @property
+    def baseline(self) -> str | None:
+        return self.paired_with or (ABLATION_BASELINE if self.group == "ablation" else None)
 
     @property
     def needs_expert(self) -> bool:
@@ -64,6 +69,8 @@ class StudyMethod:
 # The settings of our headline rows: the run config's defaults when the cells were made (chosen on
 # a validation split by `simulations/tune.py`), pinned so the cells keep their meaning.
 OURS = {"dce-reference": "generic", "mce-reference": "removed", "weight-low": 0.5}
+FAST = {"compute-dtype": "bfloat16", "compile-layers": True}
+ABLATION_BASELINE = "nextquill-fed"
 
 STUDY_METHODS: dict[str, StudyMethod] = {
     "base": StudyMethod("no training, no history", {"method": "sft", "rounds": 0}),
@@ -85,7 +92,15 @@ STUDY_METHODS: dict[str, StudyMethod] = {
                                   group="ablation"),
     "fedavg-weight-low-0.1": StudyMethod("ablation: ε = 0.1 (the paper's), on one FedAvg LoRA",
                                          {"method": "nextquill", "split": "full", **OURS, "weight-low": 0.1},
-                                         group="ablation"),
+                                         group="ablation", paired_with="nextquill-fedavg"),
+    # Whether the faster compute of a CPU with AMX (bfloat16 products, compiled decoder layers)
+    # changes any metric: each paired with its float32, eager row.
+    "feddpa-bf16-compiled": StudyMethod("compute: feddpa in bfloat16 with compiled layers",
+                                        {"method": "context-sft", "split": "dual", **FAST}, group="compute",
+                                        paired_with="feddpa"),
+    "nextquill-fed-bf16-compiled": StudyMethod("compute: nextquill-fed in bfloat16 with compiled layers",
+                                               {"method": "nextquill", "split": "dual", **OURS, **FAST},
+                                               group="compute", paired_with="nextquill-fed"),
     "reference-removed": StudyMethod("ablation: DCE against the history removed (the paper's h_ref)",
                                      {"method": "nextquill", "split": "dual", "dce-reference": "removed"},
                                      group="ablation"),

@@ -36,7 +36,6 @@ FAIR_PAIRS = (
     ("feddpa", "history-prompt"),
     ("nextquill-fed", "fedit-context-sft"),
 )
-ABLATION_BASELINE = "nextquill-fed"
 TEXT_METRICS = ("style-f1", "content-recall")  # read from the generated texts (`user_text_scores`)
 METRICS = ("rouge1", "rougeL", "nll", "history-sensitivity", *TEXT_METRICS)
 BOOTSTRAP_DRAWS = 4000
@@ -87,15 +86,14 @@ def bootstrap_interval(differences: dict[int, list[float]], draws: int = BOOTSTR
     return mean, means[int(0.025 * draws)], means[min(draws - 1, int(0.975 * draws))]
 
 
-def paired_rows(cells: list[dict[str, Any]], groups: dict[str, str]) -> list[dict[str, Any]]:
+def paired_rows(cells: list[dict[str, Any]], paired_with: dict[str, str]) -> list[dict[str, Any]]:
     """One row per (dataset, method, baseline, metric) that both rows have, over the seeds where
-    both have a cell."""
+    both have a cell: the fair pairs, and each row of `paired_with` (an ablation) against its row."""
     by_key = {(c["dataset"], c["seed"], c["method"]): per_user(c) for c in cells}
     datasets = sorted({c["dataset"] for c in cells})
     methods = {c["method"] for c in cells}
     pairs = [p for p in FAIR_PAIRS if set(p) <= methods]
-    pairs += [(m, ABLATION_BASELINE) for m in sorted(methods) if groups.get(m) == "ablation"
-              and ABLATION_BASELINE in methods]
+    pairs += [(m, paired_with[m]) for m in sorted(methods) if m in paired_with and paired_with[m] in methods]
     rows = []
     for dataset in datasets:
         for method, baseline in pairs:
@@ -201,9 +199,9 @@ def paired_section(paired: list[dict[str, Any]], dce: list[dict[str, Any]]) -> l
 
 
 def write_paired(out: Path, cells: list[dict[str, Any]], detections: dict[Path, dict[str, Any]],
-                 groups: dict[str, str], expert: str) -> list[str]:
+                 paired_with: dict[str, str], expert: str) -> list[str]:
     """Write paired.csv, dce.csv and paired.png into `out`; returns the report's section."""
-    paired = paired_rows(cells, groups)
+    paired = paired_rows(cells, paired_with)
     dce = dce_rows(detections, expert)
     atomic_write_text(out / "paired.csv", _csv(paired))
     atomic_write_text(out / "dce.csv", _csv(dce))

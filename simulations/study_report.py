@@ -163,7 +163,8 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                       f"{_cell(*precision, 3)} and recall {_cell(*recall, 3)} of the high-weight tokens. Counting "
                       "only the first token of each preference word (the rest of a word follows from it) against "
                       f"the tokens outside them: ROC AUC {_cell(*starts, 3)}.", ""]
-    lines += write_paired(out, cells, detections, {name: row.group for name, row in rows.items()}, "fedit-context-sft")
+    lines += write_paired(out, cells, detections, {name: row.baseline for name, row in rows.items() if row.baseline},
+                          "fedit-context-sft")
     memorization = out / "memorization" / "memorization.md"  # python -m simulations.memorization
     if memorization.is_file():
         lines += ["## Memorization: a canary's exposure", "", memorization.read_text().strip(), ""]

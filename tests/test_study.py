@@ -193,3 +193,13 @@ def test_our_headline_rows_are_the_run_configs_defaults(tmp_path):
         pinned = {k: v for k, v in STUDY_METHODS[method].keys.items() if k not in ("method", "split")}
         assert pinned == {k: defaults[k] for k in pinned}
         assert {"dce-reference", "mce-reference", "weight-low"} <= set(pinned)
+
+
+def test_each_ablation_and_compute_row_is_paired_with_the_row_it_changes():
+    assert STUDY_METHODS["reference-removed"].baseline == "nextquill-fed"
+    assert STUDY_METHODS["fedavg-weight-low-0.1"].baseline == "nextquill-fedavg"
+    assert STUDY_METHODS["feddpa-bf16-compiled"].baseline == "feddpa"
+    assert STUDY_METHODS["base"].baseline is None and STUDY_METHODS["nextquill-fed"].baseline is None
+    for name, row in STUDY_METHODS.items():
+        if row.baseline:  # the pair differs only in what the row says it changes
+            assert row.baseline in STUDY_METHODS and row.baseline != name

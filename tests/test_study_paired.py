@@ -27,7 +27,8 @@ def test_differences_are_paired_by_user_and_seed_and_cover_the_fair_pairs():
     cells = [_cell("nextquill-fed", 0, [0.5, 0.6, 0.7]), _cell("feddpa", 0, [0.4, 0.5, 0.6]),
              _cell("nextquill-fed", 1, [0.5, 0.5]), _cell("feddpa", 1, [0.5, 0.4]),
              _cell("history-prompt", 0, [0.1, 0.1, 0.1]), _cell("reference-removed", 0, [0.5, 0.6, 0.6])]
-    rows = {(r["method"], r["baseline"], r["metric"]): r for r in paired_rows(cells, {"reference-removed": "ablation"})}
+    paired = paired_rows(cells, {"reference-removed": "nextquill-fed"})
+    rows = {(r["method"], r["baseline"], r["metric"]): r for r in paired}
     against_feddpa = rows[("nextquill-fed", "feddpa", "rouge1")]
     assert against_feddpa["mean_difference"] == pytest.approx((0.1 * 3 + 0.0 + 0.1) / 5)
     assert (against_feddpa["users"], against_feddpa["seeds"]) == (5, 2)
