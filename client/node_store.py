@@ -11,7 +11,7 @@ from typing import Any
 from shared.config import RunConfig
 from shared.paths import file_lock
 from shared.user_store import UserStore, list_user_stores
-from simulations.datasets import GENERATED, build_users
+from simulations.datasets import GENERATED, build_users, dataset_name
 
 USER_DIR_KEY = "user-dir"
 PARTITION_ID_KEY = "partition-id"
@@ -23,7 +23,7 @@ _store_paths: dict[tuple, list[Path]] = {}
 def simulation_users_dir(config: RunConfig) -> Path:
     if config.users_dir:
         return config.resolve(config.users_dir)
-    name = config.dataset if config.dataset in GENERATED else f"lamp-{Path(config.dataset).stem}"
+    name = dataset_name(config.dataset if config.dataset in GENERATED else config.resolve(config.dataset))
     if config.preference_strength:
         name += f"-strength-{config.preference_strength:g}"
     if config.users_seed:

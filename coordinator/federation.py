@@ -58,6 +58,24 @@ EXPERT_DIR = "expert"
 SHARED_ADAPTER_DIR = "shared_adapter"
 
 
+class RunFailed(ValueError):
+    """Every device failed a round, or no device returned its evaluation: the run stops where
+    its checkpoint stands (never at phase done), and a rerun after the cause is fixed goes on
+    from there."""
+
+
+def _failed(what: str, replies: list[Message], min_replies: int) -> RunFailed:
+    reasons: dict[str, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            reasons[reply.error.reason] = reasons.get(reply.error.reason, 0) + 1
+    causes = "".join(f"; {count} x {reason}" for reason, count in sorted(reasons.items()))
+    succeeded = len(replies) - sum(reasons.values())
+    return RunFailed(f"{what}: {succeeded} of {len(replies)} devices replied without an error, fewer than "
+                     f"min-replies ({min_replies}){causes}; the run stops here, not marked finished: fix the cause "
+                     "(the devices' logs name it) and rerun to go on from here")
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -178,6 +196,8 @@ def _rounds(
             upload = outcome.upload_bytes_per_client
         else:
             received = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+            if received and all(reply.has_error() for reply in received):
+                raise _failed(f"{phase} round {server_round}", received, config.min_replies)
             record, metrics = strategy.aggregate_train(server_round, received)
             aggregated = layout.decode(record) if record is not None else None
             replies, accepted, upload = len(received), len(strategy.accepted), arrays.count_bytes()
@@ -229,8 +249,10 @@ def run_evaluation(
     metrics = strategy.aggregate_evaluate(server_round, replies)
     users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
              for reply in strategy.accepted] if metrics is not None else []
+    if final and not users:
+        raise _failed(f"the evaluation after round {server_round}", replies, config.min_replies)
     extra = {"privacy": privacy.summary()} if privacy is not None else {}
-    summary = write_evaluation(run_dir, users, extra) if final and users else None
+    summary = write_evaluation(run_dir, users, extra) if final else None
     macro = summary["macro_average"] if summary else {}
     rounds.append({"phase": Phase.PERSONALIZE if not final else Phase.EVALUATE, "round": server_round,
                    "sampled": len(messages), "replies": len(replies), "accepted": len(users),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,7 @@ class TrainConfig:
     """Local training of one LoRA with one method (`shared.methods`)."""
 
     method: str = setting("nextquill", f"one of {list(METHODS)}", choices=tuple(METHODS))
-    epochs: float = setting(2.0, "passes over the training samples", above=0.0)
+    epochs: float = setting(2.0, "passes over the training samples", above=0.0, maximum=1e6)
     max_steps: int | None = setting(None, "stop after this many steps (overrides epochs)", minimum=1)
     batch_size: int = setting(8, "samples per step", minimum=1)
     learning_rate: float = setting(3e-4, "AdamW learning rate of the LoRA", above=0.0)
@@ -184,7 +185,7 @@ class TrainConfig:
              "that an expert's no-history prompt learns what every user's targets share",
         minimum=0.0, maximum=1.0,
     )
-    seed: int = setting(0, "seed of the sample order and of the LoRA initialisation")
+    seed: int = setting(0, "seed of the sample order and of the LoRA initialisation", minimum=0)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -343,10 +344,14 @@ class RunConfig:
     )
     run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume (relative: under the data "
                                              "directory)")
-    seed: int = setting(0, "seed of client sampling and initialisation")
+    seed: int = setting(0, "seed of client sampling and initialisation", minimum=0)
 
     def __post_init__(self) -> None:
         check_settings(self, label=lambda name: f"run config {_key(name)}")
+        relative = os.path.normpath(os.path.expanduser(self.run_dir)) if self.run_dir.strip() else "."
+        if not os.path.isabs(relative) and (relative == "." or relative.split(os.sep)[0] == ".."):
+            raise SettingError("run config run-dir", f"{self.run_dir!r} is the data directory itself or leads out of "
+                                                     "it: give a folder under it, or an absolute path")
         if self.min_replies > self.clients_per_round:
             raise SettingError("run config min-replies",
                                f"({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})")

@@ -5,9 +5,11 @@ command line refuse the same bad values, each naming the setting as its user wro
 
     alpha: float = setting(0.1, "weight of L_p", minimum=0.0)
 
-A float must be finite (NaN and infinities are refused everywhere); `minimum` / `maximum`
-are inclusive bounds, `above` an exclusive lower one; `choices` lists the allowed values;
-`pattern` is a regular expression the whole value must match, described by `pattern_help`.
+A float must be finite (NaN and infinities are refused everywhere) and a whole number at most
+`INT_LIMIT`, whatever the field's own bounds; `minimum` / `maximum` are inclusive bounds,
+`above` an exclusive lower one; `choices` lists the allowed values; `pattern` is a regular
+expression the whole value must match, described by `pattern_help`. A tuple is checked item by
+item, and may not repeat an item (`--seeds 0 0` would count one seed twice).
 
 Another view of the same setting (a key of Flower's run config, say) is derived with
 `like(TrainConfig, "learning_rate")`: the same help and rules, written once.
@@ -67,18 +69,30 @@ def like(config_class: type, name: str, default: Any = dataclasses.MISSING, help
     return dataclasses.field(default=default, metadata=metadata)
 
 
+# The largest whole number any setting takes: what a C int (a step count, a seed, a size in
+# torch and numpy) holds, far above any count that finishes.
+INT_LIMIT = 2**31 - 1
+
+
 def value_problem(value: Any, rules: Mapping[str, Any]) -> str | None:
     """Why `value` breaks `rules` (a field's metadata), as 'must ...'; None when it does not."""
     if value is None:
         return None
+    if isinstance(value, tuple | list):
+        repeated = next((item for k, item in enumerate(value) if item in value[:k]), None)
+        if repeated is not None:
+            return f"must not repeat a value, got {repeated!r} twice"
+        for item in value:
+            problem = value_problem(item, rules)
+            if problem:
+                return problem.replace("must be one of", "must hold only", 1)
+        return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        return f"must be at most {INT_LIMIT:,} in size, got {value}"
     choices = rules.get("choices")
-    if choices is not None and isinstance(value, tuple | list):  # a list of choices
-        unknown = [item for item in value if item not in choices]
-        if unknown:
-            return f"must hold only {list(choices)}, got {unknown[0]!r}"
-    elif choices is not None and value not in choices:
+    if choices is not None and value not in choices:
         return f"must be one of {list(choices)}, got {value!r}"
     pattern = rules.get("pattern")
     if pattern is not None and not re.fullmatch(pattern, str(value)):

@@ -28,7 +28,7 @@ from shared.named_bases import NAMED_BASES
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
 from simulations.compare_config import CompareConfig
 from simulations.datasets import DATASETS, GENERATED, MIN_SAMPLES
-from simulations.options import add_settings, run_command, settings_from
+from simulations.options import add_settings, run_command, settings_from, whole_number
 
 log = logging.getLogger("nextquill")
 # The methods compared replace the training's single method; decoding keeps its defaults.
@@ -67,9 +67,17 @@ def _model_path(args) -> list[str]:
     return [] if args.model in NAMED_BASES else [args.model]
 
 
-def _open_stores(paths: list[str]):
+def _open_stores(paths: list[str], flag: str = "--users"):
+    """The stores at `paths`, each once: a store given twice (`u1 ./u1`) would count its samples
+    twice in training, and be its own other user in evaluation."""
     from shared.user_store import UserStore
 
+    seen: dict[Path, str] = {}
+    for path in paths:
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise ValueError(f"{flag} names the store {resolved} twice ({seen[resolved]} and {path}): give it once")
+        seen[resolved] = path
     return [UserStore.open(Path(p)) for p in paths]
 
 
@@ -134,7 +142,7 @@ def cmd_weights(args) -> int:
 
     out = Path(args.out) if args.out else Path(args.user) / "inspection"
     check_output(out, args.overwrite, {"--user": [args.user], "--expert": [args.expert], "--model": _model_path(args)})
-    store = _open_stores([args.user])[0]
+    store = _open_stores([args.user], "--user")[0]
     expert = Expert.from_dir(Path(args.expert))
     scheme = settings_from(args, WeightScheme())
     summary = write_inspection(_device(args), store, expert, scheme, out, overwrite=args.overwrite)
@@ -225,11 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("users", help="build user stores")
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out", help="folder of the stores (default: <data-dir>/users/<dataset>)")
-    p.add_argument("--min-samples", type=int, default=MIN_SAMPLES, help="shakespeare: fewest speeches of a user")
-    p.add_argument("--max-users", type=int, default=None)
+    p.add_argument("--min-samples", type=whole_number(1), default=MIN_SAMPLES,
+                   help="shakespeare: fewest speeches of a user")
+    p.add_argument("--max-users", type=whole_number(1), default=None)
     p.add_argument("--records", help="lamp-json: records file (or LaMP questions file)")
     p.add_argument("--golds", help="lamp-json: LaMP outputs file with 'golds'")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=whole_number(0), default=0,
                    help="synthetic, reviewers: builds the users; chitchat: draws the --max-users taken")
     p.add_argument("--preference-strength", type=float, default=None,
                    help="reviewers: the share of a user's style words drawn from its favourites, in (0, 1] "
@@ -271,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="single-device comparison of methods on a handful of users")
     p.add_argument("--dataset", default="shakespeare", choices=GENERATED)
     p.add_argument("--users-dir", help="folder of the user stores (built when missing)")
-    p.add_argument("--min-samples", type=int, default=MIN_SAMPLES, help="shakespeare: fewest speeches of a user")
-    p.add_argument("--max-users", type=int, default=0, help="users built (0: every one; synthetic: 16)")
+    p.add_argument("--min-samples", type=whole_number(1), default=MIN_SAMPLES,
+                   help="shakespeare: fewest speeches of a user")
+    p.add_argument("--max-users", type=whole_number(0), default=0, help="users built (0: every one; synthetic: 16)")
     p.add_argument("--run-dir", default="runs/compare")
     _add_overwrite_option(p, "--run-dir")
     # The comparison's own settings, then its base, prompt, training and LoRA; the methods

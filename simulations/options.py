@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, get_args, get_origin, get_type_hints
 
 from shared.errors import USER_ERRORS, one_line
-from shared.settings import field_rules, value_problem
+from shared.settings import INT_LIMIT, SettingError, field_rules, value_problem
 
 log = logging.getLogger("nextquill")
 
@@ -36,6 +36,23 @@ def checked(config_class: type, name: str) -> Callable[[str], Any]:
         return value
 
     parse.__name__ = kind.__name__
+    return parse
+
+
+def whole_number(minimum: int = 0, maximum: int = INT_LIMIT) -> Callable[[str], int]:
+    """An argparse `type` for a plain count option: a whole number within [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        problem = value_problem(value, {"minimum": minimum, "maximum": maximum})
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = "int"
     return parse
 
 
@@ -66,8 +83,9 @@ def add_settings(parser: argparse.ArgumentParser, settings: Any, skip: tuple[str
         if hints[spec.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         elif get_origin(hints[spec.name]) is tuple:
+            kind = _value_type(hints[spec.name])
             parser.add_argument(flag, nargs="+", default=value, choices=choices, help=help_text,
-                                type=_value_type(hints[spec.name]))
+                                type=checked(type(settings), spec.name) if kind in (int, float) else kind)
         elif choices is not None:
             parser.add_argument(flag, default=value, choices=choices, help=help_text)
         else:
@@ -88,7 +106,13 @@ def settings_from(args: argparse.Namespace, settings: Any, skip: tuple[str, ...]
         elif hasattr(args, spec.name):
             option = getattr(args, spec.name)
             values[spec.name] = tuple(option) if isinstance(option, list) else option
-    return dataclasses.replace(settings, **values)
+    try:
+        return dataclasses.replace(settings, **values)
+    except SettingError as error:  # named as the user wrote it: the flag
+        name = error.name.replace("-", "_")
+        if name in values:
+            raise error.renamed("--" + name.replace("_", "-")) from None
+        raise
 
 
 def _optional_fields(settings: Any, skip: tuple[str, ...], only: tuple[str, ...] | None) -> list:

@@ -36,8 +36,8 @@ from typing import Any
 from shared.config import RunConfig
 from shared.methods import METHODS
 from shared.paths import atomic_write_json, data_dir, ensure_folder
-from shared.settings import check_settings, setting
-from simulations.datasets import GENERATED
+from shared.settings import SettingError, check_settings, setting
+from simulations.datasets import GENERATED, dataset_name
 from simulations.study_report import DCE_SUFFIX, PROFILE_SUFFIX, load_cells, machine
 
 log = logging.getLogger("nextquill.study")
@@ -164,7 +164,7 @@ class StudyConfig:
     methods: tuple[str, ...] = setting(HEADLINE, f"the study's rows (all: {' '.join(STUDY_METHODS)})",
                                        choices=tuple(STUDY_METHODS))
     seeds: tuple[int, ...] = setting((0, 1, 2), "seeds of initialisation, sample order and of the users drawn "
-                                                "(intervals over users and seeds)")
+                                                "(intervals over users and seeds)", minimum=0)
     users: int = setting(16, "users (SuperNodes) per dataset, drawn afresh for each seed; every one trains in every "
                              "round", minimum=2)
     preference_strength: float = setting(1.0, "the reviewers' favourites' share of their style words (0: the "
@@ -199,11 +199,7 @@ QUICK = {"model": "tiny", "seeds": (0,), "users": 4, "rounds": 2, "local_steps":
 
 
 def cell_path(out: Path, dataset: str, seed: int, method: str) -> Path:
-    return out / "cells" / _dataset_name(dataset) / f"seed-{seed}" / f"{method}.json"
-
-
-def _dataset_name(dataset: str) -> str:
-    return dataset if dataset in GENERATED else f"lamp-{Path(dataset).stem}"
+    return out / "cells" / dataset_name(dataset) / f"seed-{seed}" / f"{method}.json"
 
 
 def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert: Path | None,
@@ -223,7 +219,7 @@ def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert:
         "learning-rate": study.learning_rate, "history-tokens": study.history_tokens,
         "context-tokens": study.context_tokens, "response-tokens": study.response_tokens,
         "min-replies": study.users, "connect-timeout": 60.0,
-        "run-dir": str(work / "runs" / _dataset_name(dataset) / f"seed-{seed}" / method), "seed": seed,
+        "run-dir": str(work / "runs" / dataset_name(dataset) / f"seed-{seed}" / method), "seed": seed,
         **keys,
     }
     if METHODS[keys["method"]].needs_expert:
@@ -232,7 +228,7 @@ def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert:
 
 
 def users_dir(work: Path, dataset: str, seed: int) -> Path:
-    return work / "users" / _dataset_name(dataset) / f"seed-{seed}"
+    return work / "users" / dataset_name(dataset) / f"seed-{seed}"
 
 
 def _decoder_layers(model: str) -> int:
@@ -410,7 +406,7 @@ def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
     for seed in study.seeds:
         for dataset in study.datasets:
             rows = tuple(m for m in study.methods if STUDY_METHODS[m].datasets is None
-                         or _dataset_name(dataset) in STUDY_METHODS[m].datasets)
+                         or dataset_name(dataset) in STUDY_METHODS[m].datasets)
             experts = experts_of(rows)
             found += [(dataset, seed, method) for method in experts + [m for m in rows if m not in experts]]
     return found
@@ -435,11 +431,12 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     from simulations.study_report import write_report
 
     out = Path(out)
+    check_datasets(study.datasets)
     ensure_folder(out)
     recorded = out / "study.json"
     protocol = study.protocol()
     todo = cells(study)
-    asked = [(_dataset_name(dataset), seed, method) for dataset, seed, method in todo]
+    asked = [(dataset_name(dataset), seed, method) for dataset, seed, method in todo]
     if recorded.is_file():
         earlier = json.loads(recorded.read_text())
         different = sorted(k for k in protocol if earlier.get(k) != protocol[k])
@@ -452,9 +449,9 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     experts = experts_of(study.methods)
     bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress)
     for dataset, seed, method in bar:
-        bar.set_postfix_str(f"{_dataset_name(dataset)} seed {seed} {method}", refresh=True)
+        bar.set_postfix_str(f"{dataset_name(dataset)} seed {seed} {method}", refresh=True)
         path = cell_path(out, dataset, seed, method)
-        runs = work / "runs" / _dataset_name(dataset) / f"seed-{seed}"
+        runs = work / "runs" / dataset_name(dataset) / f"seed-{seed}"
         expert = runs / STUDY_METHODS[method].expert / "shared_adapter"
         config = run_config(study, dataset, seed, method, expert, work)
         if not path.is_file():
@@ -465,10 +462,10 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
                 result = run_central_cell(config, study.users, expert)
             else:
                 result = run_federated_cell(config, study.users)
-            atomic_write_json(path, {"dataset": _dataset_name(dataset), "seed": seed, "method": method,
+            atomic_write_json(path, {"dataset": dataset_name(dataset), "seed": seed, "method": method,
                                      "wall_seconds": time.perf_counter() - started, "machine": machine(),
                                      "run_config": config.to_flower(), **result})
-            log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", _dataset_name(dataset), seed, method,
+            log.info("%s seed %d %s: ROUGE-1 %.4f, NLL %.4f (%.0f s)", dataset_name(dataset), seed, method,
                      result["macro"].get("rouge1", float("nan")), result["macro"].get("nll", float("nan")),
                      time.perf_counter() - started)
         profile = cell_path(out, dataset, seed, "data").with_name(f"data{PROFILE_SUFFIX}")
@@ -484,6 +481,21 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     return write_report(out, study, STUDY_METHODS, planned=len(asked))
 
 
+def check_datasets(datasets: tuple[str, ...]) -> None:
+    """Before anything is written: every dataset file reads as LaMP-style JSON (the error names
+    the file and the record or line at fault), and no two datasets are the same records."""
+    from simulations.datasets.lamp import read_lamp_json
+
+    names: dict[str, str] = {}
+    for dataset in datasets:
+        if dataset not in GENERATED:
+            read_lamp_json(dataset)
+        name = dataset_name(dataset)
+        if name in names:
+            raise ValueError(f"--datasets {names[name]} and {dataset} hold the same records ({name}): give it once")
+        names[name] = dataset
+
+
 def _asked_before(out: Path, recorded: dict[str, Any], study: StudyConfig) -> list[tuple[str, int, str]]:
     """The cells the earlier runs into the study folder `out` asked for: those its `study.json`
     lists and those finished. (Before it listed them, `study.json` held the last run's datasets,
@@ -493,7 +505,7 @@ def _asked_before(out: Path, recorded: dict[str, Any], study: StudyConfig) -> li
     if methods:
         last = dataclasses.replace(study, datasets=tuple(recorded.get("datasets", study.datasets)), methods=methods,
                                    seeds=tuple(recorded.get("seeds", study.seeds)))
-        asked += [(_dataset_name(dataset), seed, method) for dataset, seed, method in cells(last)]
+        asked += [(dataset_name(dataset), seed, method) for dataset, seed, method in cells(last)]
     return asked + [(cell["dataset"], cell["seed"], cell["method"]) for cell in load_cells(out)]
 
 
@@ -507,13 +519,13 @@ def rebuild_lost_expert(out: Path, study: StudyConfig, dataset: str, seed: int, 
     if not recorded.is_file() or (config.resolve(config.run_dir) / "shared_adapter").is_dir():
         return
     log.info("%s seed %d: rebuilding the expert %s (its cell is recorded, its run folder is gone)",
-             _dataset_name(dataset), seed, expert_row)
+             dataset_name(dataset), seed, expert_row)
     rebuilt = run_federated_cell(config, study.users)["macro"]
     before = json.loads(recorded.read_text())["macro"]
     differs = sorted(k for k in before if k in rebuilt and not _same_score(before[k], rebuilt[k]))
     if differs:
         log.warning("the rebuilt expert %s of %s seed %d scores otherwise than its recorded cell (%s): the cells "
-                    "still to run use the rebuilt one", expert_row, _dataset_name(dataset), seed, ", ".join(differs))
+                    "still to run use the rebuilt one", expert_row, dataset_name(dataset), seed, ", ".join(differs))
 
 
 def _same_score(a: float, b: float) -> bool:
@@ -544,6 +556,12 @@ def study_from(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     from simulations.options import settings_from
 
     study = settings_from(args, StudyConfig())
+    # Dataset files as absolute paths: the devices resolve relative ones under the data directory.
+    files = tuple(d if d in GENERATED else str(Path(d).expanduser().resolve()) for d in study.datasets)
+    try:
+        study = dataclasses.replace(study, datasets=files)
+    except SettingError as error:  # ./a.json and a.json: one file
+        raise error.renamed("--datasets") from None
     if args.quick:
         study = dataclasses.replace(study, **QUICK)
     default = Path(__file__).parent / "results" / ("study-quick" if args.quick else f"study-{study.model}")

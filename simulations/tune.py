@@ -36,6 +36,8 @@ from typing import Any, get_type_hints
 from shared.config import RunConfig
 from shared.paths import atomic_write_json, atomic_write_png, atomic_write_text, ensure_folder
 from shared.user_store import CORE_META, UserStore, write_user_store
+from simulations.datasets import GENERATED, dataset_name
+from simulations.options import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +130,13 @@ class Tuning:
 
     @property
     def folder(self) -> Path:
-        from simulations.study import _dataset_name
-
-        return self.out / _dataset_name(self.dataset) / f"seed-{self.seed}"
+        return self.out / dataset_name(self.dataset) / f"seed-{self.seed}"
 
     def work(self) -> Path:
-        from simulations.study import _dataset_name, work_dir
+        from simulations.study import work_dir
 
         name = f"seed-{self.seed}-held-out-{self.held_out}"
-        return work_dir(self.study) / "tune" / _dataset_name(self.dataset) / name
+        return work_dir(self.study) / "tune" / dataset_name(self.dataset) / name
 
     def config(self, row: str, name: str, keys: dict[str, Any]) -> RunConfig:
         """The study's run of `row` on the validation users, with `keys` over its settings."""
@@ -300,8 +300,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         elif action.dest in ("datasets", "methods", "seeds"):
             action.help = argparse.SUPPRESS  # the study's rows; a tuning takes --dataset and --seed
     parser.add_argument("--dataset", default="reviewers", help="the study dataset to tune on (default: reviewers)")
-    parser.add_argument("--seed", type=int, default=0, help="the study seed whose users are copied (default: 0)")
-    parser.add_argument("--held-out", type=int, default=4,
+    parser.add_argument("--seed", type=whole_number(), default=0,
+                        help="the study seed whose users are copied (default: 0)")
+    parser.add_argument("--held-out", type=whole_number(1), default=4,
                         help="each user's latest training samples held out for validation (default: 4)")
     parser.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID),
                         help=f"key=value[,value...] over {', '.join(GRID_KEYS)}; every combination is a candidate "
@@ -311,13 +312,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def tune_from(args: argparse.Namespace) -> int:
     """Run the tuning the parsed command line asks for; prints where the report is."""
-    from simulations.study import study_from
+    from simulations.study import check_datasets, study_from
 
-    if args.held_out < 1:
-        raise ValueError(f"--held-out must be at least 1, got {args.held_out}")
     study, study_out = study_from(args)
     out = Path(args.out) if args.out else study_out.with_name(study_out.name.replace("study", "tune", 1))
-    report = run_tuning(Tuning(study, args.dataset, args.seed, args.held_out, out), parse_grid(args.grid))
+    dataset = args.dataset if args.dataset in GENERATED else str(Path(args.dataset).expanduser().resolve())
+    check_datasets((dataset,))
+    report = run_tuning(Tuning(study, dataset, args.seed, args.held_out, out), parse_grid(args.grid))
     print(f"report: {report}")
     return 0
 

@@ -101,6 +101,10 @@ def test_train_replaces_a_file_only_with_overwrite_and_leaves_no_debris(capsys, 
         (["--weight-low", "0.95"], "weight-low (ε) = 0.95 must not exceed weight-high (λ) = 0.9"),
         (["--device", "foo"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'foo'"),
         (["--batch-size", "eight"], "argument --batch-size: must be a whole number, got 'eight'"),
+        (["--max-steps", "99999999999999999999"], "argument --max-steps: must be at most 2,147,483,647 in size"),
+        (["--epochs", "1e300"], "argument --epochs: must be at most 1000000.0, got 1e+300"),
+        (["--seed", "-3"], "argument --seed: must be at least 0, got -3"),
+        (["--lora-r", "99999999999999999999"], "argument --lora-r: must be at most 2,147,483,647 in size"),
     ],
 )
 def test_bad_values_are_refused_naming_the_flag_before_anything_is_written(capsys, workspace, option, message):
@@ -247,3 +251,26 @@ def test_cli_builds_users_trains_and_evaluates_an_adapter(model_dir, tmp_path, c
     per_user = [json.loads(line) for line in lines[: len(users)]]
     assert [row["user_id"] for row in per_user] == ["synthetic-user-00", "synthetic-user-01"]
     assert "macro_average" in json.loads("\n".join(lines[len(users):]))
+
+
+def test_a_store_given_twice_is_refused_before_anything_is_written(capsys, workspace, monkeypatch):
+    tmp_path, users, model = workspace
+    before = _tree(tmp_path)
+    _fails(capsys, ["train", "--method", "sft", "--users", str(users[0]), str(users[0]), "--out",
+                    str(tmp_path / "out"), *model], f"--users names the store {users[0]} twice")
+    monkeypatch.chdir(users[0].parent)
+    _fails(capsys, ["evaluate", "--users", str(users[0]), f"./{users[0].name}", *model],
+           f"--users names the store {users[0]} twice ({users[0]} and ./{users[0].name})")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--max-users", "0"], "argument --max-users: must be at least 1, got 0"),
+    (["--max-users", "99999999999999999999"], "argument --max-users: must be at most 2,147,483,647 in size"),
+    (["--min-samples", "-1"], "argument --min-samples: must be at least 1, got -1"),
+    (["--seed", "2147483648"], "argument --seed: must be at most 2,147,483,647 in size, got 2147483648"),
+])
+def test_bad_counts_of_an_import_are_refused_naming_the_flag(capsys, tmp_path, option, message):
+    _fails(capsys, ["--data-dir", str(tmp_path / "data"), "users", "synthetic", "--out", str(tmp_path / "u"), *option],
+           message)
+    assert not (tmp_path / "u").exists()

@@ -60,3 +60,16 @@ def test_history_dropout_reaches_the_contextsft_training_only():
     with pytest.raises(ValueError, match="history-dropout"):
         RunConfig.from_flower({"method": "nextquill", "expert-rounds": 0, "expert": "experts/e",
                                "history-dropout": 0.5})
+
+
+@pytest.mark.parametrize("run_dir", ["", "  ", ".", "..", "../elsewhere", "runs/../..", "runs/../../x"])
+def test_a_run_directory_stays_inside_the_data_directory(run_dir):
+    from shared.settings import SettingError
+
+    with pytest.raises(SettingError, match="run config run-dir .* is the data directory itself or leads out of it"):
+        RunConfig.from_flower({"run-dir": run_dir})
+
+
+@pytest.mark.parametrize("run_dir", ["runs/x", "runs/../other", "/tmp/elsewhere/run"])
+def test_a_run_directory_under_the_data_directory_or_absolute_is_taken(run_dir):
+    assert RunConfig.from_flower({"run-dir": run_dir}).run_dir == run_dir

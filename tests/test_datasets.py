@@ -226,8 +226,10 @@ _GOOD = _lamp_records()
         ([*_GOOD[:3], {**_GOOD[3], "profile": "text"}], "field 'profile' must be a list"),
         ([*_GOOD[:3], {**_GOOD[3], "profile": [{"title": "t"}]}], "profile item 0: missing field 'text'"),
         ([*_GOOD[:3], {**_GOOD[3], "user_id": ["bob"]}], "field 'user_id'"),
-        ([*_GOOD[:3], {**_GOOD[3], "time": "yesterday"}], "neither a number nor an ISO date"),
+        ([*_GOOD[:3], {**_GOOD[3], "time": "yesterday"}], "neither a number, a year nor an ISO date"),
         ([*_GOOD[:3], {**_GOOD[3], "id": "r1"}], "id 'r1' already used"),
+        ([*_GOOD[:3], {**_GOOD[3], "profile": [{"id": "n", "text": "a"}, {"id": "n", "text": "b"}]}],
+         "profile item 1: id 'n' is used with another text at .*record 3 .*, profile item 0"),
     ],
 )
 def test_invalid_lamp_record_names_file_and_record_and_writes_nothing(tmp_path, records, message):
@@ -363,3 +365,28 @@ def test_reviewers_at_full_preference_strength_use_only_their_favourites(tmp_pat
         build_users("reviewers", tmp_path / "x", max_users=1, preference_strength=1.5)
     with pytest.raises(ValueError, match="applies to the reviewers"):
         build_users("synthetic", tmp_path / "y", max_users=1, preference_strength=1.0)
+
+
+@pytest.mark.parametrize(("stamp", "meant"), [
+    ("2020", "2020-01-01T00:00:00+00:00"), ("2020-06", "2020-06-01T00:00:00+00:00"),
+    ("2020-06-15", "2020-06-15T00:00:00+00:00"), ("2020-06-15T12:30:00Z", "2020-06-15T12:30:00+00:00"),
+    ("2020-06-15T12:30:00+02:00", "2020-06-15T10:30:00+00:00"), (2020, "1970-01-01T00:33:40+00:00"),
+    ("1592224200", "2020-06-15T12:30:00+00:00"),
+])
+def test_lamp_times_mean_what_they_say_a_four_digit_string_is_a_year(stamp, meant):
+    from datetime import datetime
+
+    from simulations.datasets.lamp import _parse_time
+
+    assert _parse_time(stamp, "here") == datetime.fromisoformat(meant).timestamp()
+
+
+def test_lamp_profile_times_given_as_years_order_the_history(tmp_path):
+    from shared.user_store import UserStore
+
+    profile = [{"id": "late", "text": "late text", "date": "2019"}, {"id": "early", "text": "early text",
+                                                                     "date": "1999"}]
+    records_file = tmp_path / "records.json"
+    records_file.write_text(json.dumps([_record(f"r{k}", "u", f"out {k}", profile, time=k) for k in range(3)]))
+    store = UserStore.open(import_lamp_json(tmp_path / "out", records_file)[0])
+    assert [h.id for h in store.history()] == ["early", "late"]

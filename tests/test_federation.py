@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from client.client_app import app as client_app
 from client.personal_state import personal_path
 from coordinator.checkpoint import load_checkpoint
-from coordinator.federation import run_federation
+from coordinator.federation import RunFailed, run_federation
 from coordinator.nodes import NotEnoughNodes
 from shared.adapter_files import adapter_digest
 from shared.config import RunConfig
@@ -136,13 +136,34 @@ def test_failing_nodes_are_excluded_and_the_round_goes_on(model_dir, users, tmp_
 
 def test_too_few_valid_replies_leave_the_shared_state_unchanged(model_dir, users, tmp_path):
     config = _config(model_dir, tmp_path / "run",
-                     **{"method": "sft", "rounds": 1, "clients-per-round": 2, "min-replies": 2})
-    grid = _grid(config, users, failing_nodes=frozenset({1000, 1001, 1002}))
-    result = run_federation(grid, config)
+                     **{"method": "sft", "rounds": 1, "clients-per-round": 3, "min-replies": 3})
+    grid = _grid(config, users, failing_nodes=frozenset({1000}))
+    # Two of three devices answer each message: training goes on without aggregating, and the
+    # final evaluation, short of min-replies too, leaves the run unfinished.
+    with pytest.raises(RunFailed, match=r"evaluation after round 1: 2 of 3 devices replied without an error, fewer "
+                                        r"than min-replies \(3\)"):
+        run_federation(grid, config)
     sent = _sent(next(m for m in grid.delivered if m.metadata.message_type == "train"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert rows[0]["aggregated"] is False
-    assert all(torch.equal(result.shared[k], sent[k]) for k in sent)
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint.phase == "evaluate"
+    assert all(torch.equal(checkpoint.shared[k], sent[k]) for k in sent)
+
+
+def test_a_round_every_device_fails_stops_the_run_unfinished_and_a_rerun_goes_on(model_dir, users, tmp_path):
+    config = _config(model_dir, tmp_path / "run", **{"method": "sft", "rounds": 2, "clients-per-round": 3})
+    failing = frozenset({1000, 1001, 1002})
+    with pytest.raises(RunFailed, match=r"personalize round 1: 0 of 3 devices replied without an error.*node 1000"):
+        run_federation(_grid(config, users, failing_nodes=failing), config)
+    assert load_checkpoint(tmp_path / "run") is None  # no round completed: nothing to resume, nothing finished
+    assert not (tmp_path / "run" / "evaluation.csv").exists()
+    # The cause fixed, the rerun trains both rounds and finishes.
+    result = run_federation(_grid(config, users), config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["round"], r["accepted"]) for r in rows if "aggregated" in r] == [
+        ("personalize", 1, 3), ("personalize", 2, 3)]
+    assert load_checkpoint(tmp_path / "run").phase == "done" and result.summary is not None
 
 
 def test_a_device_whose_cached_expert_is_corrupt_gets_it_again(model_dir, users, tmp_path):

@@ -40,6 +40,11 @@ def test_a_deployed_node_opens_the_store_it_names_and_a_lamp_dataset_gets_its_ow
     config = RunConfig(dataset=str(tmp_path / "reviews.json"), run_dir=str(tmp_path / "run"))
     simulated = [user_store({"partition-id": i, "num-partitions": 2}, config) for i in range(2)]
     assert sorted(s.user_id for s in simulated) == ["u0", "u1"]
-    assert simulated[0].path.parent.name == "lamp-reviews"
+    assert simulated[0].path.parent.name.startswith("lamp-reviews-")
+    # Another file of the same name is another dataset: its users get their own folder.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "reviews.json").write_text(json.dumps(records[:4]))
+    other = RunConfig(dataset=str(tmp_path / "other" / "reviews.json"), run_dir=str(tmp_path / "run"))
+    assert user_store({"partition-id": 0, "num-partitions": 2}, other).path.parent != simulated[0].path.parent
     deployed = user_store({"user-dir": str(simulated[1].path)}, config)
     assert deployed.user_id == simulated[1].user_id

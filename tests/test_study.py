@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from shared.paths import DATA_DIR_ENV
 from simulations import study as study_module
 from simulations.study import STUDY_METHODS, StudyConfig, cells, run_study
 from simulations.study_report import machine
@@ -203,3 +204,57 @@ def test_each_ablation_and_compute_row_is_paired_with_the_row_it_changes():
     for name, row in STUDY_METHODS.items():
         if row.baseline:  # the pair differs only in what the row says it changes
             assert row.baseline in STUDY_METHODS and row.baseline != name
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"missing\.json: cannot read"),
+    (b"\x00\x01\xff\xfe binary", r"bad\.json: cannot read"),
+    (b"not json at all\n", r"bad\.json, line 1, column 1: invalid JSON"),
+    (b'[{"id": "r1", "input": "x", "profile": []}]', r"bad\.json, record 0 \(id 'r1'\): missing field 'output'"),
+])
+def test_a_bad_dataset_file_is_refused_by_name_before_anything_is_written(tmp_path, monkeypatch, content, message):
+    from shared.user_store import DataError
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    path = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content is not None:
+        path.write_bytes(content)
+    config = StudyConfig(model="tiny", datasets=(str(path),), methods=("base",), seeds=(0,), users=2)
+    with pytest.raises(DataError, match=message):
+        run_study(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_dataset_files_are_told_apart_by_content_not_name(tmp_path):
+    from simulations.datasets import dataset_name
+    from simulations.study import check_datasets
+
+    record = {"id": "r1", "input": "x", "output": "y", "profile": []}
+    for folder, text in (("a", "one"), ("b", "two"), ("c", "one")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "good.json").write_text(json.dumps([{**record, "output": text}]))
+    a, b, c = (str(tmp_path / folder / "good.json") for folder in "abc")
+    assert dataset_name(a) != dataset_name(b) and dataset_name(a).startswith("lamp-good-")
+    assert dataset_name(a) == dataset_name(c)  # the same records, wherever they lie
+    check_datasets((a, b, "reviewers"))
+    with pytest.raises(ValueError, match=r"--datasets .*a/good\.json and .*c/good\.json hold the same records"):
+        check_datasets((a, c))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seeds", "0", "0"], "--seeds must not repeat a value, got 0 twice"),
+    (["--methods", "base", "base"], "--methods must not repeat a value, got 'base' twice"),
+    (["--seeds", "-1"], "must be at least 0"),
+    (["--seeds", "99999999999999999999"], "must be at most 2,147,483,647 in size"),
+    (["--users", "99999999999999999999"], "must be at most 2,147,483,647 in size"),
+    (["--datasets", "reviewers", "reviewers"], "--datasets must not repeat a value, got 'reviewers' twice"),
+])
+def test_repeated_and_huge_study_options_are_refused_naming_the_flag(tmp_path, capsys, argv, message):
+    from simulations.cli import main
+
+    try:
+        code = main(["--data-dir", str(tmp_path / "data"), "study", "--out", str(tmp_path / "out"), *argv])
+    except SystemExit as stopped:  # refused by argparse, before the command runs
+        code = stopped.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

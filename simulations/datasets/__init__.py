@@ -14,8 +14,11 @@ Every input is checked before anything is written; stores that exist already are
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
+from shared.user_store import DataError
 from simulations.datasets.chitchat import build_chitchat_users
 from simulations.datasets.lamp import import_lamp_json
 from simulations.datasets.plans import TEST_FRACTION
@@ -25,6 +28,38 @@ from simulations.datasets.synthetic import build_synthetic_users
 
 DATASETS = ("shakespeare", "synthetic", "reviewers", "chitchat", "lamp-json")
 GENERATED = ("shakespeare", "synthetic", "reviewers", "chitchat")  # built from what the packages ship: no input file
+
+
+def dataset_name(dataset: str | Path) -> str:
+    """The name of a dataset's users and results: a generated dataset's own name, or for a file
+    `lamp-<file stem>-<the first 8 hex digits of its content's SHA-256>`, so that two files of
+    one name never share users or cells and a file moved elsewhere keeps them."""
+    if str(dataset) in GENERATED:
+        return str(dataset)
+    path = Path(dataset).expanduser().resolve()
+    return f"lamp-{path.stem}-{_content_digest(path, *_file_stamp(path))[:8]}"
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise DataError(f"dataset file {path}: cannot read: {error.strerror or error}") from None
+    if not path.is_file():
+        raise DataError(f"dataset file {path}: is not a file")
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: Path, size: int, mtime_ns: int) -> str:  # keyed by the file's stamp too
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise DataError(f"dataset file {path}: cannot read: {error.strerror or error}") from None
+    return digest.hexdigest()
 
 
 def build_users(
@@ -71,5 +106,5 @@ def build_users(
     raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
 
 
-__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_chitchat_users", "build_reviewer_users",
+__all__ = ["DATASETS", "GENERATED", "MIN_SAMPLES", "build_chitchat_users", "dataset_name", "build_reviewer_users",
            "build_shakespeare_users", "build_synthetic_users", "build_users", "import_lamp_json"]

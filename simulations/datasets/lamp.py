@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,23 +68,27 @@ def _record_id(record: Any, key: str, where: str) -> str:
 
 
 def _parse_time(value: Any, where: str) -> float:
-    """A number, or a date string (ISO 8601; dates without a zone are taken as UTC) in seconds."""
+    """A time in seconds since 1970 (UTC). The rule: a JSON number is seconds (or any number
+    that orders the records); a string of four digits is that year ("2020": 1 January 2020),
+    "YYYY-MM" that month, any other ISO 8601 date or time is what it says (without a zone:
+    UTC); a string of other digits is seconds."""
     if is_finite_number(value):
         return float(value)
     if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d{4}(-\d{2})?", text):
+            text = text + ("-01-01" if len(text) == 4 else "-01")
+        elif re.fullmatch(r"[+-]?\d+(\.\d+)?", text):
+            return float(text)
         try:
-            return float(value)
-        except ValueError:
-            pass
-        try:
-            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
             pass
         else:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             return moment.timestamp()
-    raise DataError(f"{where}: time {value!r} is neither a number nor an ISO date")
+    raise DataError(f"{where}: time {value!r} is neither a number, a year nor an ISO date")
 
 
 @dataclass
@@ -94,6 +99,7 @@ class _LampRecord:
     output: str
     time: float | None
     profile: list[tuple[str, float | None, str, str]]  # (history id, time, text, item input/title)
+    where: str = ""  # the record's place in its file, for errors
 
 
 def _parse_record(record: Any, where: str, output: str | None) -> _LampRecord:
@@ -128,7 +134,7 @@ def _parse_record(record: Any, where: str, output: str | None) -> _LampRecord:
                 f"{item_where}: field 'input'/'title' must be a string, got {type(title).__name__}"
             )
         items.append((item_id, item_time, text, title))
-    return _LampRecord(record_id, user_id, text_input, output, time, items)
+    return _LampRecord(record_id, user_id, text_input, output, time, items, where)
 
 
 def _load_golds(golds_path: Path) -> dict[str, str]:
@@ -158,9 +164,15 @@ def _lamp_plan(user_id: str, records: list[_LampRecord], test_fraction: float, s
     if all(r.time is not None for r in records):
         records = sorted(records, key=lambda r: r.time)
     first_seen: dict[str, tuple[float | None, str, str]] = {}
+    seen_in: dict[str, str] = {}
     for record in records:
-        for item_id, item_time, text, title in record.profile:
-            first_seen.setdefault(item_id, (item_time, text, title))
+        for k, (item_id, item_time, text, title) in enumerate(record.profile):
+            if item_id in first_seen and first_seen[item_id][1] != text:
+                raise DataError(f"{record.where}, profile item {k}: id {item_id!r} is used with another text at "
+                                f"{seen_in[item_id]}; a user's profile id names one text")
+            if item_id not in first_seen:
+                first_seen[item_id] = (item_time, text, title)
+                seen_in[item_id] = f"{record.where}, profile item {k}"
     # Profile times are used only when every item has one; else the order items were met in.
     dated = all(t is not None for t, _, _ in first_seen.values())
     history = sorted(
@@ -211,12 +223,20 @@ def import_lamp_json(
     test_fraction: float = TEST_FRACTION,
     overwrite: bool = False,
 ) -> list[Path]:
-    """User stores from LaMP / LongLaMP-style JSON.
+    """User stores from LaMP / LongLaMP-style JSON (`read_lamp_json`), everything checked before
+    any write."""
+    return write_plans(out_dir, read_lamp_json(records_path, golds_path, test_fraction), overwrite)
+
+
+def read_lamp_json(
+    records_path: str | Path, golds_path: str | Path | None = None, test_fraction: float = TEST_FRACTION,
+) -> list[UserPlan]:
+    """The users of LaMP / LongLaMP-style JSON, checked in full; nothing is written.
 
     `records_path` alone: a JSON list or JSON Lines of {"id", "input", "output", "profile",
     "user_id", optional "time"}. With `golds_path`: LaMP's questions file (no "output") and
     its outputs file {"task", "golds": [{"id", "output"}]}, joined on id. A record without
-    "user_id" is its own user (LaMP's convention). Everything is checked before any write.
+    "user_id" is its own user (LaMP's convention). Times: `_parse_time`.
     """
     records_path = Path(records_path)
     rows = _load_records(records_path)
@@ -247,7 +267,4 @@ def import_lamp_json(
     by_user: dict[str, list[_LampRecord]] = {}
     for record in records:
         by_user.setdefault(record.user_id, []).append(record)
-    plans = [
-        _lamp_plan(user_id, user_records, test_fraction, sources) for user_id, user_records in by_user.items()
-    ]
-    return write_plans(out_dir, plans, overwrite)
+    return [_lamp_plan(user_id, user_records, test_fraction, sources) for user_id, user_records in by_user.items()]
