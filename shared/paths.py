@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -94,12 +95,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """The project's JSON file format: indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def jsonl_text(rows: list[dict[str, Any]]) -> str:
+    """JSON Lines: one row per line."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json_text(obj))
 
 
 def atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(path, jsonl_text(rows))
 
 
 @contextlib.contextmanager
@@ -127,6 +138,20 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+STAGING = re.compile(r"\..+\.[0-9a-f]{8}\.(partial|old)")  # the names `atomic_directory` stages under
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove what an `atomic_directory` killed outright (SIGKILL, a power cut) left directly in
+    `folder`: hidden folders of its own naming, never anything else. Only call it while no
+    other process writes into `folder` (under its lock); returns what it removed."""
+    stale = [p for p in Path(folder).iterdir() if p.is_dir() and not p.is_symlink() and STAGING.fullmatch(p.name)] \
+        if Path(folder).is_dir() else []
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def _fresh_folder(beside: Path, kind: str) -> Path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.paths import atomic_directory, atomic_write_json, atomic_write_jsonl
+from shared.paths import atomic_directory, atomic_write_text, json_text, jsonl_text
 
 STORE_FORMAT = "nextquill-user-store/1"
 SOURCES = ("shakespeare", "synthetic", "lamp-json", "chitchat")
@@ -349,11 +349,23 @@ def write_user_store(
     """
     path = Path(path)
     meta, sample_rows, history_rows = prepare_store(path, user_id, source, samples, history, extra_meta)
-    with atomic_directory(path, overwrite=overwrite) as staging:
-        atomic_write_json(staging / "user.json", meta)
-        atomic_write_jsonl(staging / "samples.jsonl", sample_rows)
-        atomic_write_jsonl(staging / "history.jsonl", history_rows)
+    write_prepared_store(path, meta, sample_rows, history_rows, overwrite, sync=True)
     return UserStore.open(path)
+
+
+def write_prepared_store(path: Path, meta: dict, sample_rows: list[dict], history_rows: list[dict], overwrite: bool,
+                         sync: bool) -> None:
+    """Write what `prepare_store` returned, as one rename of a folder staged beside `path`.
+    `sync`: each file reaches the disk before the rename; without it, the caller syncs once
+    after a batch (a store is still never seen half written by a reader or a rerun)."""
+    files = {"user.json": json_text(meta), "samples.jsonl": jsonl_text(sample_rows),
+             "history.jsonl": jsonl_text(history_rows)}
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        for name, text in files.items():
+            if sync:
+                atomic_write_text(staging / name, text)
+            else:  # a private folder until the rename: nothing can read it half written
+                (staging / name).write_text(text, encoding="utf-8")
 
 
 def list_user_stores(root: str | Path) -> list[Path]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -125,7 +127,11 @@ def _optional_fields(settings: Any, skip: tuple[str, ...], only: tuple[str, ...]
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """The one place where the errors a user can cause (`shared.errors.USER_ERRORS`: paths,
     values, data and model files) end as one line on stderr and exit status 2; the traceback
-    is logged at debug level (`-v`). Any other exception is a bug and keeps its traceback."""
+    is logged at debug level (`-v`). Any other exception is a bug and keeps its traceback.
+    `kill` (SIGTERM) ends a command as Ctrl-C does: what it was writing is cleaned up first."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return command()
     except USER_ERRORS as error:
@@ -135,3 +141,10 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

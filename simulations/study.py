@@ -556,6 +556,8 @@ def study_from(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
     from simulations.options import settings_from
 
     study = settings_from(args, StudyConfig())
+    if any(not d.strip() for d in study.datasets):
+        raise ValueError("--datasets holds an empty name: give a dataset name or the path of a LaMP-style JSON file")
     # Dataset files as absolute paths: the devices resolve relative ones under the data directory.
     files = tuple(d if d in GENERATED else str(Path(d).expanduser().resolve()) for d in study.datasets)
     try:

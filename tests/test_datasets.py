@@ -390,3 +390,55 @@ def test_lamp_profile_times_given_as_years_order_the_history(tmp_path):
     records_file.write_text(json.dumps([_record(f"r{k}", "u", f"out {k}", profile, time=k) for k in range(3)]))
     store = UserStore.open(import_lamp_json(tmp_path / "out", records_file)[0])
     assert [h.id for h in store.history()] == ["early", "late"]
+
+
+def _one_record_users(path: Path, users: int, words: int = 4) -> Path:
+    with path.open("w") as handle:
+        for i in range(users):
+            text = " ".join(f"word{i}-{k}" for k in range(words))
+            handle.write(json.dumps({"id": f"r{i}", "user_id": f"user-{i}", "input": f"Write about {i}",
+                                     "output": text, "profile": [{"text": f"Old {text}"}]}) + "\n")
+    return path
+
+
+def test_a_killed_import_leaves_whole_stores_only_and_a_rerun_finishes_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # Few stores (a disk deletes files slowly: pytest cleans this folder up later), each large
+    # enough that writing them takes seconds, so the kill lands in the middle.
+    records = _one_record_users(tmp_path / "records.jsonl", 1500, words=3000)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "simulations.cli", "--data-dir", str(tmp_path / "data"), "users", "lamp-json",
+            "--records", str(records), "--out", str(out)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(p.name.startswith("user-") for p in out.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # `kill`: cleaned up as Ctrl-C is
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    written = list_user_stores(out)
+    assert 0 < len(written) < 1500
+    assert [p.name for p in out.iterdir() if not p.name.startswith("user-")] == []
+    UserStore.open(written[-1])  # the last store written is whole
+    # What a SIGKILL would leave staged is removed by the rerun, which writes only what is missing.
+    stale = out / ".user-7.0123abcd.partial"
+    stale.mkdir()
+    (stale / "samples.jsonl").write_text("half")
+    before = {p: p.stat().st_mtime_ns for p in written}
+    finished = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert len(list_user_stores(out)) == 1500 and not stale.exists()
+    assert all(p.stat().st_mtime_ns == before[p] for p in written)
+
+
+def test_an_import_of_many_users_names_their_stores_in_linear_time(tmp_path):
+    from simulations.datasets.plans import _store_names
+
+    ids = [f"user {i}" for i in range(200000)] + ["User 0"]  # one clash of slugs, at the end
+    names = _store_names(ids)
+    assert len(set(names)) == len(ids) and names[1] == "user-1" and names[0].startswith("user-0-")

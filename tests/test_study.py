@@ -248,6 +248,8 @@ def test_dataset_files_are_told_apart_by_content_not_name(tmp_path):
     (["--seeds", "99999999999999999999"], "must be at most 2,147,483,647 in size"),
     (["--users", "99999999999999999999"], "must be at most 2,147,483,647 in size"),
     (["--datasets", "reviewers", "reviewers"], "--datasets must not repeat a value, got 'reviewers' twice"),
+    (["--datasets", "reviewers", " "], "--datasets holds an empty name"),
+    (["--datasets", "data.json", "./data.json"], "--datasets must not repeat a value"),
 ])
 def test_repeated_and_huge_study_options_are_refused_naming_the_flag(tmp_path, capsys, argv, message):
     from simulations.cli import main
