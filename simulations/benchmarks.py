@@ -45,7 +45,7 @@ from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
 from simulations.model_shapes import SHAPES, model_dir_for, shaped_model_dir
-from simulations.options import add_settings, checked, run_command, settings_from
+from simulations.options import add_settings, checked, run_command, settings_from, whole_number
 
 log = logging.getLogger(__name__)
 MODEL_HELP = f"a named base, a shape of random weights ({', '.join(SHAPES)}) or a local model directory"
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="benchmark", required=True)
     p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
     add_settings(p, BaseSpec())  # --model also takes a shape (simulations/model_shapes.py): random weights
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=whole_number(1), default=5)
     # The step's shape: each defaults to the model's benchmark shape (bench_step.default_shape).
     p.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"))
     for name in ("history_tokens", "context_tokens", "response_tokens"):
@@ -117,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/benchmarks/step.json")
     p.add_argument("--profile", metavar="DIR", help="also write a PyTorch profiler table per method into DIR")
     p = sub.add_parser("scale", help="a Flower simulation of many users: users/hour, set-up share, memory")
-    p.add_argument("--users", type=int, default=1000)
-    p.add_argument("--clients-per-round", type=int, default=50)
+    p.add_argument("--users", type=whole_number(1), default=1000)
+    p.add_argument("--clients-per-round", type=whole_number(1), default=50)
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer files for a shape model (which has none)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1],
+    p.add_argument("--concurrency", type=whole_number(1), nargs="+", default=[1],
                    help="clients trained at once (Ray workers, each with its resident base); several values: a "
                         "sweep, one simulation each in <out>/concurrency-N, users/hour plotted against them")
     p.add_argument("--runtime", default="flower", choices=bench_scale.RUNTIMES,
@@ -133,41 +133,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/benchmarks/scale")
     p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-r", type=whole_number(1), default=8)
     p.add_argument("--out", default="runs/benchmarks/comm.json")
     p = sub.add_parser("dce", help="expert pass per 1,000 target tokens, and its amortization over rounds")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--users", type=whole_number(1), default=4)
     p.add_argument("--out", default="runs/benchmarks/dce.json")
     p = sub.add_parser("setup", help="per-client set-up: resident base vs reloading it")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--clients", type=whole_number(1), default=6)
     p.add_argument("--out", default="runs/benchmarks/setup.json")
     for name, what in (("secagg", "seconds and wire bytes of a training round with SecAgg+ and without"),
                        ("wire", "wire bytes and requests of a training round, packed and one array per parameter")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--model", default="tiny")
-        p.add_argument("--clients", type=int, default=3)
-        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--clients", type=whole_number(1), default=3)
+        p.add_argument("--rounds", type=whole_number(1), default=3)
         p.add_argument("--out", default=f"runs/benchmarks/{name}.json")
     p = sub.add_parser("reload", help="a deployed device's set-up per message: quantize on load vs quantized copy")
     p.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     p.add_argument("--device", default="cpu", help="where the base is loaded: cpu, cuda, cuda:N")
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (the median is reported)")
+    p.add_argument("--repeats", type=whole_number(1), default=3,
+                   help="fresh processes per mode (the median is reported)")
     p.add_argument("--out", default="runs/benchmarks/reload.json")
     p = sub.add_parser("edge", help="peak memory of one client round, phase by phase, against a device's budget")
     add_settings(p, BaseSpec())
     p.add_argument("--history-tokens", type=checked(PromptConfig, "history_tokens"), default=2048)
     p.add_argument("--context-tokens", type=checked(PromptConfig, "context_tokens"), default=64)
     p.add_argument("--response-tokens", type=checked(PromptConfig, "response_tokens"), default=128)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="training batch sizes to try")
+    p.add_argument("--batch-sizes", type=whole_number(1), nargs="+", default=[1, 2, 4, 8],
+                   help="training batch sizes to try")
     p.add_argument("--variants", nargs="+", choices=("plain", "lean", "fused"), default=["plain", "lean", "fused"],
                    help="the training step: two passes (plain), the two-stage backward (lean-memory), or the LM "
                         "head inside the loss (fused-loss)")
     p.add_argument("--generation-batch-size", type=checked(GenerationSettings, "batch_size"), default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--reviews", type=int, default=72, help="the user's reviews (the latest 10%% held out); with "
-                   "72, most training prompts fill a 2,048-token history")
+    p.add_argument("--steps", type=whole_number(1), default=5)
+    p.add_argument("--reviews", type=whole_number(1), default=72,
+                   help="the user's reviews (the latest 10%% held out); with 72, most training prompts fill a "
+                        "2,048-token history")
     p.add_argument("--budget-mib", type=float, default=4096, help="the device's memory budget (a 4 GB Jetson: 4096)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer files for a shape model (which has none)")
     p.add_argument("--out", default="runs/benchmarks/edge.json")

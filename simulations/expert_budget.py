@@ -186,12 +186,14 @@ def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, history_dr
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulations.options import add_settings, run_command, settings_from
+    from simulations.options import add_settings, run_command, settings_from, whole_number
 
     parser = argparse.ArgumentParser(prog="python -m simulations.expert_budget", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, nargs="+", default=[0, 24, 96], help="expert training steps to measure")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the expert's initialisation and sample order")
+    parser.add_argument("--steps", type=whole_number(0), nargs="+", default=[0, 24, 96],
+                        help="expert training steps to measure")
+    parser.add_argument("--seed", type=whole_number(0), default=0,
+                        help="seed of the expert's initialisation and sample order")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder of the results and report")
     add_settings(parser, TrainConfig(), only=("history_dropout",))
     add_settings(parser, StudyConfig(), only=BUDGET_SETTINGS)
