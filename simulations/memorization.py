@@ -208,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "python -m simulations.memorization"
     parser.description = __doc__
-    parser.add_argument("--insertions", type=whole_number(1), default=4, help="copies of the canary in the user's targets")
-    parser.add_argument("--candidates", type=whole_number(1), default=1000, help="random codes the canary is ranked among")
+    parser.add_argument("--insertions", type=whole_number(1), default=4,
+                        help="copies of the canary in the user's targets")
+    parser.add_argument("--candidates", type=whole_number(1), default=1000,
+                        help="random codes the canary is ranked among")
     parser.add_argument("--memorization-methods", nargs="+", default=list(METHODS), choices=list(CHOICES))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
