@@ -61,7 +61,7 @@ def measure(study: StudyConfig, steps: int, seed: int, history_dropout: float, w
             device.train(stores, train, save_to=expert)
     train_seconds = time.perf_counter() - started
     detection = dce_detection(config, study.users, expert)
-    if detection is None:
+    if "roc_auc" not in detection:
         raise ValueError(f"the {DATASET} users in {config.users_dir} carry no preference spans")
     donors = detection["references"].get("donors", {})
     detection["references"] = {name: {k: v for k, v in summary.items() if not k.startswith("roc_fpr")

@@ -327,14 +327,14 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
             "train_seconds": report.seconds}
 
 
-def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any] | None:
+def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]:
     """The expert's DCE against every counterfactual history (`shared.config.REFERENCES`): how
     many tokens it marks, and, where the users carry ground truth (the reviewers' style words),
     how well it picks them out: ROC AUC over every target token, precision and recall of the
     high-weight tokens, the ROC curve. On the training samples only: these figures choose the
     default reference and weights, which the held-out samples must not. The run's own
-    reference's figures are at the top level. None where the users carry no ground truth (the
-    cells' own DCE is computed by the devices all the same)."""
+    reference's figures are at the top level. Without ground truth (chitchat) the share of
+    tokens weighted λ and where the weight goes (content carried over from the input, the rest)."""
     from client import federated
     from client.inspect_weights import detection_summary, roc_curve, token_rows
     from client.personalize import Expert
@@ -343,8 +343,6 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     from shared.user_store import UserStore, list_user_stores
 
     stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users_dir))[:users]]
-    if not any(s.preference_spans for store in stores for s in store.samples()):
-        return None
     device = federated.resident_device(config)
     by_reference = {}
     for reference in REFERENCES:
@@ -476,8 +474,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         scores = dce_path(out, dataset, seed, method)
         if method in experts and not scores.is_file():
             detection = dce_detection(config, study.users, config.resolve(config.run_dir) / "shared_adapter")
-            if detection is not None:
-                atomic_write_json(scores, {"expert": method, **detection})
+            atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(asked))
 
 
