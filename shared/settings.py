@@ -5,8 +5,8 @@ command line refuse the same bad values, each naming the setting as its user wro
 
     alpha: float = setting(0.1, "weight of L_p", minimum=0.0)
 
-A float must be finite (NaN and infinities are refused everywhere) and a whole number at most
-`INT_LIMIT`, whatever the field's own bounds; `minimum` / `maximum` are inclusive bounds,
+A float must be finite (NaN and infinities are refused everywhere), a whole number at most
+`INT_LIMIT` in size, whatever the field's own bounds; `minimum` / `maximum` are inclusive bounds,
 `above` an exclusive lower one; `choices` lists the allowed values; `pattern` is a regular
 expression the whole value must match, described by `pattern_help`. A tuple is checked item by
 item, and may not repeat an item (`--seeds 0 0` would count one seed twice).
