@@ -218,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     study, out = study_from(args)
 
     def measure_all() -> int:
-        if args.insertions < 1 or args.candidates < 1:
-            raise ValueError("--insertions and --candidates must be at least 1")
         rows = run_memorization(study, out / "memorization", tuple(args.memorization_methods), args.insertions,
                                 args.candidates)
         print(memorization_table(rows))
