@@ -213,6 +213,12 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_local_superlink(args) -> int:
+    from simulations.local_superlink import superlink_command
+
+    return superlink_command(args.action)
+
+
 def cmd_run_config(args) -> int:
     print(RunConfig.flower_toml(), end="")
     return 0
@@ -305,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run-config", help="the [tool.flwr.app.config] table of pyproject.toml, from RunConfig")
     p.set_defaults(func=cmd_run_config)
+
+    p = sub.add_parser("local-superlink", help="the SuperLink `flwr run .` started here and left running: "
+                                               "show it, or stop exactly it (by its process id)")
+    p.add_argument("action", choices=("status", "stop"))
+    p.set_defaults(func=cmd_local_superlink)
 
     p = sub.add_parser("certs", help="development TLS certificates for a SuperLink (never for production)")
     p.add_argument("--out", default="certs", help="folder for ca.crt, server.pem, server.key")
