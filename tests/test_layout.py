@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import subprocess
 import sys
 import zipfile
@@ -124,9 +125,9 @@ def test_reading_a_config_or_the_command_line_loads_no_model_code(reading):
     assert loaded.stdout.strip() == "[]"
 
 
-def test_the_readme_names_every_module_where_it_lives():
-    readme = (REPO / "README.md").read_text()
-    layout = readme.split("## What is where", 1)[1].split("\n## ", 1)[0]
+def test_the_architecture_page_names_every_module_where_it_lives():
+    page = (REPO / "docs" / "architecture.md").read_text()
+    layout = page.split("## What is where", 1)[1].split("\n## ", 1)[0]
     sections = {}
     for package in PACKAGES:  # the text from "<package>/" to the next package's heading
         start = layout.index(f"\n{package}/")
@@ -139,3 +140,12 @@ def test_the_readme_names_every_module_where_it_lives():
         and f"{path.parent.name}/" not in sections[package].replace(f"{package}/", "", 1)
     ]
     assert not unnamed
+
+
+def test_ci_runs_the_readme_test_command_and_the_readme_stays_short():
+    readme = (REPO / "README.md").read_text()
+    command = readme.split("Set everything up and run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert command in (REPO / ".ci" / "run").read_text()
+    assert len(readme.splitlines()) <= 250
+    linked = re.findall(r"\]\(((?:docs|simulations)/[^)#]+)", readme)
+    assert linked and [link for link in linked if not (REPO / link).exists()] == []
