@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 from client import federated
-from client.node_store import simulation_store_paths
 from client.personalize import Device
 from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, RunConfig, TrainConfig
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
+from simulations.datasets.simulated import simulated_user_stores
 from simulations.model_shapes import SHAPES, model_dir_for, shaped_model_dir
 from simulations.options import add_settings, checked, run_command, settings_from, whole_number
 
@@ -226,7 +226,7 @@ def _run(args) -> int:
         from simulations.bench_dce import dce_benchmark
 
         config = RunConfig(model=args.model, dataset="shakespeare")
-        paths = simulation_store_paths(config, args.users)[: args.users]
+        paths = simulated_user_stores(config, args.users)[: args.users]
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
     if args.benchmark == "reload":
@@ -251,7 +251,7 @@ def _run(args) -> int:
         deployment_benchmark(args.benchmark, args.model, args.clients, args.rounds, Path(args.out))
         return 0
     config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
-    paths = simulation_store_paths(config, args.clients)[: args.clients]
+    paths = simulated_user_stores(config, args.clients)[: args.clients]
     setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
     return 0
 

@@ -40,14 +40,14 @@ BUDGET_SETTINGS = ("model", "users", "batch_size", "learning_rate", "history_tok
 def measure(study: StudyConfig, steps: int, seed: int, history_dropout: float, work: Path) -> dict[str, Any]:
     """Train (or, for 0 steps, only initialise) the expert, then score its DCE."""
     from client.federated import resident_device
-    from client.node_store import simulation_store_paths
     from shared.adapters import save_adapter
     from shared.split import LOCAL_ADAPTER
     from shared.user_store import UserStore
+    from simulations.datasets.simulated import simulated_user_stores
 
     config = run_config(study, DATASET, seed, EXPERT_CELL, None, work)
     device = resident_device(config)
-    stores = [UserStore.open(p) for p in simulation_store_paths(config, study.users)[:study.users]]
+    stores = [UserStore.open(p) for p in simulated_user_stores(config, study.users)[:study.users]]
     expert = work / "experts" / f"seed-{seed}" / _name(steps, history_dropout)
     started = time.perf_counter()
     if not expert.is_dir():

@@ -108,11 +108,11 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     adapter and under user 0's personalized model."""
     from client import federated
     from client.client_app import app as client_app
-    from client.node_store import simulation_store_paths
     from coordinator.checkpoint import load_checkpoint
     from coordinator.federation import run_federation
     from shared.config import RunConfig
     from shared.split import PERSONAL_ADAPTER
+    from simulations.datasets.simulated import simulated_user_stores
     from simulations.inprocess import InProcessGrid
     from simulations.study import run_config
 
@@ -123,7 +123,7 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     rng = random.Random(f"canary-{seed}")
     canary = CANARY_PREFIX + random_code(rng)
     others = [CANARY_PREFIX + random_code(rng) for _ in range(candidates)]
-    paths = simulation_store_paths(config, study.users)[: study.users]
+    paths = simulated_user_stores(config, study.users)[: study.users]
     store = UserStore.open(paths[0])
     if not any(s.id == "canary-0" for s in store.samples()):
         store = insert_canary(store, canary, insertions)

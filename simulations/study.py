@@ -307,13 +307,13 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
     on its held-out samples as a device evaluates (the same prompt, donor history, decoding)."""
     from client import federated
     from client.evaluation import public_donor_history
-    from client.node_store import simulation_store_paths
     from client.personalize import Expert
     from shared.metrics import SCORE_KEYS, SCORES, macro_average
     from shared.user_store import UserStore
+    from simulations.datasets.simulated import simulated_user_stores
 
     device = federated.resident_device(config)
-    stores = [UserStore.open(p) for p in simulation_store_paths(config, users)[:users]]
+    stores = [UserStore.open(p) for p in simulated_user_stores(config, users)[:users]]
     steps = users * config.rounds * config.local_steps
     train = dataclasses.replace(config.train_config(config.method, config.seed), max_steps=steps)
     report = device.train(stores, train, Expert.from_dir(expert), progress=False)

@@ -154,7 +154,7 @@ def run_tuning(tuning: Tuning, candidates: list[dict[str, Any]], progress: bool 
     the report."""
     from tqdm.auto import tqdm
 
-    from client.node_store import simulation_store_paths
+    from simulations.datasets.simulated import simulated_user_stores
     from simulations.study import run_config, run_federated_cell, work_dir
 
     study = tuning.study
@@ -162,7 +162,7 @@ def run_tuning(tuning: Tuning, candidates: list[dict[str, Any]], progress: bool 
     cells += [(OURS, f"{OURS}_{candidate_name(keys)}", keys) for keys in candidates]
     configs = {name: tuning.config(row, name, keys) for row, name, keys in cells}  # bad values refused first
     source = run_config(study, tuning.dataset, tuning.seed, BASELINE, None, work_dir(study))
-    sources = simulation_store_paths(source, study.users)[: study.users]
+    sources = simulated_user_stores(source, study.users)[: study.users]
     write_validation_users(sources, tuning.work() / "users", tuning.held_out)
     ensure_folder(tuning.folder)
     bar = tqdm(cells, desc="tuning cells", unit="cell", disable=not progress)
