@@ -17,8 +17,8 @@ from flwr.cli.build import build_fab_from_disk
 
 REPO = Path(__file__).parents[1]
 PACKAGES = ("client", "coordinator", "shared", "simulations")
-OPERATOR_TOOLING = ("simulations/deployment.py", "simulations/credentials.py", "simulations/cli.py",
-                    "simulations/wire_audit.py", "simulations/local_superlink.py")
+OPERATOR_TOOLING = ("simulations/cli.py", *(f"simulations/operations/{name}.py" for name in
+                                           ("deployment", "credentials", "wire_audit", "local_superlink", "gpu_kit")))
 OPERATOR_PACKAGES = ("cryptography", "psutil", "tomli_w", "h11")
 
 
