@@ -1,72 +1,46 @@
 """Which user a node serves, and that user's store: `user-dir` in a deployment (the store on
-the device), `partition-id` in a simulation, where the simulated users' stores are built on
-first use (`simulations.datasets.build_users`, shipped in the app bundle for this)."""
+the device), `partition-id` in a simulation, where the stores come from the run config's
+`users-builder` ("module:function", loaded when a simulated node first needs it; the project's
+own builds the dataset's users on first use), so the device code imports no simulation code."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
-from shared.paths import file_lock
-from shared.user_store import UserStore, list_user_stores
-from simulations.datasets import GENERATED, build_users, dataset_name
+from shared.user_store import UserStore
 
 USER_DIR_KEY = "user-dir"
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 
+UsersBuilder = Callable[[RunConfig, int], list[Path]]
 _store_paths: dict[tuple, list[Path]] = {}
 
 
-def simulation_users_dir(config: RunConfig) -> Path:
-    if config.users_dir:
-        return config.resolve(config.users_dir)
-    name = dataset_name(config.dataset if config.dataset in GENERATED else config.resolve(config.dataset))
-    if config.preference_strength:
-        name += f"-strength-{config.preference_strength:g}"
-    if config.users_seed:
-        name += f"-users-seed-{config.users_seed}"
-    return config.resolve(f"users/{name}")
-
-
-def _build_simulated_users(config: RunConfig, root: Path, num_partitions: int) -> None:
-    """The users of `config.dataset` in `root`: a generated dataset (synthetic: one user per
-    SuperNode; shakespeare: every speaker), or the users of a LaMP-style JSON file."""
-    if config.dataset in GENERATED:
-        max_users = None if config.dataset == "shakespeare" else num_partitions
-        # The users are data, built once per folder: their seed is users-seed, never the run's
-        # (which sets initialisation and sample order), so runs of several seeds, in any order,
-        # see the same users.
-        build_users(config.dataset, root, max_users=max_users, seed=config.users_seed,
-                    preference_strength=config.preference_strength or None)
-    else:
-        build_users("lamp-json", root, records=config.resolve(config.dataset))
+def users_builder(name: str) -> UsersBuilder:
+    """The function a `users-builder` value names ("package.module:function")."""
+    module_name, _, function_name = name.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"run config users-builder {name!r}: cannot load it ({error}); give 'module:function'") \
+            from None
+    if not callable(builder):
+        raise ValueError(f"run config users-builder {name!r} is not a function")
+    return builder
 
 
 def simulation_store_paths(config: RunConfig, num_partitions: int) -> list[Path]:
-    """The simulated users' stores, built on first use (one process builds, the others wait)."""
-    root = simulation_users_dir(config)
-    key = (str(root), config.dataset, num_partitions)
-    if key in _store_paths:
-        return _store_paths[key]
-    with file_lock(root.parent / f".{root.name}.lock"):
-        paths = list_user_stores(root)
-        if len(paths) < num_partitions:
-            try:
-                _build_simulated_users(config, root, num_partitions)
-            except ValueError as error:
-                raise ValueError(f"dataset {config.dataset!r} cannot give {num_partitions} simulated users: {error}; "
-                                 "lower num-supernodes") from None
-            paths = list_user_stores(root)
-    if len(paths) < num_partitions:
-        raise ValueError(
-            f"the simulation has {num_partitions} SuperNodes but dataset {config.dataset!r} has only "
-            f"{len(paths)} users (in {root}); lower num-supernodes"
-        )
-    _store_paths[key] = paths
-    return paths
+    """The simulated users' store folders (`users-builder`), once per process and dataset."""
+    key = (config.users_builder, config.users_dir, config.dataset, config.users_seed, config.preference_strength,
+           num_partitions)
+    if key not in _store_paths:
+        _store_paths[key] = users_builder(config.users_builder)(config, num_partitions)
+    return _store_paths[key]
 
 
 def user_store(node_config: Mapping[str, Any], config: RunConfig) -> UserStore:

@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from coordinator.nodes import NodeSnapshot, NodeWaiter
 from coordinator.privacy import RunPrivacy, weight_key
 from coordinator.report import RoundLog, check_run_config, plot_rounds, read_summary, write_evaluation
 from coordinator.secure_aggregation import secure_round
-from coordinator.strategy import SampledFedAvg, ScreenedReplies
+from coordinator.strategy import RoundOutcome, SampledFedAvg, ScreenedReplies
 from shared.adapter_files import adapter_digest
 from shared.adapters import check_adapter_base
 from shared.config import RunConfig
@@ -86,55 +86,170 @@ class RunResult:
 
 def run_federation(grid: Grid, config: RunConfig) -> RunResult:
     """Run (or resume) the phases of `config` in its run directory."""
-    run_dir = config.resolve(config.run_dir)
-    adapters = GlobalAdapters(config.model, config.lora)
-    if config.needs_expert and config.expert:  # before anything is written
-        check_adapter_base(config.resolve(config.expert), adapters.base_id)
-    check_run_config(run_dir, config.to_flower(), RunConfig().to_flower())
-    rounds = RoundLog(run_dir)
-    expert_phase = config.needs_expert and not config.expert
-    checkpoint = load_checkpoint(run_dir)
-    if checkpoint is None:
-        checkpoint = Checkpoint(Phase.EXPERT if expert_phase else Phase.PERSONALIZE, 0, uuid.uuid4().hex[:12])
-        if config.needs_expert and config.expert:
-            checkpoint.expert_digest = adapter_digest(config.resolve(config.expert))
-    else:
-        log.info("resuming %s at phase %s after round %d", run_dir, checkpoint.phase, checkpoint.round)
-    rounds.keep_until(checkpoint.phase, checkpoint.round)
-    privacy = RunPrivacy.start(config.privacy, config.releases, checkpoint.privacy)
-    if config.privacy.enabled:
-        log.info("%s", privacy.describe())
-    nodes = NodeWaiter(grid, config.connect_timeout)
+    return FederatedRun(grid, config).run()
 
-    if checkpoint.phase == Phase.EXPERT:
-        shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, EXPERT_SPLIT, config.expert_rounds,
-                         run_dir, privacy)
-        checkpoint.expert_digest = adapters.save(EXPERT_SPLIT, shared, run_dir / EXPERT_DIR,
-                                                 {"run_id": checkpoint.run_id, "rounds": config.expert_rounds})
-        log.info("expert published: %s (digest %s)", run_dir / EXPERT_DIR, checkpoint.expert_digest[:16])
-        checkpoint = Checkpoint(Phase.PERSONALIZE, 0, checkpoint.run_id, checkpoint.expert_digest,
-                                privacy=privacy.state())
-        save_checkpoint(run_dir, checkpoint)
 
-    # A run resumed after it finished reports its recorded evaluation.
-    summary = read_summary(run_dir) if checkpoint.phase == Phase.DONE else None
-    if checkpoint.phase == Phase.PERSONALIZE:
-        shared = _rounds(grid, nodes, config, checkpoint, rounds, adapters, config.split_spec, config.rounds,
-                         run_dir, privacy)
-        checkpoint = Checkpoint(Phase.EVALUATE, 0, checkpoint.run_id, checkpoint.expert_digest, shared,
-                                privacy=privacy.state())
-        save_checkpoint(run_dir, checkpoint)
-        if config.split_spec.shares_whole_adapter:
-            adapters.save(config.split_spec, shared, run_dir / SHARED_ADAPTER_DIR, {"run_id": checkpoint.run_id})
+class FederatedRun:
+    """One run of the coordinator. It owns the grid and the nodes it waits for, the run directory
+    with its checkpoint and round log, the global adapters and the privacy accountant; its
+    methods are the story of a run: train the expert, personalize, evaluate."""
 
-    if checkpoint.phase == Phase.EVALUATE:
-        summary = run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=True, privacy=privacy)
-        checkpoint = Checkpoint(Phase.DONE, 0, checkpoint.run_id, checkpoint.expert_digest, checkpoint.shared,
-                                privacy=privacy.state())
-        save_checkpoint(run_dir, checkpoint)
-    plot_rounds(run_dir, rounds.rows)
-    log.info("run finished: %s", run_dir)
-    return RunResult(run_dir, checkpoint.expert_digest, checkpoint.shared, summary)
+    def __init__(self, grid: Grid, config: RunConfig) -> None:
+        self.grid, self.config = grid, config
+        self.run_dir = config.resolve(config.run_dir)
+        self.adapters = GlobalAdapters(config.model, config.lora)
+        if config.needs_expert and config.expert:  # before anything is written
+            check_adapter_base(config.resolve(config.expert), self.adapters.base_id)
+        check_run_config(self.run_dir, config.to_flower(), RunConfig().to_flower())
+        self.rounds = RoundLog(self.run_dir)
+        resumed = load_checkpoint(self.run_dir)
+        if resumed is not None:
+            log.info("resuming %s at phase %s after round %d", self.run_dir, resumed.phase, resumed.round)
+        self.checkpoint = resumed or self._first_checkpoint()
+        self.rounds.keep_until(self.checkpoint.phase, self.checkpoint.round)
+        self.privacy = RunPrivacy.start(config.privacy, config.releases, self.checkpoint.privacy)
+        if config.privacy.enabled:
+            log.info("%s", self.privacy.describe())
+        self.nodes = NodeWaiter(grid, config.connect_timeout)
+        self.expert_holders: set[int] = set()  # devices known to hold the expert
+
+    def _first_checkpoint(self) -> Checkpoint:
+        config = self.config
+        if config.needs_expert and not config.expert:
+            return Checkpoint(Phase.EXPERT, 0, uuid.uuid4().hex[:12])
+        digest = adapter_digest(config.resolve(config.expert)) if config.needs_expert else None
+        return Checkpoint(Phase.PERSONALIZE, 0, uuid.uuid4().hex[:12], digest)
+
+    def run(self) -> RunResult:
+        summary = read_summary(self.run_dir) if self.checkpoint.phase == Phase.DONE else None  # a finished run
+        if self.checkpoint.phase == Phase.EXPERT:
+            self.train_expert()
+        if self.checkpoint.phase == Phase.PERSONALIZE:
+            self.personalize()
+        if self.checkpoint.phase == Phase.EVALUATE:
+            summary = self.evaluate(final=True)
+            self._advance(Phase.DONE)
+        plot_rounds(self.run_dir, self.rounds.rows)
+        log.info("run finished: %s", self.run_dir)
+        return RunResult(self.run_dir, self.checkpoint.expert_digest, self.checkpoint.shared, summary)
+
+    def train_expert(self) -> None:
+        """Federated ContextSFT of one LoRA, then frozen and published with its digest."""
+        shared = self._train_phase(EXPERT_SPLIT, self.config.expert_rounds)
+        digest = self.adapters.save(EXPERT_SPLIT, shared, self.run_dir / EXPERT_DIR,
+                                    {"run_id": self.checkpoint.run_id, "rounds": self.config.expert_rounds})
+        log.info("expert published: %s (digest %s)", self.run_dir / EXPERT_DIR, digest[:16])
+        self._advance(Phase.PERSONALIZE, expert_digest=digest, shared={})
+
+    def personalize(self) -> None:
+        """The method's rounds on the shared / personal split."""
+        split = self.config.split_spec
+        shared = self._train_phase(split, self.config.rounds)
+        self._advance(Phase.EVALUATE, shared=shared)
+        if split.shares_whole_adapter:
+            self.adapters.save(split, shared, self.run_dir / SHARED_ADAPTER_DIR, {"run_id": self.checkpoint.run_id})
+
+    def _advance(self, phase: Phase, **changes: Any) -> None:
+        self.checkpoint = replace(self.checkpoint, phase=phase, round=0, privacy=self.privacy.state(), **changes)
+        save_checkpoint(self.run_dir, self.checkpoint)
+
+    def _train_phase(self, split: SplitSpec, num_rounds: int) -> dict[str, torch.Tensor]:
+        """The training rounds of the checkpoint's phase, from the one after the last completed;
+        returns the phase's final shared parameters."""
+        config, phase = self.config, self.checkpoint.phase
+        shared = self.checkpoint.shared or self.adapters.initial_shared(split, config.seed)
+        for server_round in range(self.checkpoint.round + 1, num_rounds + 1):
+            started = time.perf_counter()
+            connected = self.nodes.nodes(config.clients_per_round, config.min_replies)
+            if phase == Phase.PERSONALIZE and config.needs_expert:
+                self.send_expert(connected)
+            outcome = self.train_round(server_round, shared, connected)
+            if outcome.shared is not None:
+                shared = outcome.shared
+            self._record(server_round, num_rounds, outcome, time.perf_counter() - started)
+            self.checkpoint = replace(self.checkpoint, round=server_round, shared=shared,
+                                      privacy=self.privacy.state())
+            save_checkpoint(self.run_dir, self.checkpoint)
+            if phase == Phase.PERSONALIZE and config.evaluate_every and server_round % config.evaluate_every == 0 \
+                    and server_round < num_rounds:
+                self.evaluate(final=False)
+        return shared
+
+    def send_expert(self, connected: list[int]) -> None:
+        """The expert to the connected devices not yet known to hold it (once per device)."""
+        self.expert_holders |= distribute_expert(
+            self.grid, expert_dir(self.config, self.run_dir), self.checkpoint.expert_digest, self.config.round_timeout,
+            [node for node in connected if node not in self.expert_holders])
+
+    def train_round(self, server_round: int, shared: dict[str, torch.Tensor], connected: list[int]) -> RoundOutcome:
+        """One training round over a sample of `connected`: plain FedAvg of the screened replies,
+        or SecAgg+'s sum; either way the same outcome."""
+        config, checkpoint = self.config, self.checkpoint
+        instruction = RoundInstruction(checkpoint.phase, server_round, checkpoint.run_id,
+                                       checkpoint.expert_digest or "")
+        strategy = _strategy(config, self.privacy, len(connected))
+        layout = SharedLayout.of(shared)
+        arrays = layout.encode(shared, config.transport_dtype, config.pack_shared)
+        random.seed(f"{config.seed}-{checkpoint.phase}-{server_round}")  # FedAvg samples with `random`
+        messages = list(strategy.configure_train(server_round, arrays,
+                                                 ConfigRecord({**instruction.to_config(), **layout.to_config()}),
+                                                 NodeSnapshot(self.grid, connected)))
+        if config.secure_aggregation:
+            return secure_round(self.grid, config, server_round, shared, instruction.to_config(),
+                                [message.metadata.dst_node_id for message in messages])
+        received = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
+        if received and all(reply.has_error() for reply in received):
+            raise _failed(f"{checkpoint.phase} round {server_round}", received, config.min_replies)
+        record, metrics = strategy.aggregate_train(server_round, received)
+        return RoundOutcome(shared=layout.decode(record) if record is not None else None,
+                            metrics=dict(metrics) if metrics else {}, sampled=len(messages), replies=len(received),
+                            accepted=len(strategy.accepted), upload_bytes_per_client=arrays.count_bytes(),
+                            update_norms=_norms(strategy.update_norms))
+
+    def _record(self, server_round: int, num_rounds: int, outcome: RoundOutcome, seconds: float) -> None:
+        aggregated = outcome.shared is not None
+        row = {
+            "phase": self.checkpoint.phase, "round": server_round, "sampled": outcome.sampled,
+            "replies": outcome.replies, "accepted": outcome.accepted, "aggregated": aggregated,
+            "upload_bytes_per_client": outcome.upload_bytes_per_client, "seconds": seconds, **outcome.metrics,
+            **outcome.update_norms, **self.privacy.after_round(aggregated, sent=bool(outcome.replies)),
+        }
+        self.rounds.append(row)
+        log.info("[%s %d/%d] %d sampled, %d replied, %d aggregated, train loss %s, %.1f s", row["phase"],
+                 server_round, num_rounds, row["sampled"], row["replies"], row["accepted"],
+                 f"{row['train-loss']:.4f}" if "train-loss" in row else "-", seconds)
+
+    def evaluate(self, final: bool) -> dict[str, Any] | None:
+        """Every connected device (or `evaluate-clients` of them) evaluates its personalized model;
+        the final evaluation writes the per-user table and the macro-average."""
+        config, checkpoint = self.config, self.checkpoint
+        started = time.perf_counter()
+        strategy = _strategy(config)
+        server_round = checkpoint.round if not final else config.rounds
+        instruction = RoundInstruction(Phase.PERSONALIZE, server_round, checkpoint.run_id,
+                                       checkpoint.expert_digest or "")
+        connected = self.nodes.nodes(config.evaluate_clients or config.clients_per_round, config.min_replies)
+        layout = SharedLayout.of(checkpoint.shared)
+        messages = list(strategy.configure_evaluate(
+            server_round, layout.encode(checkpoint.shared, config.transport_dtype, config.pack_shared),
+            ConfigRecord({**instruction.to_config(), **layout.to_config()}), NodeSnapshot(self.grid, connected)))
+        replies = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
+        metrics = strategy.aggregate_evaluate(server_round, replies)
+        users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
+                 for reply in strategy.accepted] if metrics is not None else []
+        if final and not users:
+            raise _failed(f"the evaluation after round {server_round}", replies, config.min_replies)
+        summary = write_evaluation(self.run_dir, users, {"privacy": self.privacy.summary()}) if final else None
+        macro = summary["macro_average"] if summary else {}
+        self.rounds.append({"phase": Phase.PERSONALIZE if not final else Phase.EVALUATE, "round": server_round,
+                            "sampled": len(messages), "replies": len(replies), "accepted": len(users),
+                            "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
+                            **{f"macro-{k}": v for k, v in macro.items()}})
+        log.info("[evaluate after round %d] %d users: %s", server_round, len(users),
+                 ", ".join(f"{k} {v:.4f}" for k, v in (dict(metrics) if metrics else {}).items()))
+        if metrics:
+            log.info("[evaluate after round %d] %s", server_round, side_by_side(dict(metrics)))
+        return summary
 
 
 def expert_dir(config: RunConfig, run_dir: Path) -> Path:
@@ -156,113 +271,12 @@ def _strategy(config: RunConfig, privacy: RunPrivacy | None = None, connected: i
                            expected_metrics=uniform, max_update_norm=config.max_update_norm)
 
 
-def _rounds(
-    grid: Grid,
-    nodes: NodeWaiter,
-    config: RunConfig,
-    checkpoint: Checkpoint,
-    rounds: RoundLog,
-    adapters: GlobalAdapters,
-    split: SplitSpec,
-    num_rounds: int,
-    run_dir: Path,
-    privacy: RunPrivacy,
-) -> dict[str, torch.Tensor]:
-    """The training rounds of the checkpoint's phase, from the one after the last completed;
-    returns the phase's final shared parameters. Personalization rounds first send the expert
-    to connected devices that lack it (once per device)."""
-    phase = checkpoint.phase
-    shared = checkpoint.shared or adapters.initial_shared(split, config.seed)
-    expert_holders: set[int] = set()
-    for server_round in range(checkpoint.round + 1, num_rounds + 1):
-        started = time.perf_counter()
-        connected = nodes.nodes(config.clients_per_round, config.min_replies)
-        if phase == Phase.PERSONALIZE and config.needs_expert:
-            expert_holders |= distribute_expert(grid, expert_dir(config, run_dir), checkpoint.expert_digest,
-                                                config.round_timeout, [n for n in connected if n not in expert_holders])
-        instruction = RoundInstruction(phase, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
-        strategy = _strategy(config, privacy, len(connected))
-        layout = SharedLayout.of(shared)
-        arrays = layout.encode(shared, config.transport_dtype, config.pack_shared)
-        random.seed(f"{config.seed}-{phase}-{server_round}")  # FedAvg samples with `random`
-        messages = list(strategy.configure_train(server_round, arrays,
-                                                 ConfigRecord({**instruction.to_config(), **layout.to_config()}),
-                                                 NodeSnapshot(grid, connected)))
-        if config.secure_aggregation:
-            outcome = secure_round(grid, config, server_round, shared, instruction.to_config(),
-                                   [message.metadata.dst_node_id for message in messages])
-            aggregated, metrics, norms = outcome.shared, outcome.metrics, {}
-            replies = accepted = outcome.summed
-            upload = outcome.upload_bytes_per_client
-        else:
-            received = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-            if received and all(reply.has_error() for reply in received):
-                raise _failed(f"{phase} round {server_round}", received, config.min_replies)
-            record, metrics = strategy.aggregate_train(server_round, received)
-            aggregated = layout.decode(record) if record is not None else None
-            replies, accepted, upload = len(received), len(strategy.accepted), arrays.count_bytes()
-            norms = _norms(strategy.update_norms)
-        if aggregated is not None:
-            shared = aggregated
-        row = {
-            "phase": phase, "round": server_round, "sampled": len(messages), "replies": replies,
-            "accepted": accepted, "aggregated": aggregated is not None, "upload_bytes_per_client": upload,
-            "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
-            **norms, **privacy.after_round(aggregated is not None, sent=bool(replies)),
-        }
-        rounds.append(row)
-        checkpoint.round, checkpoint.shared, checkpoint.privacy = server_round, shared, privacy.state()
-        save_checkpoint(run_dir, checkpoint)
-        log.info("[%s %d/%d] %d sampled, %d replied, %d aggregated, train loss %s, %.1f s", phase, server_round,
-                 num_rounds, row["sampled"], row["replies"], row["accepted"],
-                 f"{row['train-loss']:.4f}" if "train-loss" in row else "-", row["seconds"])
-        if phase == Phase.PERSONALIZE and config.evaluate_every and server_round % config.evaluate_every == 0 \
-                and server_round < num_rounds:
-            run_evaluation(grid, nodes, config, checkpoint, rounds, run_dir, final=False)
-    return shared
-
-
 def _norms(norms: list[float]) -> dict[str, float]:
     """The spread of the updates' L2 norms as received (before any server-side clipping): what
     to set dp-clip by."""
     if not norms:
         return {}
     return {"update-norm-median": statistics.median(norms), "update-norm-max": max(norms)}
-
-
-def run_evaluation(
-    grid: Grid, nodes: NodeWaiter, config: RunConfig, checkpoint: Checkpoint, rounds: RoundLog, run_dir: Path,
-    final: bool, privacy: RunPrivacy | None = None,
-) -> dict[str, Any] | None:
-    """Every connected device (or `evaluate-clients` of them) evaluates its personalized model;
-    the final evaluation writes the per-user table and the macro-average."""
-    started = time.perf_counter()
-    strategy = _strategy(config)
-    server_round = checkpoint.round if not final else config.rounds
-    instruction = RoundInstruction(Phase.PERSONALIZE, server_round, checkpoint.run_id, checkpoint.expert_digest or "")
-    connected = nodes.nodes(config.evaluate_clients or config.clients_per_round, config.min_replies)
-    layout = SharedLayout.of(checkpoint.shared)
-    messages = list(strategy.configure_evaluate(
-        server_round, layout.encode(checkpoint.shared, config.transport_dtype, config.pack_shared),
-        ConfigRecord({**instruction.to_config(), **layout.to_config()}), NodeSnapshot(grid, connected)))
-    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-    metrics = strategy.aggregate_evaluate(server_round, replies)
-    users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
-             for reply in strategy.accepted] if metrics is not None else []
-    if final and not users:
-        raise _failed(f"the evaluation after round {server_round}", replies, config.min_replies)
-    extra = {"privacy": privacy.summary()} if privacy is not None else {}
-    summary = write_evaluation(run_dir, users, extra) if final else None
-    macro = summary["macro_average"] if summary else {}
-    rounds.append({"phase": Phase.PERSONALIZE if not final else Phase.EVALUATE, "round": server_round,
-                   "sampled": len(messages), "replies": len(replies), "accepted": len(users),
-                   "seconds": time.perf_counter() - started, **(dict(metrics) if metrics else {}),
-                   **{f"macro-{k}": v for k, v in macro.items()}})
-    log.info("[evaluate after round %d] %d users: %s", server_round, len(users),
-             ", ".join(f"{k} {v:.4f}" for k, v in (dict(metrics) if metrics else {}).items()))
-    if metrics:
-        log.info("[evaluate after round %d] %s", server_round, side_by_side(dict(metrics)))
-    return summary
 
 
 def side_by_side(metrics: dict[str, float]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from coordinator.strategy import RoundOutcome
 from shared.config import RunConfig
 from shared.wire import SECURE_METRICS, SharedLayout, metrics_from_mean
 
@@ -51,18 +51,12 @@ log = logging.getLogger("flwr.nextquill")
 MASK_ITEM_BYTES = 8  # SecAgg+ masks and sends int64
 
 
-@dataclass
-class SecureRound:
-    shared: dict[str, torch.Tensor] | None  # the mean of the summed updates; None: the protocol halted
-    metrics: dict[str, float]  # the mean of each train metric over the summed devices
-    summed: int  # devices whose masked update is in the sum
-    upload_bytes_per_client: int  # a device's masked vector (the key exchange adds a few kB)
-
-
 def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mapping[str, torch.Tensor],
-                 instruction: Mapping[str, Any], nodes: list[int]) -> SecureRound:
+                 instruction: Mapping[str, Any], nodes: list[int]) -> RoundOutcome:
     """One training round over `nodes` (already sampled) under SecAgg+: the mean of their
-    shared parameters and train metrics, which is all the coordinator learns."""
+    shared parameters and train metrics, which is all the coordinator learns (the outcome's
+    replies and accepted: the devices in the sum; its upload: a device's masked vector, to
+    which the key exchange adds a few kB)."""
     layout = SharedLayout.of(shared)
     summed: list[int] = []
 
@@ -92,11 +86,12 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
     if aggregated is sent:
         log.warning("round %d: secure aggregation halted (too few devices left to unmask): nothing aggregated",
                     server_round)
-        return SecureRound(None, {}, 0, upload)
+        return RoundOutcome(None, {}, len(nodes), 0, 0, upload)
     arrays = parameters_to_ndarrays(arrayrecord_to_parameters(aggregated, keep_input=True))
     names = list(sent)  # the one packed array sent; then the metrics vector
     if len(arrays) != len(names) + 1:
         raise RuntimeError(f"secure aggregation returned {len(arrays)} arrays for {len(names)} sent")
     mean = layout.decode(ArrayRecord({name: Array(np.asarray(array, dtype=np.float32).reshape(sent[name].shape))
                                       for name, array in zip(names, arrays[:-1], strict=True)}))
-    return SecureRound(mean, metrics_from_mean(arrays[-1]), summed[-1] if summed else 0, upload)
+    devices = summed[-1] if summed else 0
+    return RoundOutcome(mean, metrics_from_mean(arrays[-1]), len(nodes), devices, devices, upload)

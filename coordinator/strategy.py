@@ -13,12 +13,15 @@ Two pieces, composed like Flower's own wrappers:
                     wrapped strategy sees it, so clipping and noise
                     only ever meet well-formed updates; a round with fewer than
                     `min_replies` valid replies aggregates nothing.
+
+What a training round gives the run, plain or under SecAgg+, is one `RoundOutcome`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -30,6 +33,19 @@ from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, disallowed_metrics
 
 log = logging.getLogger("flwr.nextquill")
 
+
+
+@dataclass
+class RoundOutcome:
+    """One training round, as the run records it."""
+
+    shared: dict[str, torch.Tensor] | None  # the aggregated shared parameters; None: nothing aggregated
+    metrics: dict[str, float]  # the aggregated train metrics
+    sampled: int  # devices sent the round
+    replies: int  # replies received (SecAgg+: devices in the sum)
+    accepted: int  # replies aggregated
+    upload_bytes_per_client: int
+    update_norms: dict[str, float] = field(default_factory=dict)  # plain rounds: the updates' L2 norms
 
 class SampledFedAvg(FedAvg):
     """FedAvg (weighted by `weighted_by_key`: `num-examples`, or a uniform weight under central

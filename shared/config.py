@@ -268,6 +268,12 @@ class RunConfig:
         0.0, "simulation, reviewers: the share of a user's style words drawn from its favourites (up to 1.0; 0: the "
              "builder's own, 0.75 to 0.8)", minimum=0.0, maximum=1.0,
     )
+    users_builder: str = setting(
+        "simulations.datasets.simulated:simulated_user_stores",
+        "simulation: 'module:function' that gives the simulated users' store folders for (run config, number of "
+        "SuperNodes), building them on first use", pattern=r"[A-Za-z_][\w.]*:[A-Za-z_]\w*",
+        pattern_help="'package.module:function'",
+    )
     clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
     expert_rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
     rounds: int = setting(2, "personalization rounds", minimum=0)

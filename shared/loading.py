@@ -122,7 +122,7 @@ def quantized_copy(model_dir: Path, quantization: BitsAndBytesConfig, device: to
 def _load_4bit(model_dir: Path, quantization: BitsAndBytesConfig, cache: Path | None, **placement) -> PreTrainedModel:
     """The base in 4-bit: read from its quantized copy `cache` where there is one; otherwise
     quantized from `model_dir` (bitsandbytes quantizes with plain tensor ops on the CPU:
-    `simulations/benchmarks.md`, section 7) and, with `cache`, kept there."""
+    `simulations/benchmarks/benchmarks.md`, section 7) and, with `cache`, kept there."""
     broken = False
     if cache is not None and _complete(cache):
         try:

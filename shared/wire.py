@@ -24,7 +24,7 @@ numbers computed from the user's text: one mean each, from which no text can be 
 but they do say how many samples a user has, how predictable their writing is (NLL) and how
 much their history helps (history sensitivity). Flower adds its own metadata (node and
 message ids, the round's group id, the seconds a ClientApp ran). `tests/test_deployment.py`
-proves this at the wire with canaries (`simulations.wire_audit`).
+proves this at the wire with canaries (`simulations.operations.wire_audit`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, Train
 from shared.methods import METHODS
 from shared.named_bases import NAMED_BASES
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
-from simulations.compare_config import CompareConfig
 from simulations.datasets import DATASETS, GENERATED, MIN_SAMPLES
 from simulations.options import add_settings, run_command, settings_from, whole_number
+from simulations.study.compare_config import CompareConfig
 
 log = logging.getLogger("nextquill")
 # The methods compared replace the training's single method; decoding keeps its defaults.
@@ -172,7 +172,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_compare(args) -> int:
     from shared.user_store import UserStore
-    from simulations.single_device import run_compare, summary_table
+    from simulations.study.compare import run_compare, summary_table
 
     stores_dir = Path(args.users_dir) if args.users_dir else _default_users_dir(args.dataset)
     run_dir = Path(args.run_dir)
@@ -189,7 +189,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from simulations.credentials import make_dev_certificates
+    from simulations.operations.credentials import make_dev_certificates
 
     paths = make_dev_certificates(Path(args.out), hosts=tuple(args.hosts), overwrite=args.overwrite)
     print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
@@ -197,7 +197,7 @@ def cmd_certs(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from simulations.credentials import make_supernode_keys
+    from simulations.operations.credentials import make_supernode_keys
 
     pairs = make_supernode_keys(Path(args.out), args.names, overwrite=args.overwrite)
     print(json.dumps({name: {"private": str(p.private_key), "public": str(p.public_key)}
@@ -206,7 +206,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from simulations.study import run_study, study_from
+    from simulations.study.runner import run_study, study_from
 
     study, out = study_from(args)
     print(f"report: {run_study(study, out) / 'report.md'}")
@@ -214,7 +214,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_local_superlink(args) -> int:
-    from simulations.local_superlink import superlink_command
+    from simulations.operations.local_superlink import superlink_command
 
     return superlink_command(args.action)
 
@@ -297,14 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("study", help="every baseline and ablation against NextQuill-Fed, resumable, with a report")
-    from simulations.study import build_parser as study_options
+    from simulations.study.runner import build_parser as study_options
 
     study_options(p)
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("tune", help="NextQuill's own settings chosen on a validation split, paired with feddpa")
-    from simulations.tune import build_parser as tune_options
-    from simulations.tune import tune_from
+    from simulations.study.tune import build_parser as tune_options
+    from simulations.study.tune import tune_from
 
     tune_options(p)
     p.set_defaults(func=tune_from)

@@ -2,7 +2,7 @@
 
 import os
 
-from simulations.bench_scale import client_resources, is_scale_folder
+from simulations.benchmarks.scale import client_resources, is_scale_folder
 
 
 def test_concurrency_shares_the_cpus_among_the_workers_and_asks_for_no_gpu_on_the_cpu():

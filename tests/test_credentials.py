@@ -17,7 +17,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
 from shared.paths import OutputExistsError
-from simulations.credentials import make_dev_certificates, make_supernode_keys
+from simulations.operations.credentials import make_dev_certificates, make_supernode_keys
 
 
 def _handshake(paths: dict, server_hostname: str) -> str:

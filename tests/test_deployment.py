@@ -26,10 +26,10 @@ from shared.config import LoraSettings
 from shared.split import EXPERT_SPLIT, PERSONAL_ADAPTER, SplitSpec
 from shared.user_store import UserStore, write_user_store
 from shared.wire import EVALUATE_METRICS, PACKED, QUERY_METRICS, TRAIN_METRICS
-from simulations.credentials import make_supernode_keys
 from simulations.datasets import build_synthetic_users
-from simulations.deployment import DeploymentError, local_deployment, run_app
-from simulations.wire_audit import WireRecorder, leaks, pushed_replies, secret_forms
+from simulations.operations.credentials import make_supernode_keys
+from simulations.operations.deployment import DeploymentError, local_deployment, run_app
+from simulations.operations.wire_audit import WireRecorder, leaks, pushed_replies, secret_forms
 from tests.samples import small_run
 
 REPO = Path(__file__).parents[1]

@@ -6,8 +6,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from simulations.expert_budget import run
-from simulations.study import StudyConfig, work_dir
+from simulations.study.expert_budget import run
+from simulations.study.protocol import StudyConfig
+from simulations.study.runner import work_dir
 
 
 def test_each_budget_is_measured_once_and_the_untrained_expert_is_the_base(model_dir, tmp_path):

@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from simulations.gpu_kit import IMAGE_PROVIDES, SLIM, _slim, kit_parts
+from simulations.operations.gpu_kit import IMAGE_PROVIDES, SLIM, _slim, kit_parts
 
 
 def test_the_two_parts_are_disjoint_and_hold_what_each_call_needs():
@@ -53,8 +53,8 @@ def test_every_benchmark_command_line_of_the_gpu_session_parses(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "RESULTS": str(tmp_path / "results"), "NEXTQUILL_HOME": str(tmp_path / "home")}
-    done = subprocess.run(["bash", "simulations/gpu_session.sh", "install", "check", "step", "edge", "reload",
-                           "compile", "scale"],
+    done = subprocess.run(["bash", "simulations/operations/gpu_session.sh", "install", "check", "step", "edge",
+                           "reload", "compile", "scale"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "dry run: 9 benchmark command lines parse" in done.stdout

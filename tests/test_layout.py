@@ -17,8 +17,8 @@ from flwr.cli.build import build_fab_from_disk
 
 REPO = Path(__file__).parents[1]
 PACKAGES = ("client", "coordinator", "shared", "simulations")
-OPERATOR_TOOLING = ("simulations/deployment.py", "simulations/credentials.py", "simulations/cli.py",
-                    "simulations/wire_audit.py")
+OPERATOR_TOOLING = ("simulations/cli.py", *(f"simulations/operations/{name}.py" for name in
+                                           ("deployment", "credentials", "wire_audit", "local_superlink", "gpu_kit")))
 OPERATOR_PACKAGES = ("cryptography", "psutil", "tomli_w", "h11")
 
 
@@ -76,11 +76,20 @@ def test_the_app_bundle_holds_every_module_its_modules_import(bundle):
     assert not {name.split(".")[0] for name in third_party} & set(OPERATOR_PACKAGES)
 
 
+def test_the_default_users_builder_ships_in_the_bundle(bundle):
+    from client.node_store import users_builder
+    from shared.config import RunConfig
+
+    name = RunConfig().users_builder
+    assert callable(users_builder(name))
+    assert f"{name.split(':')[0].replace('.', '/')}.py" in bundle
+
+
 def test_shared_imports_neither_app_and_the_apps_not_each_other():
     modules = _modules()
-    # A simulated device builds its user stores on first use (simulations/datasets/, in the
-    # bundle): the client's one import from simulations/.
-    rules = {"shared": ("client", "coordinator", "simulations"), "client": ("coordinator",),
+    # A simulated device gets its user stores through the run config's users-builder, by name:
+    # the product's code imports nothing from simulations/.
+    rules = {"shared": ("client", "coordinator", "simulations"), "client": ("coordinator", "simulations"),
              "coordinator": ("client", "simulations")}
     broken = [
         f"{module} imports {imported}"

@@ -14,14 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulations.deployment import _free_ports
+from simulations.operations.processes import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def flwr_env(tmp_path):
-    port, control_port = _free_ports(2)
+    port, control_port = free_ports(2)
     return {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), "FLWR_DISABLE_UPDATE_CHECK": "1",
             # flwr runs `flower-superlink` from PATH: this environment's, activated or not

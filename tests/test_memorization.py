@@ -1,4 +1,4 @@
-"""The canary's exposure (simulations/memorization.py): ranking, insertion into a store, and a
+"""The canary's exposure (simulations/study/memorization.py): ranking, insertion into a store, and a
 whole cell through the real apps, resumed from its saved result."""
 
 import dataclasses
@@ -7,8 +7,9 @@ import math
 import pytest
 
 from shared.user_store import UserStore
-from simulations.memorization import exposure, insert_canary, memorization_table, run_memorization
-from simulations.study import StudyConfig, work_dir
+from simulations.study.memorization import exposure, insert_canary, memorization_table, run_memorization
+from simulations.study.protocol import StudyConfig
+from simulations.study.runner import work_dir
 from tests.samples import tiny_store
 
 
@@ -52,7 +53,7 @@ def test_a_cell_reports_the_canarys_exposure_under_the_shared_and_the_personaliz
 
 @pytest.mark.parametrize("argv", [["--candidates", "0"], ["--insertions", "-1"]])
 def test_bad_counts_are_refused_in_one_line(argv, capsys, tmp_path):
-    from simulations.memorization import main
+    from simulations.study.memorization import main
 
     try:
         code = main([*argv, "--out", str(tmp_path / "m")])

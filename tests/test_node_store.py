@@ -48,3 +48,33 @@ def test_a_deployed_node_opens_the_store_it_names_and_a_lamp_dataset_gets_its_ow
     assert user_store({"partition-id": 0, "num-partitions": 2}, other).path.parent != simulated[0].path.parent
     deployed = user_store({"user-dir": str(simulated[1].path)}, config)
     assert deployed.user_id == simulated[1].user_id
+
+
+def stores_of_my_own(config, num_partitions):  # a users-builder of another simulation
+    from simulations.datasets import build_users
+
+    root = config.resolve(config.users_dir)
+    build_users("synthetic", root, max_users=num_partitions, seed=7)
+    return sorted(p for p in root.iterdir() if p.is_dir())[::-1]
+
+
+def test_a_simulation_takes_its_users_from_the_builder_the_run_config_names(tmp_path):
+    config = RunConfig(users_dir=str(tmp_path / "mine"), users_builder="tests.test_node_store:stores_of_my_own")
+    first = user_store({"partition-id": 0, "num-partitions": 2}, config)
+    assert first.path == sorted((tmp_path / "mine").iterdir())[-1]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("tests.no_such_module:build", "cannot load it"),
+    ("tests.test_node_store:no_such_function", "cannot load it"),
+    ("tests.test_node_store:json", "is not a function"),
+])
+def test_a_users_builder_that_cannot_be_loaded_is_named(name, message):
+    config = RunConfig(users_builder=name)
+    with pytest.raises(ValueError, match=f"users-builder {name!r}.*{message}"):
+        user_store({"partition-id": 0, "num-partitions": 2}, config)
+
+
+def test_a_users_builder_that_is_not_module_colon_function_is_refused_by_the_run_config():
+    with pytest.raises(ValueError, match="users-builder"):
+        RunConfig.from_flower({"users-builder": "simulations/datasets.py"})

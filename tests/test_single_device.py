@@ -1,8 +1,8 @@
 """The single-device comparison: one run directory with its table, CSV, JSON and plot."""
 
 from shared.config import BaseSpec, TrainConfig
-from simulations.compare_config import CompareConfig
-from simulations.single_device import run_compare
+from simulations.study.compare import run_compare
+from simulations.study.compare_config import CompareConfig
 from tests.samples import DEVICE_PROMPT, ONE_STEP
 
 

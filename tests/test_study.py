@@ -7,9 +7,10 @@ import json
 import pytest
 
 from shared.paths import DATA_DIR_ENV
-from simulations import study as study_module
-from simulations.study import STUDY_METHODS, StudyConfig, cells, run_study
-from simulations.study_report import machine
+from simulations.study import runner as study_module
+from simulations.study.protocol import STUDY_METHODS, StudyConfig
+from simulations.study.report import machine
+from simulations.study.runner import cells, run_study
 
 METHODS = ("base", "history-prompt", "local", "nextquill-fed", "split-layers", "nextquill-central",
            "nextquill-dropout-expert", "dp-eps-8")
@@ -151,7 +152,7 @@ def test_every_study_row_is_a_valid_run_config(tmp_path):
 
 
 def test_a_cell_named_like_dce_is_a_cell_and_scores_are_not(tmp_path):
-    from simulations.study_report import load_cells
+    from simulations.study.report import load_cells
 
     folder = tmp_path / "cells" / "reviewers" / "seed-0"
     folder.mkdir(parents=True)
@@ -227,7 +228,7 @@ def test_a_bad_dataset_file_is_refused_by_name_before_anything_is_written(tmp_pa
 
 def test_dataset_files_are_told_apart_by_content_not_name(tmp_path):
     from simulations.datasets import dataset_name
-    from simulations.study import check_datasets
+    from simulations.study.runner import check_datasets
 
     record = {"id": "r1", "input": "x", "output": "y", "profile": []}
     for folder, text in (("a", "one"), ("b", "two"), ("c", "one")):

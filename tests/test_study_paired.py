@@ -1,4 +1,4 @@
-"""The study's paired comparisons (simulations/study_paired.py): per-user differences against the
+"""The study's paired comparisons (simulations/study/paired.py): per-user differences against the
 fair baseline, their two-level bootstrap interval, the style metric and the CSV files."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 
 from shared.metrics import content_recall, content_words, span_words, style_scores
-from simulations.study_paired import bootstrap_interval, dce_rows, paired_rows, per_user
+from simulations.study.paired import bootstrap_interval, dce_rows, paired_rows, per_user
 
 
 def _cell(method, seed, rouge1, dataset="reviewers"):

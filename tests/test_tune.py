@@ -1,4 +1,4 @@
-"""Choosing NextQuill's settings on a validation split (simulations/tune.py): the grid, the
+"""Choosing NextQuill's settings on a validation split (simulations/study/tune.py): the grid, the
 validation copies of the users (no test sample in them), the choice and the report, and one
 tuning through the real apps."""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from shared.user_store import HistoryItem, Sample, UserStore, write_user_store
-from simulations.study import StudyConfig
-from simulations.tune import (
+from simulations.study.protocol import StudyConfig
+from simulations.study.tune import (
     Tuning,
     candidate_name,
     choice,

@@ -13,7 +13,14 @@ import httpx
 import numpy as np
 import pytest
 
-from simulations.wire_audit import Connection, WireAuditError, WireRecorder, http_exchanges, leaks, secret_forms
+from simulations.operations.wire_audit import (
+    Connection,
+    WireAuditError,
+    WireRecorder,
+    http_exchanges,
+    leaks,
+    secret_forms,
+)
 
 SECRET = "quokkazebrafinch"
 

@@ -1,4 +1,4 @@
-"""The study's report, from the cells `simulations/study.py` wrote: per dataset a Markdown table
+"""The study's report, from the cells `simulations/study/runner.py` wrote: per dataset a Markdown table
 of every method with 95% intervals over seeds, the comparisons the study is for, a CSV of
 every number, and plots (metrics per round, ablations, DCE's ROC on generated users, quality
 against upload bytes). Rewritten whole from the cells, so it always matches them."""
@@ -16,8 +16,8 @@ from typing import Any
 
 from shared.metrics import SCORE_KEYS
 from shared.paths import atomic_write_png, atomic_write_text
-from simulations.study_outputs import outputs_lines, profile_lines, profiles
-from simulations.study_paired import TEXT_METRICS, user_text_scores, write_paired
+from simulations.study.outputs import outputs_lines, profile_lines, profiles
+from simulations.study.paired import TEXT_METRICS, user_text_scores, write_paired
 
 DCE_SUFFIX = ".dce.json"  # an expert row's DCE scores, beside its cell (the study names them so)
 PROFILE_SUFFIX = ".profile.json"  # a (dataset, seed)'s budgets and headroom (`data.profile.json`)
@@ -165,7 +165,7 @@ def write_report(out: Path, study: Any, rows: dict[str, Any], planned: int | Non
                       f"the tokens outside them: ROC AUC {_cell(*starts, 3)}.", ""]
     lines += write_paired(out, cells, detections, {name: row.baseline for name, row in rows.items() if row.baseline},
                           "fedit-context-sft")
-    memorization = out / "memorization" / "memorization.md"  # python -m simulations.memorization
+    memorization = out / "memorization" / "memorization.md"  # python -m simulations.study.memorization
     if memorization.is_file():
         lines += ["## Memorization: a canary's exposure", "", memorization.read_text().strip(), ""]
     findings = out / "findings.md"  # written by hand from the numbers; kept when the report is rewritten
@@ -236,7 +236,7 @@ def machine() -> str:
     """The CPU (model name, the flags that decide its speed) and the GPU where one is at hand."""
     import torch
 
-    from simulations.bench_step import cpu_description
+    from simulations.benchmarks.step import cpu_description
 
     return cpu_description() + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
 

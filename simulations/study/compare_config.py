@@ -1,5 +1,5 @@
 """The single-device comparison's settings (`nextquill compare`; the run is
-`simulations/single_device.py`). A leaf like `shared/config.py`: the command line builds its
+`simulations/study/compare.py`). A leaf like `shared/config.py`: the command line builds its
 options from these fields without loading any model code."""
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """A real Flower deployment on loopback: one `flower-superlink` and one `flower-supernode` per
-device, as separate processes, with TLS and SuperNode authentication switched on, the way
-Flower 1.41's deployment guides run them. Used by integration tests and for rehearsing an
-edge deployment on one machine; it needs no GPU.
+device, as separate processes (processes.py), with TLS and SuperNode authentication on, as
+Flower 1.41's deployment guides run them: for integration tests and edge rehearsals, no GPU.
 
 What flwr 1.41 expects (read from the installed source, which overrides older docs):
 
@@ -25,7 +24,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,14 +39,21 @@ import psutil
 import tomli_w
 
 from shared.paths import atomic_write_text
-from simulations.credentials import make_dev_certificates, make_supernode_keys
+from simulations.operations.credentials import make_dev_certificates, make_supernode_keys
+from simulations.operations.processes import (
+    MARKER_ENV,
+    DeploymentError,
+    free_ports,
+    marked_processes,
+    signal_group,
+    start_process,
+    stop_processes,
+    tail,
+    wait_for,
+)
 
 ConfigValue = bool | int | float | str
 
-# Every process a deployment starts inherits this variable (with the deployment's own value), so
-# shutdown also finds processes that left the process group, e.g. the SuperExec the SuperLink
-# starts in a new session, and the ServerApp processes under it.
-_MARKER_ENV = "NEXTQUILL_DEPLOYMENT_ID"
 _STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 _FLOWER_COMMANDS = (
     "flower-superlink",
@@ -58,13 +63,6 @@ _FLOWER_COMMANDS = (
     "flwr-serverapp",
     "flwr-clientapp",
 )
-
-
-class DeploymentError(RuntimeError):
-    """A deployment process failed to start, or a run failed or timed out; the message carries
-    the last lines of the relevant logs."""
-
-
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class LocalDeployment:
 
     def live_processes(self) -> list[psutil.Process]:
         """The deployment's processes still alive (none once the context has exited)."""
-        return _marked_processes(self.marker)
+        return marked_processes(self.marker)
 
     def start_supernode(
         self, name: str, private_key: Path | None = None, log_name: str = ""
@@ -104,12 +102,12 @@ class LocalDeployment:
                 return [*command[:at + 1], value, *command[at + 2:]]
 
             command = replaced("--auth-supernode-private-key", str(private_key))
-            command = replaced("--port", str(_free_ports(1)[0]))
+            command = replaced("--port", str(free_ports(1)[0]))
             cwd = self.flwr_home / "supernodes" / log_name
             env = {**env, "FLWR_HOME": str(cwd)}
         log = self.flwr_home / "logs" / f"{log_name}.log"
         self.logs[log_name] = log
-        return _start(command, env=env, cwd=cwd, log=log)
+        return start_process(command, env=env, cwd=cwd, log=log)
 
     def online_node_ids(self) -> set[int]:
         """The node ids the SuperLink reports online now."""
@@ -136,7 +134,7 @@ def local_deployment(
     For audits only: `tls=False` runs everything over plain HTTP, without node authentication
     (Flower requires TLS for it; SuperNodes then register themselves and `node_ids` stays
     empty); `supernode_route` maps the SuperLink's address to the one the SuperNodes dial (a
-    recording proxy in front of the SuperLink: `simulations.wire_audit.WireRecorder`).
+    recording proxy in front of the SuperLink: `simulations.operations.wire_audit.WireRecorder`).
 
     Certificates and keys are made (or reused) under `certs_dir`: `tls/` and `supernode-keys/`.
     `flwr_home` becomes the CLI's FLWR_HOME with a `[superlink.<connection>]` entry (and the
@@ -163,7 +161,7 @@ def local_deployment(
     ca_cert = certificates["ca_cert"] if certificates else None
     marker = uuid.uuid4().hex
     env = _flower_env(flwr_home, marker)
-    link_port, *node_ports = _free_ports(1 + len(nodes))
+    link_port, *node_ports = free_ports(1 + len(nodes))
     address = f"127.0.0.1:{link_port}"
     logs = {name: flwr_home / "logs" / f"{name}.log" for name in ["superlink", *names]}
     node_homes = {name: flwr_home / "supernodes" / name for name in names}
@@ -180,7 +178,7 @@ def local_deployment(
             "--ssl-keyfile", str(certificates["server_key"]),
             "--enable-supernode-auth",
         ]  # fmt: skip
-        started["superlink"] = _start(
+        started["superlink"] = start_process(
             [
                 "flower-superlink",
                 "--host", "127.0.0.1",
@@ -193,7 +191,7 @@ def local_deployment(
             log=logs["superlink"],
         )  # fmt: skip
         deadline = time.monotonic() + startup_timeout
-        _wait_for(lambda: _superlink_healthy(address, ca_cert), deadline, started, logs, "the SuperLink")
+        wait_for(lambda: _superlink_healthy(address, ca_cert), deadline, started, logs, "the SuperLink")
         _write_connection(flwr_home, connection, address, ca_cert)
 
         node_ids = {}
@@ -217,9 +215,9 @@ def local_deployment(
                 "--isolation", "subprocess",
             ]  # fmt: skip
             supernodes[name] = (command, {**env, **node_env, "FLWR_HOME": str(node_homes[name])}, node_homes[name])
-            started[name] = _start(command, env=supernodes[name][1], cwd=node_homes[name], log=logs[name])
+            started[name] = start_process(command, env=supernodes[name][1], cwd=node_homes[name], log=logs[name])
         online = set(node_ids.values())
-        _wait_for(lambda: _nodes_online(env, connection, online, len(names)), deadline, started, logs,
+        wait_for(lambda: _nodes_online(env, connection, online, len(names)), deadline, started, logs,
                   "all SuperNodes online")
         yield LocalDeployment(
             connection=connection,
@@ -233,7 +231,7 @@ def local_deployment(
             supernodes=supernodes,
         )
     finally:
-        _stop(list(started.values()), marker, stop_timeout)
+        stop_processes(list(started.values()), marker, stop_timeout)
 
 
 @contextlib.contextmanager
@@ -247,24 +245,24 @@ def local_simulation(
     flwr_home = Path(flwr_home).absolute()
     marker = uuid.uuid4().hex
     env = _flower_env(flwr_home, marker)
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     logs = {"superlink": flwr_home / "logs" / "superlink.log"}
     started: dict[str, subprocess.Popen[bytes]] = {}
     try:
         link_home = flwr_home / "superlink"
-        started["superlink"] = _start(
+        started["superlink"] = start_process(
             ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
             env={**env, "FLWR_HOME": str(link_home)}, cwd=link_home, log=logs["superlink"],
         )
         deadline = time.monotonic() + startup_timeout
-        _wait_for(lambda: _superlink_healthy(address, None), deadline, started, logs, "the SuperLink")
+        wait_for(lambda: _superlink_healthy(address, None), deadline, started, logs, "the SuperLink")
         _write_connection(flwr_home, connection, address, None)
         yield LocalDeployment(connection=connection, address=address, root_certificates=None, flwr_home=flwr_home,
                               env=env, logs=logs, node_ids={}, marker=marker)
     finally:
-        _stop(list(started.values()), marker, stop_timeout)
+        stop_processes(list(started.values()), marker, stop_timeout)
 
 
 @dataclass(frozen=True)
@@ -300,11 +298,11 @@ def run_app(
     command += ["--run-config", str(config_file), "--stream"]
     if federation_config:  # simulation options, e.g. num-supernodes
         command += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
-    run = _start(command, env=deployment.env, cwd=None, log=log)
+    run = start_process(command, env=deployment.env, cwd=None, log=log)
     try:
         run.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_group(run.pid, signal.SIGKILL)
+        signal_group(run.pid, signal.SIGKILL)
         run.wait()
     output = log.read_text(encoding="utf-8", errors="replace")
     started = _STARTED_RUN.search(output)
@@ -348,109 +346,8 @@ def _flower_env(flwr_home: Path, marker: str) -> dict[str, str]:
         # flwr's HTTP clients honour proxy variables; loopback must not go through a proxy.
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
-        _MARKER_ENV: marker,
+        MARKER_ENV: marker,
     }
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now. The sockets are held together so the ports differ; another
-    program could still take one before our server binds it, a window accepted here."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def _start(command: list[str], *, env: dict[str, str], cwd: Path | None, log: Path) -> subprocess.Popen[bytes]:
-    """Start `command` from the venv's bin, output to `log`, in a process group of its own so that
-    its children (SuperExec, ClientApps) can be signalled together."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    if cwd is not None:
-        cwd.mkdir(parents=True, exist_ok=True)
-    executable = str(Path(sys.executable).parent / command[0])
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [executable, *command[1:]],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-
-
-def _stop(processes: list[subprocess.Popen[bytes]], marker: str, timeout: float) -> None:
-    """SIGTERM to each started process's group and to every other process carrying the
-    deployment's marker, SIGKILL to whatever is left after `timeout` seconds; all by pid."""
-    groups = [process.pid for process in processes]
-    for pgid in reversed(groups):  # SuperNodes first, so they leave while the SuperLink is up
-        _signal_group(pgid, signal.SIGTERM)
-    # Those outside our groups: the SuperExec the SuperLink starts in a session of its own, and the
-    # ServerApps under it. Each process gets one SIGTERM only: a second one cuts Flower's cleanup short.
-    outside = [proc for proc in _marked_processes(marker) if _pgid(proc) not in groups]
-    for proc in outside:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    psutil.wait_procs(outside, timeout=max(0.0, deadline - time.monotonic()))
-    # Whatever is still there, including processes started while we were stopping (a SuperExec
-    # launching one more app), is killed.
-    for pgid in groups:
-        _signal_group(pgid, signal.SIGKILL)
-    leftovers = _marked_processes(marker)
-    for proc in leftovers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(leftovers, timeout=timeout)
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    # Linux never hands out a pid that is still in use as a process-group id, so while any member
-    # of the group lives, this reaches only processes we started.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def _pgid(proc: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return None
-
-
-def _marked_processes(marker: str) -> list[psutil.Process]:
-    """Live processes whose environment carries `marker`: everything the deployment started,
-    however deep, except processes that cleared their environment (none of Flower's do)."""
-    return [
-        proc
-        for proc in psutil.process_iter(["environ", "status"], ad_value=None)
-        if (proc.info["environ"] or {}).get(_MARKER_ENV) == marker and proc.info["status"] != psutil.STATUS_ZOMBIE
-    ]
-
-
-def _wait_for(
-    ready: Callable[[], bool],
-    deadline: float,
-    started: Mapping[str, subprocess.Popen[bytes]],
-    logs: Mapping[str, Path],
-    what: str,
-) -> None:
-    """Poll `ready()` until it is true; fail early, with its log, if a started process exits."""
-    while not ready():
-        for name, process in started.items():
-            if process.poll() is not None:
-                raise DeploymentError(f"{name} exited with code {process.returncode}{_tail(logs[name])}")
-        if time.monotonic() > deadline:
-            raise DeploymentError(f"timed out waiting for {what}" + "".join(_tail(log) for log in logs.values()))
-        time.sleep(0.5)
 
 
 def _superlink_healthy(address: str, ca_cert: Path | None) -> bool:
@@ -499,13 +396,5 @@ def _nodes_online(env: Mapping[str, str], connection: str, node_ids: set[int], c
     return node_ids <= online and len(online) >= count
 
 
-def _tail(log: Path, lines: int = 30) -> str:
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-    except OSError:
-        return f"\n--- {log}: not readable"
-    return f"\n--- last lines of {log}:\n" + "\n".join(text)
-
-
 def _log_tails(deployment: LocalDeployment, run_log: Path) -> str:
-    return _tail(run_log) + "".join(_tail(log, lines=15) for log in deployment.logs.values())
+    return tail(run_log) + "".join(tail(log, lines=15) for log in deployment.logs.values())

@@ -25,10 +25,10 @@ from coordinator.report import RoundLog
 from shared.loading import resolve_model_dir
 from shared.paths import atomic_write_json
 from simulations.datasets import build_synthetic_users
-from simulations.deployment import local_deployment, run_app
-from simulations.wire_audit import PULL_OBJECT, PUSH_MESSAGES, PUSH_OBJECT, WireRecorder, http_exchanges
+from simulations.operations.deployment import local_deployment, run_app
+from simulations.operations.wire_audit import PULL_OBJECT, PUSH_MESSAGES, PUSH_OBJECT, WireRecorder, http_exchanges
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 # Each benchmark's modes, baseline first: the run-config keys that make the difference.
 MODES: dict[str, dict[str, dict[str, Any]]] = {
     "secagg": {"plain FedAvg": {"secure-aggregation": False}, "SecAgg+": {"secure-aggregation": True}},

@@ -33,10 +33,10 @@ from shared.loading import resolve_device
 from shared.paths import atomic_write_json, atomic_write_png
 from shared.wire import Phase
 from simulations.datasets import build_synthetic_users
-from simulations.deployment import local_simulation, run_app
+from simulations.operations.deployment import local_simulation, run_app
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES_PER_USER = 40  # 36 training samples: one epoch is 5 steps of 8
 
 

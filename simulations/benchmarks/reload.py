@@ -27,7 +27,7 @@ from pathlib import Path
 
 from shared.paths import DATA_DIR_ENV, atomic_write_json
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 PROBE = """
 import json, sys, time
 started = time.perf_counter()

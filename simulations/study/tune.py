@@ -10,8 +10,8 @@ paired, user by user, against `feddpa` on the same validation samples, with a 95
 interval, so the report says whether any setting beats the baseline before the test split is
 looked at.
 
-    python -m simulations.tune                        (reviewers, seed 0, the default grid)
-    python -m simulations.tune --grid weight-low=0.1,0.5 alpha=0,0.1 --dataset chitchat
+    python -m simulations.study.tune                        (reviewers, seed 0, the default grid)
+    python -m simulations.study.tune --grid weight-low=0.1,0.5 alpha=0,0.1 --dataset chitchat
 
 The budgets, users and base are the study's (`--rounds`, `--users`... as `python -m
 simulations.study` takes them). Each cell is written as it finishes and a rerun skips it; the
@@ -122,7 +122,7 @@ def write_validation_users(sources: list[Path], target: Path, held_out: int) -> 
 class Tuning:
     """Where and what one tuning runs."""
 
-    study: Any  # simulations.study.StudyConfig
+    study: Any  # simulations.study.protocol.StudyConfig
     dataset: str
     seed: int
     held_out: int
@@ -133,14 +133,14 @@ class Tuning:
         return self.out / dataset_name(self.dataset) / f"seed-{self.seed}"
 
     def work(self) -> Path:
-        from simulations.study import work_dir
+        from simulations.study.runner import work_dir
 
         name = f"seed-{self.seed}-held-out-{self.held_out}"
         return work_dir(self.study) / "tune" / dataset_name(self.dataset) / name
 
     def config(self, row: str, name: str, keys: dict[str, Any]) -> RunConfig:
         """The study's run of `row` on the validation users, with `keys` over its settings."""
-        from simulations.study import run_config
+        from simulations.study.protocol import run_config
 
         work = self.work()
         expert = work / "runs" / EXPERT / "shared_adapter"
@@ -154,15 +154,17 @@ def run_tuning(tuning: Tuning, candidates: list[dict[str, Any]], progress: bool 
     the report."""
     from tqdm.auto import tqdm
 
-    from client.node_store import simulation_store_paths
-    from simulations.study import run_config, run_federated_cell, work_dir
+    from simulations.datasets.simulated import simulated_user_stores
+    from simulations.study.cells import run_federated_cell
+    from simulations.study.protocol import run_config
+    from simulations.study.runner import work_dir
 
     study = tuning.study
     cells = [(EXPERT, EXPERT, {}), (BASELINE, BASELINE, {})]
     cells += [(OURS, f"{OURS}_{candidate_name(keys)}", keys) for keys in candidates]
     configs = {name: tuning.config(row, name, keys) for row, name, keys in cells}  # bad values refused first
     source = run_config(study, tuning.dataset, tuning.seed, BASELINE, None, work_dir(study))
-    sources = simulation_store_paths(source, study.users)[: study.users]
+    sources = simulated_user_stores(source, study.users)[: study.users]
     write_validation_users(sources, tuning.work() / "users", tuning.held_out)
     ensure_folder(tuning.folder)
     bar = tqdm(cells, desc="tuning cells", unit="cell", disable=not progress)
@@ -188,7 +190,7 @@ def run_tuning(tuning: Tuning, candidates: list[dict[str, Any]], progress: bool 
 def summarize(out: Path) -> list[dict[str, Any]]:
     """One row per (dataset, seed, candidate) cell under `out`: its validation metrics, and its
     per-user difference to the baseline of the same (dataset, seed) with a 95% interval."""
-    from simulations.study_paired import bootstrap_interval, per_user
+    from simulations.study.paired import bootstrap_interval, per_user
 
     cells = [json.loads(p.read_text()) for p in sorted(out.glob("*/seed-*/*.json"))]
     rows = []
@@ -229,7 +231,7 @@ def write_report(out: Path) -> Path:
              "never scored here). Every candidate trains `nextquill-fed` with the study's budget on the remaining "
              "training samples, with the study's expert trained on the same; `feddpa` (the same adapters, "
              "plain cross-entropy) is the baseline every candidate is paired with, user by user (95% bootstrap "
-             "interval over users). Made by `python -m simulations.tune`.", ""]
+             "interval over users). Made by `python -m simulations.study.tune`.", ""]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["dataset", "seed", "candidate", "deployable", *TABLE_METRICS, "rouge1_minus_feddpa",
@@ -289,10 +291,11 @@ def _plot(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from simulations.study import build_parser as study_parser
+    from simulations.study.runner import build_parser as study_parser
 
-    parser = study_parser(parser or argparse.ArgumentParser(prog="python -m simulations.tune", description=__doc__,
-                                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = parser or argparse.ArgumentParser(prog="python -m simulations.study.tune", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = study_parser(parser)
     for action in parser._actions:
         if action.dest == "out":
             action.help = ("the tuning folder: cells and report (default: simulations/results/tune-<model> in this "
@@ -312,7 +315,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def tune_from(args: argparse.Namespace) -> int:
     """Run the tuning the parsed command line asks for; prints where the report is."""
-    from simulations.study import check_datasets, study_from
+    from simulations.study.runner import check_datasets, study_from
 
     study, study_out = study_from(args)
     out = Path(args.out) if args.out else study_out.with_name(study_out.name.replace("study", "tune", 1))

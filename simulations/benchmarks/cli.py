@@ -2,26 +2,26 @@
 compares ratios measured in the same run.
 
   step    one NextQuill step against one ContextSFT step and the authors' computation
-          (simulations/bench_step.py)
+          (simulations/benchmarks/step.py)
   scale   simulated users per hour, set-up share and worker memory of a real Flower
-          simulation of many users (simulations/bench_scale.py)
+          simulation of many users (simulations/benchmarks/scale.py)
   comm    upload bytes per client per round for each split and transport dtype
-          (simulations/bench_comm.py)
+          (simulations/benchmarks/comm.py)
   dce     seconds per 1,000 target tokens of the expert pass, and its amortization
-          (simulations/bench_dce.py)
+          (simulations/benchmarks/dce.py)
   setup   per-client set-up time of a simulated client with the resident 4-bit base (what
           the ClientApp does: swap in the user's adapters) against loading the base for
           every client (what a simulation that reloads its model per client pays); both
           measured in the same run, on the same users.
   secagg  seconds and wire bytes of a training round with SecAgg+ against plain FedAvg, on a
-          real loopback deployment (simulations/bench_deployment.py)
+          real loopback deployment (simulations/benchmarks/deployment.py)
   wire    wire bytes and requests of a training round, the shared parameters packed into one
           array against one array per parameter, on a real loopback deployment
   edge    peak memory of one client round (base, expert token weights, training, evaluation
-          with generation), phase by phase, for several batch sizes (simulations/bench_edge.py)
+          with generation), phase by phase, for several batch sizes (simulations/benchmarks/edge.py)
   reload  a deployed device's set-up per message (a fresh ClientApp process: imports and the
           4-bit base), quantizing on load against reading the quantized copy
-          (simulations/bench_reload.py)
+          (simulations/benchmarks/reload.py)
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 
 from client import federated
-from client.node_store import simulation_store_paths
 from client.personalize import Device
 from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, RunConfig, TrainConfig
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
-from simulations.model_shapes import SHAPES, model_dir_for, shaped_model_dir
+from simulations.benchmarks.model_shapes import SHAPES, model_dir_for, shaped_model_dir
+from simulations.datasets.simulated import simulated_user_stores
 from simulations.options import add_settings, checked, run_command, settings_from, whole_number
 
 log = logging.getLogger(__name__)
@@ -98,20 +98,20 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
 def build_parser() -> argparse.ArgumentParser:
     """The command line of every benchmark (checked without running one by `gpu_session.sh`'s
     dry run, so that a lent GPU's minutes are not lost to a mistyped flag)."""
-    from simulations import bench_scale, bench_step
+    from simulations.benchmarks import scale, step
 
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     p = sub.add_parser("step", help="seconds, tokens/s and peak memory of one local step per method")
-    add_settings(p, BaseSpec())  # --model also takes a shape (simulations/model_shapes.py): random weights
+    add_settings(p, BaseSpec())  # --model also takes a shape (simulations/benchmarks/model_shapes.py): random weights
     p.add_argument("--steps", type=whole_number(1), default=5)
-    # The step's shape: each defaults to the model's benchmark shape (bench_step.default_shape).
+    # The step's shape: each defaults to the model's benchmark shape (step.default_shape).
     p.add_argument("--batch-size", type=checked(TrainConfig, "batch_size"))
     for name in ("history_tokens", "context_tokens", "response_tokens"):
         p.add_argument(f"--{name.replace('_', '-')}", type=checked(PromptConfig, name))
-    p.add_argument("--methods", nargs="+", default=list(bench_step.METHODS),
-                   choices=bench_step.METHODS + bench_step.COMPILED,
+    p.add_argument("--methods", nargs="+", default=list(step.METHODS),
+                   choices=step.METHODS + step.COMPILED,
                    help="the steps to measure (default: all but the compiled ones, which take tens of seconds of "
                         "compiling each)")
     p.add_argument("--out", default="runs/benchmarks/step.json")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=whole_number(1), nargs="+", default=[1],
                    help="clients trained at once (Ray workers, each with its resident base); several values: a "
                         "sweep, one simulation each in <out>/concurrency-N, users/hour plotted against them")
-    p.add_argument("--runtime", default="flower", choices=bench_scale.RUNTIMES,
+    p.add_argument("--runtime", default="flower", choices=scale.RUNTIMES,
                    help="flower: SuperLink + Ray simulation; inprocess: the same apps in this process (no Ray)")
     p.add_argument("--device", default="auto", help="where the clients compute: auto, cpu, cuda")
     p.add_argument("--compile-layers", action="store_true",
@@ -190,52 +190,52 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from simulations import bench_scale, bench_step
+    from simulations.benchmarks import scale, step
 
     # A scale run resumes in its own folder: refuse only a folder that is not one.
-    if not (args.benchmark == "scale" and bench_scale.is_scale_folder(Path(args.out))):
+    if not (args.benchmark == "scale" and scale.is_scale_folder(Path(args.out))):
         refuse_to_replace(Path(args.out), args.overwrite)
     if args.benchmark == "step":
-        shape = bench_step.with_overrides(
-            bench_step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,
+        shape = step.with_overrides(
+            step.default_shape(args.model), batch_size=args.batch_size, history_tokens=args.history_tokens,
             context_tokens=args.context_tokens, response_tokens=args.response_tokens)
         spec = settings_from(args, BaseSpec())
-        bench_step.step_benchmark(args.model, spec, shape, args.steps, Path(args.out), tuple(args.methods),
+        step.step_benchmark(args.model, spec, shape, args.steps, Path(args.out), tuple(args.methods),
                                   Path(args.profile) if args.profile else None)
         return 0
     if args.benchmark == "scale":
         model = str(model_dir_for(args.model, Path(args.tokenizer) if args.tokenizer else None)) \
             if args.model in SHAPES else args.model
         if len(args.concurrency) == 1:
-            bench_scale.scale_benchmark(args.users, args.clients_per_round, Path(args.out), model,
+            scale.scale_benchmark(args.users, args.clients_per_round, Path(args.out), model,
                                         runtime=args.runtime, device=args.device, concurrency=args.concurrency[0],
                                         compile_layers=args.compile_layers)
         else:
-            bench_scale.concurrency_sweep(args.concurrency, args.users, args.clients_per_round, Path(args.out),
+            scale.concurrency_sweep(args.concurrency, args.users, args.clients_per_round, Path(args.out),
                                           model=model, runtime=args.runtime, device=args.device,
                                           compile_layers=args.compile_layers)
         return 0
     if args.benchmark == "comm":
-        from simulations.bench_comm import comm_benchmark
+        from simulations.benchmarks.comm import comm_benchmark
 
         model_dir = shaped_model_dir(args.model) if args.model in SHAPES else None
         lora = LoraSettings(lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
         comm_benchmark(args.model, lora, Path(args.out), model_dir)
         return 0
     if args.benchmark == "dce":
-        from simulations.bench_dce import dce_benchmark
+        from simulations.benchmarks.dce import dce_benchmark
 
         config = RunConfig(model=args.model, dataset="shakespeare")
-        paths = simulation_store_paths(config, args.users)[: args.users]
+        paths = simulated_user_stores(config, args.users)[: args.users]
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
     if args.benchmark == "reload":
-        from simulations.bench_reload import reload_benchmark
+        from simulations.benchmarks.reload import reload_benchmark
 
         reload_benchmark(args.model, model_dir_for(args.model), args.device, args.repeats, Path(args.out))
         return 0
     if args.benchmark == "edge":
-        from simulations.bench_edge import EdgeSetting, edge_benchmark
+        from simulations.benchmarks.edge import EdgeSetting, edge_benchmark
 
         settings = [EdgeSetting(batch, variant == "lean", args.generation_batch_size, variant == "fused")
                     for batch in args.batch_sizes for variant in args.variants]
@@ -246,12 +246,12 @@ def _run(args) -> int:
                        args.budget_mib, args.steps, args.reviews)
         return 0
     if args.benchmark in ("secagg", "wire"):
-        from simulations.bench_deployment import deployment_benchmark
+        from simulations.benchmarks.deployment import deployment_benchmark
 
         deployment_benchmark(args.benchmark, args.model, args.clients, args.rounds, Path(args.out))
         return 0
     config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
-    paths = simulation_store_paths(config, args.clients)[: args.clients]
+    paths = simulated_user_stores(config, args.clients)[: args.clients]
     setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
     return 0
 

@@ -44,7 +44,7 @@ from shared.loading import load_causal_lm
 from shared.losses import IGNORE_INDEX, nextquill_loss, token_weights
 from shared.paths import atomic_write_json, atomic_write_text
 from shared.prompts import EncodedSample
-from simulations.model_shapes import QWEN_SHAPE, model_dir_for
+from simulations.benchmarks.model_shapes import QWEN_SHAPE, model_dir_for
 
 log = logging.getLogger(__name__)
 

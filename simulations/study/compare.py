@@ -20,7 +20,7 @@ from shared.methods import METHODS
 from shared.metrics import SCORES, macro_average
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_png, atomic_write_text
 from shared.user_store import UserStore
-from simulations.compare_config import CompareConfig
+from simulations.study.compare_config import CompareConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The benchmarks of simulations/benchmarks.md on a lent GPU machine, in stages; a call's stages
+# The benchmarks of simulations/benchmarks/benchmarks.md on a lent GPU machine, in stages; a call's stages
 # stop within CALL_SECONDS (a device call may run 10 minutes). Pack the kit first, here:
-# python -m simulations.gpu_kit pack. Then three calls, back to back:
+# python -m simulations.operations.gpu_kit pack. Then three calls, back to back:
 #
-#   call 1, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install check step
-#   call 2, carry [".gpu/compute"]:     bash simulations/gpu_session.sh install edge reload compile
-#   call 3, carry [".gpu/federation"]:  bash simulations/gpu_session.sh install scale
+#   call 1, carry [".gpu/compute"]:     bash simulations/operations/gpu_session.sh install check step
+#   call 2, carry [".gpu/compute"]:     bash simulations/operations/gpu_session.sh install edge reload compile
+#   call 3, carry [".gpu/federation"]:  bash simulations/operations/gpu_session.sh install scale
 #
 # The two kit parts exceed one call's 64 MiB: call 3 must reach the machine of the calls before
 # while it is still warm (it keeps what they installed), or it says so and stops. Each stage's
@@ -140,7 +140,7 @@ done
 if [ "$DRY_RUN" = 1 ]; then  # every command line the stages would run, through the benchmarks' own parser
     "$PYTHON" - "$DRY_LINES" <<'EOF' || status=1
 import shlex, sys
-from simulations.benchmarks import build_parser
+from simulations.benchmarks.cli import build_parser
 lines = [line for line in open(sys.argv[1]).read().splitlines() if line.strip()]
 for line in lines:
     build_parser().parse_args(shlex.split(line) + ["--overwrite"])

@@ -108,13 +108,13 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     adapter and under user 0's personalized model."""
     from client import federated
     from client.client_app import app as client_app
-    from client.node_store import simulation_store_paths
     from coordinator.checkpoint import load_checkpoint
     from coordinator.federation import run_federation
     from shared.config import RunConfig
     from shared.split import PERSONAL_ADAPTER
+    from simulations.datasets.simulated import simulated_user_stores
     from simulations.inprocess import InProcessGrid
-    from simulations.study import run_config
+    from simulations.study.protocol import run_config
 
     cell_work = work / method / f"seed-{seed}"
     values = run_config(study, "reviewers", seed, method, None, cell_work).to_flower()
@@ -123,7 +123,7 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     rng = random.Random(f"canary-{seed}")
     canary = CANARY_PREFIX + random_code(rng)
     others = [CANARY_PREFIX + random_code(rng) for _ in range(candidates)]
-    paths = simulation_store_paths(config, study.users)[: study.users]
+    paths = simulated_user_stores(config, study.users)[: study.users]
     store = UserStore.open(paths[0])
     if not any(s.id == "canary-0" for s in store.samples()):
         store = insert_canary(store, canary, insertions)
@@ -155,7 +155,7 @@ def run_memorization(study: Any, out: Path, methods: tuple[str, ...] = METHODS, 
     `memorization.md` under `out`."""
     from tqdm.auto import tqdm
 
-    from simulations.study import work_dir
+    from simulations.study.runner import work_dir
 
     work = work_dir(study) / f"memorization-{insertions}x{candidates}"
     protocol = work_dir(study).name
@@ -203,10 +203,10 @@ def memorization_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from simulations.options import run_command, whole_number
-    from simulations.study import build_parser, study_from
+    from simulations.study.runner import build_parser, study_from
 
     parser = build_parser()
-    parser.prog = "python -m simulations.memorization"
+    parser.prog = "python -m simulations.study.memorization"
     parser.description = __doc__
     parser.add_argument("--insertions", type=whole_number(1), default=4,
                         help="copies of the canary in the user's targets")

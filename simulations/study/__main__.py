@@ -1,0 +1,5 @@
+import sys
+
+from simulations.study.runner import main
+
+sys.exit(main())
