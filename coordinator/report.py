@@ -120,10 +120,8 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels, strict=True):
-        for phase, colour in ((Phase.EXPERT, "#dd8452"), (Phase.PERSONALIZE, "#4c72b0"), (Phase.EVALUATE, "#55a868")):
-            points = [(r["round"], r[key]) for r in rows if r["phase"] == phase and _finite(r.get(key))]
-            if points:
-                ax.plot(*zip(*points, strict=True), "o-", color=colour, label=phase)
+        for label, colour, points in plotted_series(rows, key):
+            ax.plot(*zip(*points, strict=True), "o-", color=colour, label=label)
         # The base beside the personalized model: reading the history as the method does, and without it.
         for prefix, style, label in (("eval-base-", "s--", "base, no training"),
                                      ("eval-base-no-history-", "v:", "base, no training, no history")):
@@ -138,6 +136,20 @@ def plot_rounds(run_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write_png(fig, Path(run_dir) / PLOT_FILE)
+
+
+def plotted_series(rows: Sequence[dict[str, Any]], key: str) -> list[tuple[str, str, list[tuple[int, float]]]]:
+    """(label, colour, (round, value) points) of one panel. Training: a line per phase.
+    Evaluation: one line for the personalized model, from the evaluations after personalization
+    rounds to the final one."""
+    training = ((Phase.EXPERT, "#dd8452", (Phase.EXPERT,)), (Phase.PERSONALIZE, "#4c72b0", (Phase.PERSONALIZE,)))
+    evaluated = (("personalized", "#4c72b0", (Phase.PERSONALIZE, Phase.EVALUATE)),)
+    found = []
+    for label, colour, phases in evaluated if key.startswith("eval-") else training:
+        points = sorted((r["round"], r[key]) for r in rows if r["phase"] in phases and _finite(r.get(key)))
+        if points:
+            found.append((str(label), colour, points))
+    return found
 
 
 def _finite(value: Any) -> bool:
