@@ -52,6 +52,7 @@ def test_stop_ends_the_superlink_flwr_run_started_and_nothing_that_only_looks_li
 
         status = nextquill(flwr_env, "status")
         assert status.returncode == 0 and f"running: process {superlink} on 127.0.0.1:{port}" in status.stdout
+        assert "working directory" in status.stdout
 
         stopped = nextquill(flwr_env, "stop")
         assert stopped.returncode == 0, stopped.stderr

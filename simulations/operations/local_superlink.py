@@ -26,9 +26,11 @@ class LocalSuperLink:
     address: str
     log_file: Path
     command: tuple[str, ...]
+    working_dir: Path | None  # the simulations it runs import from here first (Ray puts it on their path)
 
     def describe(self) -> str:
-        return f"process {self.pid} on {self.address}, log {self.log_file}"
+        return (f"process {self.pid} on {self.address}, log {self.log_file}, working directory "
+                f"{self.working_dir or 'unknown'}")
 
 
 def expected_address() -> tuple[str, int]:
@@ -66,14 +68,21 @@ def find_local_superlink() -> LocalSuperLink | None:
     found = []
     for pid in sorted(listeners):
         try:
-            command = psutil.Process(pid).cmdline()
+            process = psutil.Process(pid)
+            command = process.cmdline()
         except psutil.NoSuchProcess:
             continue
+        except psutil.AccessDenied:
+            raise ValueError(f"{host}:{port} is held by process {pid}, which this user cannot inspect; "
+                             "nothing was stopped") from None
+        working_dir = None
+        with contextlib.suppress(psutil.Error):
+            working_dir = Path(process.cwd())
         if not _is_flwr_local_superlink(command, log_file):
             raise ValueError(f"{host}:{port} is held by process {pid} ({' '.join(command)[:200]}), which is not "
                              f"the local SuperLink of `flwr run` (FLWR_HOME {log_file.parent.parent}); "
                              "nothing was stopped")
-        found.append(LocalSuperLink(pid, f"{host}:{port}", log_file, tuple(command)))
+        found.append(LocalSuperLink(pid, f"{host}:{port}", log_file, tuple(command), working_dir))
     return found[0] if found else None
 
 
@@ -111,6 +120,9 @@ def superlink_command(action: str) -> int:
         superlink = find_local_superlink()
         print(f"running: {superlink.describe()}" if superlink
               else f"no local SuperLink on {host}:{port} (FLWR_HOME {expected_log_file().parent.parent})")
+        if superlink and superlink.working_dir and superlink.working_dir != Path.cwd():
+            print(f"note: it was started from {superlink.working_dir}, not here: the simulations it runs import "
+                  "that folder's modules first; stop it before running from another checkout")
         return 0
     superlink = stop_local_superlink()
     print(f"stopped the local SuperLink: {superlink.describe()}" if superlink
