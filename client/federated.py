@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from client.device import Device, Expert
 from client.evaluation import donor_history, evaluate_user, public_donor_history
 from client.node_store import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, USER_DIR_KEY, simulation_donors, user_store
 from client.personal_state import load_personal_state, save_personal_state
-from client.personalize import Device, Expert
 from client.token_weights import user_weight_scheme
 from client.trainer import train_adapter
 from shared.config import GenerationSettings, RunConfig, TrainConfig

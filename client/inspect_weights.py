@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from client.personalize import Device, Expert
+from client.device import Device, Expert
 from client.token_weights import user_weight_scheme
 from shared.config import WeightScheme
 from shared.losses import token_weights

@@ -31,7 +31,7 @@ from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.global_adapters import GlobalAdapters
 from coordinator.nodes import NodeSnapshot, NodeWaiter
 from coordinator.privacy import RunPrivacy, weight_key
-from coordinator.report import RoundLog, check_run_config, plot_rounds, read_summary, write_evaluation
+from coordinator.run_directory import RoundLog, check_run_config, plot_rounds, read_summary, write_evaluation
 from coordinator.secure_aggregation import secure_round
 from coordinator.strategy import RoundOutcome, SampledFedAvg, ScreenedReplies
 from shared.adapter_files import adapter_digest

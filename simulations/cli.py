@@ -42,7 +42,7 @@ def _add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _device(args, lora: LoraSettings | None = None):
-    from client.personalize import Device
+    from client.device import Device
 
     return Device.load(settings_from(args, BaseSpec()), lora or LoraSettings(), settings_from(args, PromptConfig()))
 
@@ -122,7 +122,7 @@ def cmd_users(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from client.personalize import Expert
+    from client.device import Expert
 
     check_output(Path(args.out), args.overwrite,
                  {"--users": args.users, "--expert": [args.expert], "--model": _model_path(args)})
@@ -137,8 +137,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_weights(args) -> int:
+    from client.device import Expert
     from client.inspect_weights import write_inspection
-    from client.personalize import Expert
 
     out = Path(args.out) if args.out else Path(args.user) / "inspection"
     check_output(out, args.overwrite, {"--user": [args.user], "--expert": [args.expert], "--model": _model_path(args)})

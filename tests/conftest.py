@@ -74,7 +74,7 @@ def user_stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def user_device(model_dir):
     """A device with the test model resident in 4-bit, for on-device personalization."""
-    from client.personalize import Device
+    from client.device import Device
     from shared.config import BaseSpec, LoraSettings
     from tests.samples import DEVICE_PROMPT
 
@@ -85,7 +85,7 @@ def user_device(model_dir):
 @pytest.fixture(scope="module")
 def experts(user_device, user_stores, tmp_path_factory):
     """Two experts (ContextSFT on the other users, two seeds): (Expert, Expert)."""
-    from client.personalize import Expert
+    from client.device import Expert
     from shared.config import TrainConfig
     from tests.samples import ONE_STEP
 

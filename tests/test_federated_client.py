@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from client.device import Device
 from client.federated import train_round
 from client.personal_state import load_personal_state
-from client.personalize import Device
 from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
 from shared.split import SplitSpec
 from shared.user_store import UserStore

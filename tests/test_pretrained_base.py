@@ -39,7 +39,7 @@ def test_a_gguf_that_is_not_the_pinned_file_is_refused_and_nothing_is_written(mo
 def test_smollm2_converts_once_loads_in_nf4_and_trains_a_step(tmp_path):
     import torch
 
-    from client.personalize import Device
+    from client.device import Device
     from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig
     from shared.prompts import encode_sample
     from shared.user_store import UserStore

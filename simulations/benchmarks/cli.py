@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from client import federated
-from client.personalize import Device
+from client.device import Device
 from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, RunConfig, TrainConfig
 from shared.paths import atomic_write_json, refuse_to_replace
 from shared.user_store import UserStore

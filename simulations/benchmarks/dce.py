@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from client import federated
-from client.personalize import Expert
+from client.device import Expert
 from client.reference import References
 from client.token_weights import cached_token_probs, compute_token_probs, encode_store_samples
 from client.trainer import train_adapter

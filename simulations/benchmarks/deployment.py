@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from coordinator.report import RoundLog
+from coordinator.run_directory import RoundLog
 from shared.loading import resolve_model_dir
 from shared.paths import atomic_write_json
 from simulations.datasets import build_synthetic_users

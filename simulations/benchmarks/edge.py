@@ -84,8 +84,8 @@ def client_round_memory(model_dir: str, spec: BaseSpec, prompt: PromptConfig, se
                         store_dir: str, steps: int) -> dict:
     """One client round on the user store at `store_dir` (a copy it may write to), with the
     peak memory of each phase."""
+    from client.device import EXPERT_ADAPTER, Device, Expert
     from client.federated import evaluate_personalized, train_round
-    from client.personalize import EXPERT_ADAPTER, Device, Expert
     from shared.adapters import save_adapter
     from shared.config import GenerationSettings
     from shared.split import SplitSpec

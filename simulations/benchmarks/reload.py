@@ -33,7 +33,7 @@ import json, sys, time
 started = time.perf_counter()
 from client.client_app import app  # what a ClientApp process imports
 imported = time.perf_counter()
-from client.personalize import Device
+from client.device import Device
 from shared.config import BaseSpec, LoraSettings, PromptConfig
 Device.load(BaseSpec(**json.loads(sys.argv[1])), LoraSettings(), PromptConfig())
 print(json.dumps({"import_seconds": imported - started, "load_seconds": time.perf_counter() - imported}))

@@ -23,7 +23,7 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
     from client.client_app import app as client_app
     from coordinator.checkpoint import load_checkpoint
     from coordinator.federation import run_federation
-    from coordinator.report import EVALUATION_FILE, RoundLog
+    from coordinator.run_directory import EVALUATION_FILE, RoundLog
     from simulations.inprocess import InProcessGrid
 
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": users} for i in range(users)],
@@ -86,8 +86,8 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
     samples the federation trains on (users × rounds × local steps steps); each user evaluated
     on its held-out samples as a device evaluates (the same prompt, donor history, decoding)."""
     from client import federated
+    from client.device import Expert
     from client.evaluation import public_donor_history
-    from client.personalize import Expert
     from shared.metrics import SCORE_KEYS, SCORES, macro_average
     from shared.user_store import UserStore
     from simulations.datasets.simulated import simulated_user_stores
@@ -116,8 +116,8 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     reference's figures are at the top level. Without ground truth (chitchat) the share of
     tokens weighted λ and where the weight goes (content carried over from the input, the rest)."""
     from client import federated
+    from client.device import Expert
     from client.inspect_weights import detection_summary, roc_curve, token_rows
-    from client.personalize import Expert
     from client.reference import donor_stores
     from shared.config import REFERENCES
     from shared.user_store import UserStore, list_user_stores

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from client.device import Device, Expert
 from client.evaluation import donor_history
-from client.personalize import Device, Expert
 from shared.methods import METHODS
 from shared.metrics import SCORES, macro_average
 from shared.paths import atomic_directory, atomic_write_json, atomic_write_png, atomic_write_text

@@ -1,4 +1,4 @@
-"""A device with a resident base (client/personalize.py) on a small random model: the expert's
+"""A device with a resident base (client/device.py) on a small random model: the expert's
 DCE cache, and every method training and saving a PEFT adapter."""
 
 import json

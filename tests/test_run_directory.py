@@ -1,6 +1,6 @@
-"""The run directory's plot (coordinator/report.py): what each panel draws."""
+"""The run directory's plot (coordinator/run_directory.py): what each panel draws."""
 
-from coordinator.report import plotted_series
+from coordinator.run_directory import plotted_series
 
 
 def test_the_personalized_model_is_one_line_from_the_round_evaluations_to_the_final_one():
