@@ -34,7 +34,6 @@ from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, disallowed_metrics
 log = logging.getLogger("flwr.nextquill")
 
 
-
 @dataclass
 class RoundOutcome:
     """One training round, as the run records it."""
@@ -46,6 +45,7 @@ class RoundOutcome:
     accepted: int  # replies aggregated
     upload_bytes_per_client: int
     update_norms: dict[str, float] = field(default_factory=dict)  # plain rounds: the updates' L2 norms
+
 
 class SampledFedAvg(FedAvg):
     """FedAvg (weighted by `weighted_by_key`: `num-examples`, or a uniform weight under central

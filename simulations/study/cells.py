@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
-
-log = logging.getLogger("nextquill.study")
 
 
 def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:

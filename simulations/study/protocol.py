@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from shared.config import RunConfig
 from shared.methods import METHODS
 from shared.settings import check_settings, setting
 from simulations.datasets import GENERATED, dataset_name
-
-log = logging.getLogger("nextquill.study")
 
 EXPERT_CELL = "fedit-context-sft"
 
