@@ -21,8 +21,8 @@ from flwr.clientapp import ClientApp
 from client.failures import replies_without_details
 from client.privacy import device_privacy
 from client.secure_aggregation import device_secure_aggregation
-from shared.config import RunConfig
 from shared.expert_package import holds_expert, unpack_expert
+from shared.run_config import RunConfig
 from shared.wire import (
     EXPERT_DELIVER,
     EXPERT_RECORD,
@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     layout = SharedLayout.from_config(msg.content["config"])
     result = _federated().handle_train(instruction, layout.decode(msg.content["arrays"]), context.node_config, config)
     # In the layout and form received: Flower's DP mods pair the reply's arrays with those sent.
-    arrays = layout.encode(result.shared, config.transport_dtype, layout.is_packed(msg.content["arrays"]))
+    arrays = layout.encode(result.shared, config.sharing.transport_dtype, layout.is_packed(msg.content["arrays"]))
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(result.metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -13,8 +13,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from client.evaluation import evaluate_user
-from client.reference import References, donor_stores, generic_texts
-from client.token_weights import TokenProbs, cached_token_probs, encode_store_samples, user_weight_scheme
+from client.reference import References, donor_stores, encode_store_samples, generic_texts
+from client.token_weights import TokenProbs, cached_token_probs, user_weight_scheme
 from client.trainer import TrainExample, TrainReport, train_adapter
 from shared.adapter_files import adapter_digest
 from shared.adapters import AdapterHost, base_fingerprint, check_adapter_base, save_adapter

@@ -25,11 +25,12 @@ from client.node_store import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, USER_DIR_KEY
 from client.personal_state import load_personal_state, save_personal_state
 from client.token_weights import user_weight_scheme
 from client.trainer import train_adapter
-from shared.config import GenerationSettings, RunConfig, TrainConfig
+from shared.config import GenerationSettings, TrainConfig
 from shared.expert_package import ExpertDigestError, cached_expert
 from shared.methods import METHODS
 from shared.metrics import SCORE_KEYS, SCORES
 from shared.paths import atomic_write_json
+from shared.run_config import RunConfig
 from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.user_store import UserStore
 from shared.wire import NUM_EXAMPLES, Phase, RoundInstruction
@@ -44,12 +45,12 @@ _resident: dict[tuple, Device] = {}
 
 def resident_device(config: RunConfig) -> Device:
     """The device for `config`'s base, LoRA shape and prompt; loaded on first use only."""
-    key = (config.base_spec, config.lora, config.prompt)
+    key = (config.base, config.lora, config.prompt)
     if key not in _resident:
         _resident.clear()  # one base at a time: a new run with another base replaces it
         started = time.perf_counter()
-        _resident[key] = Device.load(config.base_spec, config.lora, config.prompt)
-        log.info("base %s resident after %.1f s", config.model, time.perf_counter() - started)
+        _resident[key] = Device.load(config.base, config.lora, config.prompt)
+        log.info("base %s resident after %.1f s", config.base.model, time.perf_counter() - started)
     return _resident[key]
 
 
@@ -67,10 +68,10 @@ class RoundResult:
 
 def phase_setup(config: RunConfig, instruction: RoundInstruction) -> tuple[SplitSpec, TrainConfig]:
     """The split and local training of a phase: the expert is a plain FedAvg ContextSFT LoRA."""
-    seed = config.seed + instruction.server_round
+    seed = config.federation.seed + instruction.server_round
     if instruction.phase == Phase.EXPERT:
         return EXPERT_SPLIT, config.train_config("context-sft", seed)
-    return config.split_spec, config.train_config(config.method, seed)
+    return config.sharing.spec, config.train_config(config.train.method, seed)
 
 
 def device_expert(instruction: RoundInstruction, train_config: TrainConfig) -> Expert | None:
@@ -214,6 +215,7 @@ def handle_evaluate(
     simulated = (PARTITION_ID_KEY in node_config and USER_DIR_KEY not in node_config
                  and int(node_config.get(NUM_PARTITIONS_KEY, 1)) > 1)
     other = donor_history(simulation_donors(node_config, config)[0]) if simulated else None
-    return evaluate_personalized(resident_device(config), store, config.split_spec, shared_in, config.method,
-                                 instruction.run_name, config.seed, config.evaluate_base, other_history=other)
+    return evaluate_personalized(resident_device(config), store, config.sharing.spec, shared_in, config.train.method,
+                                 instruction.run_name, config.federation.seed, config.evaluate.base,
+                                 other_history=other)
 

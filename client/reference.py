@@ -16,6 +16,9 @@ A past item's input is the context x of the store's sample with the same id (a u
 answer to an earlier context). An item with no such sample (a LaMP profile entry that holds
 text only) is replaced by the expert's text for an empty context: still a text of the same
 kind in the same place, with nothing of the user's in it.
+
+A store's samples are encoded here too, each with the user's history and with its h_ref
+(`encode_store_samples`): the two prompts whose difference every effect measures.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.derived_cache import DerivedCache
 from shared.config import REFERENCES, GenerationSettings, PromptConfig
-from shared.prompts import EMPTY_HISTORY_PLACEHOLDER, render_prompt
+from shared.prompts import EMPTY_HISTORY_PLACEHOLDER, EncodedSample, encode_sample, render_prompt
 from shared.user_store import Sample, UserStore
 
 log = logging.getLogger(__name__)
@@ -117,3 +120,22 @@ def generic_texts(
         cache.write("texts", cached)
         log.info("generated %d generic history texts for %s", len(missing), store.user_id)
     return {item_id: cached[item_id] for item_id in inputs}
+
+
+def encode_store_samples(
+    store: UserStore, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, split: str | None = "train",
+    references: References | None = None,
+) -> list[tuple[Sample, EncodedSample]]:
+    """Every sample of `split` encoded with the user's history and with its (first) counterfactual
+    history (default: the history removed)."""
+    references = references or References("removed")
+    return [(sample, encode_with_reference(store, tokenizer, prompt, sample,
+                                           references.histories(store, sample)[0]))
+            for sample in store.samples(split)]
+
+
+def encode_with_reference(store: UserStore, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig,
+                          sample: Sample, reference: list[str] | None) -> EncodedSample:
+    """One sample encoded with the user's history and with `reference` in its place."""
+    return encode_sample(tokenizer, sample.x, [h.text for h in store.history_for(sample)], sample.y, prompt,
+                         reference=reference)

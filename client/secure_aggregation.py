@@ -1,10 +1,10 @@
 """The device's side of secure aggregation: Flower's own `secaggplus_mod` around every train
-message when the run config's `secure-aggregation` is on (the coordinator's side and what it
+message when the run config's `secagg.enabled` is on (the coordinator's side and what it
 protects: `coordinator/secure_aggregation.py`).
 
 SecAgg+ speaks Flower's legacy FitIns / FitRes, so the training it wraps is handed our train
 message (the shared parameters packed into one array, their layout in its config, whatever
-`pack-shared` says), and its reply goes back as a FitRes whose parameters are the shared
+`sharing.pack` says), and its reply goes back as a FitRes whose parameters are the shared
 update followed by the train metrics as a vector (`shared.wire.metrics_to_vector`): the mod
 masks both, so no metric of this device is readable on its own. The FitRes weight is 1: a
 weight travels in clear, and a sample count is a per-user number. A failure replies like any
@@ -22,7 +22,7 @@ from flwr.common import Code, FitRes, MessageType, Status, ndarrays_to_parameter
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from client.failures import failure_reply
-from shared.config import RunConfig
+from shared.run_config import RunConfig
 from shared.wire import PACKED, metrics_to_vector
 
 FITINS_PARAMETERS = "fitins.parameters"  # Flower's names for the legacy records
@@ -42,7 +42,7 @@ def device_secure_aggregation(msg: Message, context: Context, call_next: ClientA
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     try:
-        if not RunConfig.from_flower(context.run_config).secure_aggregation:
+        if not RunConfig.from_flower(context.run_config).secagg.enabled:
             return call_next(msg, context)
         return secaggplus_mod(msg, context, functools.partial(_train_as_fit, call_next=call_next))
     except TrainingFailed as failed:

@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from client.derived_cache import DerivedCache
-from client.reference import References
+from client.reference import References, encode_with_reference
 from shared.batching import left_pad
 from shared.config import PromptConfig, WeightScheme
 from shared.forward import model_device, response_label_log_probs
 from shared.losses import IGNORE_INDEX
 from shared.prompts import EncodedSample, encode_response, encode_sample
-from shared.user_store import Sample, UserStore
+from shared.user_store import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +42,6 @@ class TokenProbs:
     token_ids: list[int]
     prob_with: list[float]
     prob_without: list[float]
-
-
-def encode_store_samples(
-    store: UserStore, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, split: str | None = "train",
-    references: References | None = None,
-) -> list[tuple[Sample, EncodedSample]]:
-    """Every sample of `split` encoded with the user's history and with its (first) counterfactual
-    history (default: the history removed)."""
-    references = references or References("removed")
-    return [(sample, _encode(store, tokenizer, prompt, sample, references.histories(store, sample)[0]))
-            for sample in store.samples(split)]
-
-
-def _encode(store: UserStore, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, sample: Sample,
-            reference: list[str] | None) -> EncodedSample:
-    return encode_sample(tokenizer, sample.x, [h.text for h in store.history_for(sample)], sample.y, prompt,
-                         reference=reference)
 
 
 @torch.no_grad()
@@ -151,7 +134,7 @@ def cached_token_probs(
         for sample, probs in zip(need_with, compute_label_probs(model, with_history, tokenizer.pad_token_id,
                                                                 batch_size), strict=True):
             entries[sample.id]["prob_with"] = probs
-        variants = [(s, _encode(store, tokenizer, prompt, s, h)) for s in need_reference
+        variants = [(s, encode_with_reference(store, tokenizer, prompt, s, h)) for s in need_reference
                     for h in references.histories(store, s)]
         fresh = compute_label_probs(model, [(e.prompt_without, e.response) for _, e in variants],
                                     tokenizer.pad_token_id, batch_size)

@@ -7,7 +7,7 @@ Phases, each resumable from the checkpoint written after every round:
   2. distribution each device is asked whether it holds the expert (by digest); those that
                   do not receive its files, verify them and cache them.
   3. personalize  rounds of the method on the shared / personal split: the coordinator sends
-                  and aggregates only the shared parameters (with `secure-aggregation`, every
+                  and aggregates only the shared parameters (with `secagg.enabled`, every
                   training round, the expert's too, through SecAgg+: only their sum is seen).
   4. evaluate     every device evaluates its personalized model; metrics only come back.
 """
@@ -36,8 +36,8 @@ from coordinator.secure_aggregation import secure_round
 from coordinator.strategy import RoundOutcome, SampledFedAvg, ScreenedReplies
 from shared.adapter_files import adapter_digest
 from shared.adapters import check_adapter_base
-from shared.config import RunConfig
 from shared.expert_package import pack_expert
+from shared.run_config import RunConfig
 from shared.split import EXPERT_SPLIT, SplitSpec
 from shared.wire import (
     EXPERT_DELIVER,
@@ -72,8 +72,8 @@ def _failed(what: str, replies: list[Message], min_replies: int) -> RunFailed:
     causes = "".join(f"; {count} x {reason}" for reason, count in sorted(reasons.items()))
     succeeded = len(replies) - sum(reasons.values())
     return RunFailed(f"{what}: {succeeded} of {len(replies)} devices replied without an error, fewer than "
-                     f"min-replies ({min_replies}){causes}; the run stops here, not marked finished: fix the cause "
-                     "(the devices' logs name it) and rerun to go on from here")
+                     f"federation.min-replies ({min_replies}){causes}; the run stops here, not marked finished: "
+                     "fix the cause (the devices' logs name it) and rerun to go on from here")
 
 
 @dataclass
@@ -96,10 +96,10 @@ class FederatedRun:
 
     def __init__(self, grid: Grid, config: RunConfig) -> None:
         self.grid, self.config = grid, config
-        self.run_dir = config.resolve(config.run_dir)
-        self.adapters = GlobalAdapters(config.model, config.lora)
-        if config.needs_expert and config.expert:  # before anything is written
-            check_adapter_base(config.resolve(config.expert), self.adapters.base_id)
+        self.run_dir = config.resolve(config.federation.run_dir)
+        self.adapters = GlobalAdapters(config.base.model, config.lora)
+        if config.needs_expert and config.expert.adapter:  # before anything is written
+            check_adapter_base(config.resolve(config.expert.adapter), self.adapters.base_id)
         check_run_config(self.run_dir, config.to_flower(), RunConfig().to_flower())
         self.rounds = RoundLog(self.run_dir)
         resumed = load_checkpoint(self.run_dir)
@@ -107,17 +107,17 @@ class FederatedRun:
             log.info("resuming %s at phase %s after round %d", self.run_dir, resumed.phase, resumed.round)
         self.checkpoint = resumed or self._first_checkpoint()
         self.rounds.keep_until(self.checkpoint.phase, self.checkpoint.round)
-        self.privacy = RunPrivacy.start(config.privacy, config.releases, self.checkpoint.privacy)
-        if config.privacy.enabled:
+        self.privacy = RunPrivacy.start(config.dp, config.releases, self.checkpoint.privacy)
+        if config.dp.enabled:
             log.info("%s", self.privacy.describe())
-        self.nodes = NodeWaiter(grid, config.connect_timeout)
+        self.nodes = NodeWaiter(grid, config.federation.connect_timeout)
         self.expert_holders: set[int] = set()  # devices known to hold the expert
 
     def _first_checkpoint(self) -> Checkpoint:
         config = self.config
-        if config.needs_expert and not config.expert:
+        if config.needs_expert and not config.expert.adapter:
             return Checkpoint(Phase.EXPERT, 0, uuid.uuid4().hex[:12])
-        digest = adapter_digest(config.resolve(config.expert)) if config.needs_expert else None
+        digest = adapter_digest(config.resolve(config.expert.adapter)) if config.needs_expert else None
         return Checkpoint(Phase.PERSONALIZE, 0, uuid.uuid4().hex[:12], digest)
 
     def run(self) -> RunResult:
@@ -135,16 +135,16 @@ class FederatedRun:
 
     def train_expert(self) -> None:
         """Federated ContextSFT of one LoRA, then frozen and published with its digest."""
-        shared = self._train_phase(EXPERT_SPLIT, self.config.expert_rounds)
+        shared = self._train_phase(EXPERT_SPLIT, self.config.expert.rounds)
         digest = self.adapters.save(EXPERT_SPLIT, shared, self.run_dir / EXPERT_DIR,
-                                    {"run_id": self.checkpoint.run_id, "rounds": self.config.expert_rounds})
+                                    {"run_id": self.checkpoint.run_id, "rounds": self.config.expert.rounds})
         log.info("expert published: %s (digest %s)", self.run_dir / EXPERT_DIR, digest[:16])
         self._advance(Phase.PERSONALIZE, expert_digest=digest, shared={})
 
     def personalize(self) -> None:
         """The method's rounds on the shared / personal split."""
-        split = self.config.split_spec
-        shared = self._train_phase(split, self.config.rounds)
+        split = self.config.sharing.spec
+        shared = self._train_phase(split, self.config.federation.rounds)
         self._advance(Phase.EVALUATE, shared=shared)
         if split.shares_whole_adapter:
             self.adapters.save(split, shared, self.run_dir / SHARED_ADAPTER_DIR, {"run_id": self.checkpoint.run_id})
@@ -157,10 +157,10 @@ class FederatedRun:
         """The training rounds of the checkpoint's phase, from the one after the last completed;
         returns the phase's final shared parameters."""
         config, phase = self.config, self.checkpoint.phase
-        shared = self.checkpoint.shared or self.adapters.initial_shared(split, config.seed)
+        shared = self.checkpoint.shared or self.adapters.initial_shared(split, config.federation.seed)
         for server_round in range(self.checkpoint.round + 1, num_rounds + 1):
             started = time.perf_counter()
-            connected = self.nodes.nodes(config.clients_per_round, config.min_replies)
+            connected = self.nodes.nodes(config.federation.clients_per_round, config.federation.min_replies)
             if phase == Phase.PERSONALIZE and config.needs_expert:
                 self.send_expert(connected)
             outcome = self.train_round(server_round, shared, connected)
@@ -170,7 +170,7 @@ class FederatedRun:
             self.checkpoint = replace(self.checkpoint, round=server_round, shared=shared,
                                       privacy=self.privacy.state())
             save_checkpoint(self.run_dir, self.checkpoint)
-            if phase == Phase.PERSONALIZE and config.evaluate_every and server_round % config.evaluate_every == 0 \
+            if phase == Phase.PERSONALIZE and config.evaluate.every and server_round % config.evaluate.every == 0 \
                     and server_round < num_rounds:
                 self.evaluate(final=False)
         return shared
@@ -178,7 +178,8 @@ class FederatedRun:
     def send_expert(self, connected: list[int]) -> None:
         """The expert to the connected devices not yet known to hold it (once per device)."""
         self.expert_holders |= distribute_expert(
-            self.grid, expert_dir(self.config, self.run_dir), self.checkpoint.expert_digest, self.config.round_timeout,
+            self.grid, expert_dir(self.config, self.run_dir), self.checkpoint.expert_digest,
+            self.config.federation.round_timeout,
             [node for node in connected if node not in self.expert_holders])
 
     def train_round(self, server_round: int, shared: dict[str, torch.Tensor], connected: list[int]) -> RoundOutcome:
@@ -189,17 +190,17 @@ class FederatedRun:
                                        checkpoint.expert_digest or "")
         strategy = _strategy(config, self.privacy, len(connected))
         layout = SharedLayout.of(shared)
-        arrays = layout.encode(shared, config.transport_dtype, config.pack_shared)
-        random.seed(f"{config.seed}-{checkpoint.phase}-{server_round}")  # FedAvg samples with `random`
+        arrays = layout.encode(shared, config.sharing.transport_dtype, config.sharing.pack)
+        random.seed(f"{config.federation.seed}-{checkpoint.phase}-{server_round}")  # FedAvg samples with `random`
         messages = list(strategy.configure_train(server_round, arrays,
                                                  ConfigRecord({**instruction.to_config(), **layout.to_config()}),
                                                  NodeSnapshot(self.grid, connected)))
-        if config.secure_aggregation:
+        if config.secagg.enabled:
             return secure_round(self.grid, config, server_round, shared, instruction.to_config(),
                                 [message.metadata.dst_node_id for message in messages])
-        received = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
+        received = list(self.grid.send_and_receive(messages, timeout=config.federation.round_timeout))
         if received and all(reply.has_error() for reply in received):
-            raise _failed(f"{checkpoint.phase} round {server_round}", received, config.min_replies)
+            raise _failed(f"{checkpoint.phase} round {server_round}", received, config.federation.min_replies)
         record, metrics = strategy.aggregate_train(server_round, received)
         return RoundOutcome(shared=layout.decode(record) if record is not None else None,
                             metrics=dict(metrics) if metrics else {}, sampled=len(messages), replies=len(received),
@@ -220,25 +221,26 @@ class FederatedRun:
                  f"{row['train-loss']:.4f}" if "train-loss" in row else "-", seconds)
 
     def evaluate(self, final: bool) -> dict[str, Any] | None:
-        """Every connected device (or `evaluate-clients` of them) evaluates its personalized model;
+        """Every connected device (or `evaluate.clients` of them) evaluates its personalized model;
         the final evaluation writes the per-user table and the macro-average."""
         config, checkpoint = self.config, self.checkpoint
         started = time.perf_counter()
         strategy = _strategy(config)
-        server_round = checkpoint.round if not final else config.rounds
+        server_round = checkpoint.round if not final else config.federation.rounds
         instruction = RoundInstruction(Phase.PERSONALIZE, server_round, checkpoint.run_id,
                                        checkpoint.expert_digest or "")
-        connected = self.nodes.nodes(config.evaluate_clients or config.clients_per_round, config.min_replies)
+        connected = self.nodes.nodes(config.evaluate.clients or config.federation.clients_per_round,
+                                     config.federation.min_replies)
         layout = SharedLayout.of(checkpoint.shared)
         messages = list(strategy.configure_evaluate(
-            server_round, layout.encode(checkpoint.shared, config.transport_dtype, config.pack_shared),
+            server_round, layout.encode(checkpoint.shared, config.sharing.transport_dtype, config.sharing.pack),
             ConfigRecord({**instruction.to_config(), **layout.to_config()}), NodeSnapshot(self.grid, connected)))
-        replies = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
+        replies = list(self.grid.send_and_receive(messages, timeout=config.federation.round_timeout))
         metrics = strategy.aggregate_evaluate(server_round, replies)
         users = [{"node_id": reply.metadata.src_node_id, **dict(next(iter(reply.content.metric_records.values())))}
                  for reply in strategy.accepted] if metrics is not None else []
         if final and not users:
-            raise _failed(f"the evaluation after round {server_round}", replies, config.min_replies)
+            raise _failed(f"the evaluation after round {server_round}", replies, config.federation.min_replies)
         summary = write_evaluation(self.run_dir, users, {"privacy": self.privacy.summary()}) if final else None
         macro = summary["macro_average"] if summary else {}
         self.rounds.append({"phase": Phase.PERSONALIZE if not final else Phase.EVALUATE, "round": server_round,
@@ -253,22 +255,23 @@ class FederatedRun:
 
 
 def expert_dir(config: RunConfig, run_dir: Path) -> Path:
-    return config.resolve(config.expert) if config.expert else run_dir / EXPERT_DIR
+    return config.resolve(config.expert.adapter) if config.expert.adapter else run_dir / EXPERT_DIR
 
 
 def _strategy(config: RunConfig, privacy: RunPrivacy | None = None, connected: int = 0) -> ScreenedReplies:
-    """A round's strategy: FedAvg sampling `clients-per-round` of the `connected` nodes, inside
+    """A round's strategy: FedAvg sampling `federation.clients-per-round` of the `connected` nodes, inside
     the run's DP wrapper when training with DP, behind the screening of replies."""
     if privacy is None:  # evaluation: FedAvg's mean of the metrics, by examples
-        return ScreenedReplies(SampledFedAvg(clients_per_round=config.clients_per_round,
-                                             evaluate_clients=config.evaluate_clients), min_replies=config.min_replies)
-    key = weight_key(config.privacy)
-    fedavg = SampledFedAvg(clients_per_round=config.clients_per_round, weighted_by_key=key)
-    sampled = min(config.clients_per_round, connected)
-    uniform = {key: config.local_steps} if config.privacy.central else {}
-    population = max(config.clients_per_round, connected)
-    return ScreenedReplies(privacy.wrap(fedavg, sampled, population), min_replies=config.min_replies,
-                           expected_metrics=uniform, max_update_norm=config.max_update_norm)
+        return ScreenedReplies(SampledFedAvg(clients_per_round=config.federation.clients_per_round,
+                                             evaluate_clients=config.evaluate.clients),
+                               min_replies=config.federation.min_replies)
+    key = weight_key(config.dp)
+    fedavg = SampledFedAvg(clients_per_round=config.federation.clients_per_round, weighted_by_key=key)
+    sampled = min(config.federation.clients_per_round, connected)
+    uniform = {key: config.federation.local_steps} if config.dp.central else {}
+    population = max(config.federation.clients_per_round, connected)
+    return ScreenedReplies(privacy.wrap(fedavg, sampled, population), min_replies=config.federation.min_replies,
+                           expected_metrics=uniform, max_update_norm=config.federation.max_update_norm)
 
 
 def _norms(norms: list[float]) -> dict[str, float]:

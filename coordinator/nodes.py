@@ -4,10 +4,10 @@ Flower's `FedAvg` waits, with no deadline, until `min_available_nodes` SuperNode
 connected: a run config asking for more clients than there are devices, or a device that
 dies mid-run, would stop the run forever. So the coordinator looks first:
 
-  NodeWaiter     at the start of a run, waits up to `connect-timeout` for `clients-per-round`
+  NodeWaiter     at the start of a run, waits up to `federation.connect-timeout` for `federation.clients-per-round`
                  SuperNodes, then goes on with those connected; later rounds go on with
-                 whoever is connected, waiting (again at most `connect-timeout`) only when
-                 fewer than `min-replies` are; still too few ends the run with a message
+                 whoever is connected, waiting (again at most `federation.connect-timeout`) only when
+                 fewer than `federation.min-replies` are; still too few ends the run with a message
                  (a rerun resumes from the checkpoint).
   NodeSnapshot   the grid as a strategy sees it for one round: the nodes counted above and
                  no others, so that FedAvg's sampling finds what it wants and never waits.
@@ -51,9 +51,9 @@ class NodeWaiter:
             nodes = self._wait(needed, self.clock() + self.timeout)
         if len(nodes) < needed:
             raise NotEnoughNodes(
-                f"{len(nodes)} SuperNode(s) connected after waiting {self.timeout:.0f} s (connect-timeout), fewer "
-                f"than the {needed} a round needs (min-replies); start more SuperNodes or lower min-replies, then "
-                "run the same command again to resume"
+                f"{len(nodes)} SuperNode(s) connected after waiting {self.timeout:.0f} s "
+                f"(federation.connect-timeout), fewer than the {needed} a round needs (federation.min-replies); start "
+                "more SuperNodes or lower federation.min-replies, then run the same command again to resume"
             )
         if len(nodes) < wanted:
             log.warning("%d SuperNode(s) connected, fewer than the %d wanted: going on with them", len(nodes), wanted)

@@ -21,7 +21,7 @@ from shared.config import PrivacySettings
 from shared.privacy import PrivacyBudget, epsilon_of, plan_budget, sensitivity
 
 # With central DP every update must weigh the same (Flower's accounted FedAvg requires it, and
-# the sensitivity of the mean assumes it); every device runs the same `local-steps`, so
+# the sensitivity of the mean assumes it); every device runs the same `federation.local-steps`, so
 # weighting by them is uniform. Without DP, FedAvg weighs by the number of training samples.
 UNIFORM_WEIGHT_KEY = "train-steps"
 EXAMPLES_WEIGHT_KEY = "num-examples"
@@ -77,20 +77,20 @@ class RunPrivacy:
             return "differential privacy off"
         guarantee = (f"({budget.epsilon:.3g}, {budget.delta:g})-DP over {budget.releases} aggregated rounds"
                      if math.isfinite(budget.epsilon) else "no finite ε (no noise)")
-        return (f"differential privacy {self.settings.dp}: clip {self.settings.dp_clip:g}, noise multiplier "
+        return (f"differential privacy {self.settings.mode}: clip {self.settings.dp_clip:g}, noise multiplier "
                 f"{budget.noise_multiplier:.4g}: {guarantee}")
 
     def wrap(self, strategy: FedAvg, sampled: int, population: int) -> Strategy:
         """A round's strategy inside Flower's central-DP wrapper for `sampled` devices
         (unchanged without DP, or with local DP: the devices noise their own updates).
-        `population` bounds every round's sample (clients-per-round or more): without sampling
+        `population` bounds every round's sample (federation.clients-per-round or more): without sampling
         amplification it changes no ε, but Flower's accountant keeps it fixed."""
         if self.budget is None or not self.settings.central:
             return strategy
         settings, sigma = self.settings, self.budget.noise_multiplier
         if self.accountant is None and sigma > 0:
             self.accountant = new_accountant(settings, population)
-        wrapper = (DifferentialPrivacyServerSideFixedClipping if settings.dp == "server"
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if settings.mode == "server"
                    else DifferentialPrivacyClientSideFixedClipping)
         return wrapper(strategy, sigma, settings.dp_clip, sampled, accountant=self.accountant)
 
@@ -101,7 +101,7 @@ class RunPrivacy:
         round."""
         if self.budget is None:
             return {}
-        self.releases += int(sent if self.settings.dp == "local" else aggregated)
+        self.releases += int(sent if self.settings.mode == "local" else aggregated)
         return {"dp-epsilon": self.spent(), "dp-noise-multiplier": self.budget.noise_multiplier}
 
     def spent(self) -> float | None:
@@ -126,9 +126,9 @@ class RunPrivacy:
         if self.budget is None:
             return {"dp": "off"}
         planned = self.budget.epsilon
-        relation = ("any two updates of a device (sensitivity 2 × clip)" if self.settings.dp == "local"
+        relation = ("any two updates of a device (sensitivity 2 × clip)" if self.settings.mode == "local"
                     else "add-or-remove-one user")
-        return {"dp": self.settings.dp, "clip": self.settings.dp_clip, "delta": self.settings.dp_delta,
+        return {"dp": self.settings.mode, "clip": self.settings.dp_clip, "delta": self.settings.dp_delta,
                 "noise_multiplier": self.budget.noise_multiplier, "aggregated_rounds": self.releases,
                 "epsilon": self.spent(), "planned_epsilon": planned if math.isfinite(planned) else None,
                 "accounting": f"RDP (dp-accounting, via Flower for central DP), {relation}, no sampling "

@@ -27,6 +27,7 @@ from shared.paths import (
     atomic_write_text,
     holds_something,
 )
+from shared.run_config import upgrade_keys
 from shared.wire import EVALUATE_METRICS, NUM_EXAMPLES, Phase
 
 CONFIG_FILE = "config.json"
@@ -40,28 +41,31 @@ _PHASE_ORDER = {phase: order for order, phase in enumerate(Phase)}
 def check_run_config(run_dir: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Record the config of a new run in an absent or empty `run_dir`; refuse to resume a run that
     had another config, and to write into a folder that holds anything else. A key the saved
-    config lacks (added by a later version) matches when `config` holds its default."""
+    config lacks (added by a later version) matches when `config` holds its default; a config
+    saved with the flat keys of earlier versions is compared in today's keys."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         if holds_something(run_dir):
-            raise OutputExistsError(f"run-dir {run_dir} holds files that are not a NextQuill run (it has no "
-                                    f"{CONFIG_FILE}); choose another run-dir")
+            raise OutputExistsError(f"federation.run-dir {run_dir} holds files that are not a NextQuill run (it has no "
+                                    f"{CONFIG_FILE}); choose another federation.run-dir")
         atomic_write_json(path, config)
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"run-dir {run_dir}: {path} is not a NextQuill run config ({error}); choose another "
-                         "run-dir") from None
+        raise ValueError(f"federation.run-dir {run_dir}: {path} is not a NextQuill run config ({error}); choose "
+                         "another federation.run-dir") from None
     if not isinstance(saved, dict):
-        raise ValueError(f"run-dir {run_dir}: {path} is not a NextQuill run config; choose another run-dir")
+        raise ValueError(f"federation.run-dir {run_dir}: {path} is not a NextQuill run config; choose another "
+                         "federation.run-dir")
     defaults = defaults or {}
+    saved = upgrade_keys(saved)
     saved = {**{k: v for k, v in defaults.items() if k in config}, **saved}
     changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
     if changed:
         raise ValueError(
             f"run directory {run_dir} holds a run with another config ({', '.join(changed)} differ); "
-            "resume it with the same config or choose another run-dir"
+            "resume it with the same config or choose another federation.run-dir"
         )
 
 

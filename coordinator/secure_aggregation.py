@@ -1,7 +1,7 @@
 """A training round under secure aggregation, with Flower's own SecAgg+.
 
 Flower hosts SecAgg+ only in its workflow API: `SecAggPlusWorkflow`, which drives a legacy
-`Strategy` through a `LegacyContext`. It runs on any `Grid`, so with `secure-aggregation` on,
+`Strategy` through a `LegacyContext`. It runs on any `Grid`, so with `secagg.enabled` on,
 a round of this Message-API ServerApp hands the round to it, with the same sampling and the
 same device code (the devices' side: `client/secure_aggregation.py`):
 
@@ -43,7 +43,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from coordinator.strategy import RoundOutcome
-from shared.config import RunConfig
+from shared.run_config import RunConfig
 from shared.wire import SECURE_METRICS, SharedLayout, metrics_from_mean
 
 log = logging.getLogger("flwr.nextquill")
@@ -76,8 +76,8 @@ def secure_round(grid: Grid, config: RunConfig, server_round: int, shared: Mappi
     sent = state.array_records[MAIN_PARAMS_RECORD]
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                             ServerConfig(num_rounds=server_round), strategy, clients)
-    workflow = SecAggPlusWorkflow(num_shares=config.secagg_shares, reconstruction_threshold=config.secagg_threshold,
-                                  max_weight=1.0, timeout=config.round_timeout)
+    workflow = SecAggPlusWorkflow(num_shares=config.secagg.shares, reconstruction_threshold=config.secagg.threshold,
+                                  max_weight=1.0, timeout=config.federation.round_timeout)
     workflow(grid, context)
 
     values = layout.numel + 2 * len(SECURE_METRICS) + 1  # + SecAgg+'s weight

@@ -11,8 +11,8 @@ from flwr.supercore.exit import ExitCode
 
 from coordinator.federation import run_federation
 from coordinator.nodes import NotEnoughNodes
-from shared.config import RunConfig
 from shared.errors import USER_ERRORS, one_line
+from shared.run_config import RunConfig
 
 log = logging.getLogger("flwr.nextquill")
 

@@ -148,7 +148,8 @@ class ScreenedReplies(Strategy):
                 decoded = _float32(record)
                 norm = float(sum(((decoded[k] - sent[k]) ** 2).sum() for k in sent) ** 0.5) if sent else None
                 if norm is not None and self.max_update_norm and norm > self.max_update_norm:
-                    problems.append(f"update norm {norm:.4g} exceeds max-update-norm {self.max_update_norm:g}")
+                    problems.append(f"update norm {norm:.4g} exceeds federation.max-update-norm "
+                                    f"{self.max_update_norm:g}")
                 else:
                     reply.content[key] = ArrayRecord({name: decoded[name] for name in (self.sent or decoded)})
                     if norm is not None:
@@ -159,7 +160,7 @@ class ScreenedReplies(Strategy):
                 continue
             self.accepted.append(reply)
         if len(self.accepted) < self.min_replies:
-            log.warning("round %d: %d valid replies, fewer than min-replies %d: nothing aggregated",
+            log.warning("round %d: %d valid replies, fewer than federation.min-replies %d: nothing aggregated",
                         server_round, len(self.accepted), self.min_replies)
             return False
         return True

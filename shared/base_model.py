@@ -37,6 +37,9 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # How many of a speaker's earlier speeches a base training example may draw its history from.
 _HISTORY_WINDOW = 12
+# The prompt budgets the embedded bases are trained and measured with (wider than the run
+# config's defaults; changing them would change every embedded base built from now on).
+EMBEDDED_PROMPT = PromptConfig(history_tokens=160, context_tokens=48, response_tokens=48)
 
 
 def embedded_dir(size: str, seed: int = 0) -> Path:
@@ -141,7 +144,7 @@ def measure_base(
     model: torch.nn.Module, tokenizer, config: PromptConfig | None = None, count: int = 240
 ) -> dict[str, float]:
     """Held-out NLL / perplexity and history sensitivity of any base model on the user plays."""
-    scores = history_nll(model, tokenizer, heldout_examples(count), config or PromptConfig())
+    scores = history_nll(model, tokenizer, heldout_examples(count), config or EMBEDDED_PROMPT)
     scores["heldout_perplexity"] = math.exp(scores["nll_own_history"])
     return scores
 
@@ -160,8 +163,9 @@ def build_embedded_base(
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = PromptConfig()
-    log.info("building the embedded %s base model in %s (one time)", size_name, target)
+    config = EMBEDDED_PROMPT
+    log.info("building the embedded %s base model in %s: one time, %s (smollm2-135m needs no training)",
+             size_name, target, size.build_time or "a few minutes")
 
     tokenizer = train_tokenizer(base_play_texts(), size.vocab_size)
     sequences = _training_sequences(tokenizer, size, config, rng, max_examples)

@@ -8,8 +8,13 @@ values it accepts (`shared.settings`, PEFT's `LoraConfig` style).
   GenerationSettings  decoding in evaluation
   TrainConfig   local training: method, steps, optimiser, NextQuill's alpha, forward passes
   PrivacySettings  differential privacy of the shared update (`shared/privacy.py`)
-  RunConfig     Flower's run config (`[tool.flwr.app.config]`): its keys are views of the
-                fields above (`like`), plus what only a federated run has
+  and what only a federated run has: UsersSettings (simulated users), FederationSettings
+  (rounds, sampling, robustness, the run directory), EvaluationSettings, ExpertSettings (the
+  expert phase), SharingSettings (what travels, how), SecAggSettings.
+
+`shared/run_config.py` makes Flower's run config (`[tool.flwr.app.config]`) of these groups:
+`RunConfig` holds the group objects themselves, one key per field (`train.learning-rate`), so
+that each field, its help, its rules and its default are written once, here.
 
 The command line's options are generated from the same fields (`simulations/cli.py`). This
 module is a leaf: it imports no model code (choices are constants here, the method table is
@@ -18,18 +23,12 @@ plain data), so that reading or checking a config never loads torch or bitsandby
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, get_type_hints
 
 from shared.methods import METHODS, Method
 from shared.named_bases import NAMED_BASES
-from shared.paths import data_dir
-from shared.settings import SettingError, check_settings, like, setting
+from shared.settings import SettingError, check_settings, setting
 from shared.split import SPLIT_KINDS, SplitSpec
 
 QUANTIZATIONS = ("nf4", "none")
@@ -38,7 +37,6 @@ WEIGHTINGS = ("threshold", "continuous", "fraction")
 # The counterfactual history h_ref (DESIGN.md, "The three quantities"): what the user's history
 # is replaced by when an effect of the history is measured. `client/reference.py` builds it.
 REFERENCES = ("removed", "placeholder", "generic", "donors")
-TRANSPORT_DTYPES = ("float32", "float16")
 EMPTY_HISTORIES = ("removed", "none")
 DP_MODES = ("off", "server", "client", "local")
 
@@ -47,7 +45,7 @@ DP_MODES = ("off", "server", "client", "local")
 class BaseSpec:
     """Which base model and how to load it."""
 
-    model: str = setting("tiny", f"one of {list(NAMED_BASES)} (built or converted on first use) or a local "
+    model: str = setting("smollm2-135m", f"one of {list(NAMED_BASES)} (built or converted on first use) or a local "
                                  "Hugging Face model directory")
     quantization: str = setting("nf4", "'nf4' (bitsandbytes 4-bit, double quantization) or 'none'",
                                 choices=QUANTIZATIONS)
@@ -71,9 +69,9 @@ class BaseSpec:
 class PromptConfig:
     """Token budgets of the prompt parts."""
 
-    history_tokens: int = setting(160, "prompt budget of the history items, in tokens", minimum=1)
-    context_tokens: int = setting(48, "prompt budget of the context x, in tokens (its end is kept)", minimum=1)
-    response_tokens: int = setting(48, "budget of the response y, in tokens, end marker included", minimum=1)
+    history_tokens: int = setting(96, "prompt budget of the history items, in tokens", minimum=1)
+    context_tokens: int = setting(32, "prompt budget of the context x, in tokens (its end is kept)", minimum=1)
+    response_tokens: int = setting(32, "budget of the response y, in tokens, end marker included", minimum=1)
     use_chat_template: bool = setting(True, "render through the tokenizer's chat template when it has one")
     empty_history: str = setting(
         "removed", "the history-free prompt (x, ∅): 'removed' (no history block, the paper) or 'none' (the block "
@@ -94,7 +92,7 @@ class LoraSettings:
     lora_dropout: float = setting(0.0, "dropout on the LoRA input", minimum=0.0, maximum=0.99)
     target_modules: tuple[str, ...] = setting(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        "names of the linear layers that get a LoRA",
+        "names of the linear layers that get a LoRA", in_run_config=False,
     )
 
     def __post_init__(self) -> None:
@@ -127,7 +125,7 @@ class WeightScheme:
     def __post_init__(self) -> None:
         check_settings(self)
         if self.weight_low > self.weight_high:
-            raise SettingError("weight-low", f"(ε) = {self.weight_low} must not exceed weight-high (λ) = "
+            raise SettingError("weight_low", f"(ε) = {self.weight_low} must not exceed weight-high (λ) = "
                                              f"{self.weight_high}")
 
 
@@ -150,12 +148,13 @@ class TrainConfig:
     """Local training of one LoRA with one method (`shared.methods`)."""
 
     method: str = setting("nextquill", f"one of {list(METHODS)}", choices=tuple(METHODS))
-    epochs: float = setting(2.0, "passes over the training samples", above=0.0, maximum=1e6)
-    max_steps: int | None = setting(None, "stop after this many steps (overrides epochs)", minimum=1)
-    batch_size: int = setting(8, "samples per step", minimum=1)
+    epochs: float = setting(2.0, "passes over the training samples", above=0.0, maximum=1e6, in_run_config=False)
+    max_steps: int | None = setting(None, "stop after this many steps (overrides epochs)", minimum=1,
+                                    in_run_config=False)  # a federated round's: federation.local-steps
+    batch_size: int = setting(4, "samples per step", minimum=1)
     learning_rate: float = setting(3e-4, "AdamW learning rate of the LoRA", above=0.0)
     alpha: float = setting(0.1, "NextQuill's α: the weight of the causal preference alignment loss L_p", minimum=0.0)
-    weight_scheme: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> token weights ω")
+    weight_scheme: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> token weights ω")  # weights.*
     paired_pass: bool = setting(
         False, "NextQuill's with- and no-history passes as one forward (block-diagonal mask) instead of two; same "
                "gradients",
@@ -181,22 +180,22 @@ class TrainConfig:
                    "DCE's reference ('generic' needs the expert)", choices=REFERENCES,
     )
     history_dropout: float = setting(
-        0.0, "ContextSFT, DCE-only: the fraction of steps that read the prompt with the history removed, so "
-             "that an expert's no-history prompt learns what every user's targets share",
-        minimum=0.0, maximum=1.0,
+        0.0, "the fraction of steps of a method that reads the history in one pass (context-sft, dce-only) "
+             "that read the prompt with the history removed, so that the no-history prompt learns what every "
+             "user's targets share", minimum=0.0, maximum=1.0,
     )
-    seed: int = setting(0, "seed of the sample order and of the LoRA initialisation", minimum=0)
+    seed: int = setting(0, "seed of the sample order and of the LoRA initialisation", minimum=0, in_run_config=False)
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.history_dropout and not _one_history_pass(self.method):
-            raise ValueError(f"history_dropout applies to a method that reads the history in one pass "
-                             f"(context-sft, dce-only), not to {self.method!r}")
+        if self.history_dropout and not one_history_pass(self.method):
+            raise SettingError("history_dropout", f"applies to a method that reads the history in one pass "
+                                                  f"(context-sft, dce-only), not to {self.method!r}")
         if self.fused_loss:
             other = [name for name in ("paired_pass", "lean_memory", "history_dropout") if getattr(self, name)]
             if other or self.spec.weights == "self":
-                raise ValueError(f"fused_loss does not combine with {', '.join(other) or 'method ' + self.method}: "
-                                 "its passes read hidden states, not logits")
+                raise SettingError("fused_loss", f"does not combine with {', '.join(other) or 'method ' + self.method}"
+                                                 ": its passes read hidden states, not logits")
 
     @property
     def spec(self) -> Method:
@@ -213,7 +212,7 @@ class PrivacySettings:
     """Differential privacy of the shared update, with Flower's own wrappers and mods; ε from
     Flower's RDP accountant (`shared/privacy.py` says what each mode trusts)."""
 
-    dp: str = setting(
+    mode: str = setting(
         "off", "differential privacy of the shared update: 'off', 'server' (the coordinator clips each update and "
                "adds noise), 'client' (devices clip, the coordinator adds noise) or 'local' (devices clip and add "
                "noise)", choices=DP_MODES,
@@ -231,95 +230,53 @@ class PrivacySettings:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.dp == "local" and not self.dp_epsilon and not self.dp_noise:
-            raise SettingError("dp_noise", "must be above 0 with local DP (or set dp_epsilon)")
+        if self.mode == "local" and not self.dp_epsilon and not self.dp_noise:
+            raise SettingError("dp_noise", "must be above 0 with local DP (or set dp.epsilon)")
 
     @property
     def enabled(self) -> bool:
-        return self.dp != "off"
+        return self.mode != "off"
 
     @property
     def central(self) -> bool:
         """The coordinator adds the noise (server- or client-side clipping)."""
-        return self.dp in ("server", "client")
+        return self.mode in ("server", "client")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything a federated NextQuill run is configured by: `[tool.flwr.app.config]` in
-    pyproject.toml (and `flwr run --run-config`), keys in kebab-case. Relative paths (run-dir,
-    users-dir, expert, a dataset file) are under the data directory. The number of users is the
-    number of SuperNodes (in simulation `--federation-config "num-supernodes=N"`), not a key."""
+class UsersSettings:
+    """Simulation only: whose data the simulated devices hold."""
 
-    model: str = like(BaseSpec, "model", default="smollm2-135m")
-    quantization: str = like(BaseSpec, "quantization")
-    device: str = like(BaseSpec, "device")
-    compute_dtype: str = like(BaseSpec, "compute_dtype")
-    quantized_cache: bool = like(BaseSpec, "quantized_cache")
-    dataset: str = setting(
-        "reviewers", "simulation users: 'shakespeare', 'synthetic', 'reviewers', 'chitchat' (real users' chat "
-                       "messages) or the path of a LaMP-style JSON file"
-    )
-    users_dir: str = setting("", "simulation: folder of the user stores (default users/<dataset>, with the users "
-                                 "seed and preference strength where not the defaults)")
-    users_seed: int = setting(0, "simulation: the seed that builds the synthetic users and reviewers and draws the "
-                                 "chitchat users", minimum=0)
+    dataset: str = setting("reviewers", "'shakespeare', 'synthetic', 'reviewers', 'chitchat' (real users' chat "
+                                        "messages) or the path of a LaMP-style JSON file")
+    dir: str = setting("", "folder of the user stores (default users/<dataset>, with the users seed and preference "
+                           "strength where not the defaults)")
+    seed: int = setting(0, "the seed that builds the synthetic users and reviewers and draws the chitchat users",
+                        minimum=0)
     preference_strength: float = setting(
-        0.0, "simulation, reviewers: the share of a user's style words drawn from its favourites (up to 1.0; 0: the "
-             "builder's own, 0.75 to 0.8)", minimum=0.0, maximum=1.0,
+        0.0, "reviewers: the share of a user's style words drawn from its favourites (up to 1.0; 0: the builder's "
+             "own, 0.75 to 0.8)", minimum=0.0, maximum=1.0,
     )
-    users_builder: str = setting(
+    builder: str = setting(
         "simulations.datasets.simulated:simulated_user_stores",
-        "simulation: 'module:function' that gives the simulated users' store folders for (run config, number of "
-        "SuperNodes), building them on first use", pattern=r"[A-Za-z_][\w.]*:[A-Za-z_]\w*",
-        pattern_help="'package.module:function'",
+        "'module:function' that gives the simulated users' store folders for (run config, number of SuperNodes), "
+        "building them on first use", pattern=r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", pattern_help="'package.module:function'",
     )
-    clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
-    expert_rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.preference_strength and self.dataset != "reviewers":
+            raise SettingError("preference_strength", f"applies to dataset 'reviewers', not to {self.dataset!r}")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """The rounds of a federated run: how many, who takes part, what a round accepts, where the
+    coordinator writes."""
+
     rounds: int = setting(2, "personalization rounds", minimum=0)
-    evaluate_every: int = setting(
-        1, "also evaluate every N personalization rounds (0: only after the last)", minimum=0
-    )
-    evaluate_clients: int = setting(0, "devices sampled per evaluation (0: every one)", minimum=0)
-    evaluate_base: bool = setting(
-        True, "also evaluate the base alone (no adapter) on the same samples: what personalization bought"
-    )
-    local_steps: int = like(TrainConfig, "max_steps", default=3, help="local training steps per round")
-    batch_size: int = like(TrainConfig, "batch_size", default=4)
-    learning_rate: float = like(TrainConfig, "learning_rate")
-    method: str = like(TrainConfig, "method")
-    alpha: float = like(TrainConfig, "alpha")
-    lean_memory: bool = like(TrainConfig, "lean_memory")
-    paired_pass: bool = like(TrainConfig, "paired_pass")
-    fused_loss: bool = like(TrainConfig, "fused_loss")
-    compile_layers: bool = like(TrainConfig, "compile_layers")
-    history_dropout: float = like(
-        TrainConfig, "history_dropout", help="the fraction of ContextSFT steps (the expert phase's, or a context-sft "
-                                             "or dce-only run's) that read the prompt with the history removed",
-    )
-    dce_reference: str = like(WeightScheme, "dce_reference")
-    mce_reference: str = like(TrainConfig, "mce_reference")
-    weighting: str = like(WeightScheme, "weighting")
-    delta: float = like(WeightScheme, "delta")
-    weight_high: float = like(WeightScheme, "weight_high")
-    weight_low: float = like(WeightScheme, "weight_low")
-    keep_fraction: float = like(WeightScheme, "keep_fraction")
-    split: str = setting("dual", f"shared / personal split: one of {list(SPLIT_KINDS)}", choices=SPLIT_KINDS)
-    shared_layers: int = setting(0, "with split 'layers': decoder layers shared", minimum=0)
-    transport_dtype: str = setting(
-        "float32", f"dtype the shared parameters travel in: one of {list(TRANSPORT_DTYPES)}", choices=TRANSPORT_DTYPES
-    )
-    pack_shared: bool = setting(
-        True, "send the shared parameters as one flat array (Flower sends each array as its own object with its "
-              "own request: packed, far fewer wire bytes and requests); false: one array per parameter",
-    )
-    lora_r: int = like(LoraSettings, "lora_r")
-    lora_alpha: int = like(LoraSettings, "lora_alpha")
-    history_tokens: int = like(PromptConfig, "history_tokens", default=96)
-    context_tokens: int = like(PromptConfig, "context_tokens", default=32)
-    response_tokens: int = like(PromptConfig, "response_tokens", default=32)
-    empty_history: str = like(PromptConfig, "empty_history")
-    expert: str = setting("", "an existing expert adapter directory (skips phase 1)")
+    local_steps: int = setting(3, "local training steps per round", minimum=1)
+    clients_per_round: int = setting(2, "clients sampled per training round", minimum=1)
     min_replies: int = setting(1, "fewest valid replies a round may aggregate", minimum=1)
     max_update_norm: float = setting(
         0.0, "exclude a reply whose update of the shared parameters has an L2 norm above this (a poisoned or broken "
@@ -327,172 +284,105 @@ class RunConfig:
     )
     round_timeout: float = setting(1800.0, "seconds to wait for a round's replies", above=0.0)
     connect_timeout: float = setting(
-        300.0, "seconds to wait for clients-per-round SuperNodes to connect; then the run goes on with those "
-               "connected (at least min-replies) or ends with a message", above=0.0,
-    )
-    dp: str = like(PrivacySettings, "dp")
-    dp_clip: float = like(PrivacySettings, "dp_clip")
-    dp_noise: float = like(PrivacySettings, "dp_noise")
-    dp_epsilon: float = like(PrivacySettings, "dp_epsilon")
-    dp_delta: float = like(PrivacySettings, "dp_delta")
-    secure_aggregation: bool = setting(
-        False, "Flower's SecAgg+ on every training round: the coordinator only ever sees the sum of the shared "
-               "updates and of the train metrics, never one device's (updates weigh the same; needs "
-               "clients-per-round >= 2; not with central DP or max-update-norm, which need each update)",
-    )
-    secagg_shares: float = setting(
-        1.0, "SecAgg+: the fraction of a round's devices each device shares its key with (more: survives more "
-             "dropouts, costs more)", above=0.0, maximum=1.0,
-    )
-    secagg_threshold: float = setting(
-        0.5, "SecAgg+: the fraction of a device's key shares needed to unmask (more: stronger against collusion, "
-             "fewer dropouts survived)", above=0.0, maximum=1.0,
+        300.0, "seconds to wait for federation.clients-per-round SuperNodes to connect; then the run goes on with "
+               "those connected (at least federation.min-replies) or ends with a message", above=0.0,
     )
     run_dir: str = setting("runs/federated", "where the coordinator writes; reruns resume (relative: under the data "
                                              "directory)")
     seed: int = setting(0, "seed of client sampling and initialisation", minimum=0)
 
     def __post_init__(self) -> None:
-        check_settings(self, label=lambda name: f"run config {_key(name)}")
+        check_settings(self)
         relative = os.path.normpath(os.path.expanduser(self.run_dir)) if self.run_dir.strip() else "."
         if not os.path.isabs(relative) and (relative == "." or relative.split(os.sep)[0] == ".."):
-            raise SettingError("run config run-dir", f"{self.run_dir!r} is the data directory itself or leads out of "
-                                                     "it: give a folder under it, or an absolute path")
+            raise SettingError("run_dir", f"{self.run_dir!r} is the data directory itself or leads out of it: give "
+                                          "a folder under it, or an absolute path")
         if self.min_replies > self.clients_per_round:
-            raise SettingError("run config min-replies",
-                               f"({self.min_replies}) exceeds clients-per-round ({self.clients_per_round})")
-        if self.preference_strength and self.dataset != "reviewers":
-            raise SettingError("run config preference-strength", f"applies to dataset 'reviewers', not to "
-                                                                 f"{self.dataset!r}")
-        if self.history_dropout and self.expert_rounds == 0 and not _one_history_pass(self.method):
-            raise SettingError("run config history-dropout", f"applies to the expert phase (expert-rounds >= 1) or "
-                                                             f"a context-sft or dce-only run, not to {self.method!r}")
-        if self.fused_loss:
-            other = [_key(name) for name in ("paired_pass", "lean_memory", "history_dropout") if getattr(self, name)]
-            if other or METHODS[self.method].weights == "self":
-                raise SettingError("run config fused-loss", f"does not combine with "
-                                   f"{', '.join(other) or 'method ' + self.method}: its passes read hidden states")
-        try:  # the objects derived from the keys check what they hold (same names, kebab-case)
-            self.base_spec, self.prompt, self.weight_scheme, self.lora, self.privacy  # noqa: B018
-        except SettingError as error:
-            raise error.renamed(f"run config {_key(error.name)}") from None
-        self.split_spec  # noqa: B018  (raises on an invalid split / shared-layers pair)
-        if self.needs_expert and not self.expert and self.expert_rounds == 0:
-            raise SettingError("run config method", f"{self.method!r} (with mce-reference {self.mce_reference!r}) "
-                                                    "needs an expert: set expert-rounds >= 1 or expert to an "
-                                                    "existing expert adapter directory")
-        if self.secure_aggregation:
-            if not 2 <= self.clients_per_round <= 1023:
-                raise SettingError("run config secure-aggregation", "needs clients-per-round from 2 (a sum of one "
-                                                                    "update is that update) to 1023 (SecAgg+'s "
-                                                                    "32-bit sums of 22-bit values)")
-            if self.split == "local":
-                raise SettingError("run config secure-aggregation", "has nothing to aggregate with split 'local' "
-                                                                    "(no parameter is shared)")
-            if self.privacy.central or self.max_update_norm:
-                raise SettingError("run config secure-aggregation", "cannot go with dp 'server' or 'client' or "
-                                                                    "max-update-norm: they need each device's "
-                                                                    "update, which SecAgg+ hides (dp 'local' works)")
+            raise SettingError("min_replies", f"({self.min_replies}) exceeds clients-per-round "
+                                              f"({self.clients_per_round})")
 
-    @classmethod
-    def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's run config (kebab-case keys)."""
-        fields = {_key(f.name): f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown run config keys {unknown}; known keys: {sorted(fields)}")
-        hints = get_type_hints(cls)
-        return cls(**{fields[key]: _coerce(key, value, hints[fields[key]]) for key, value in values.items()})
 
-    def to_flower(self) -> dict[str, Any]:
-        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """When and on whom a federated run evaluates."""
 
-    @classmethod
-    def flower_toml(cls) -> str:
-        """The `[tool.flwr.app.config]` table of pyproject.toml: every key with its default and
-        help, generated from the fields (`nextquill run-config` prints it; a test keeps the
-        file equal to it)."""
-        lines = [f"{_key(f.name)} = {_toml_value(f.default)}  # {f.metadata['help']}" for f in dataclasses.fields(cls)]
-        return "\n".join(lines) + "\n"
+    every: int = setting(1, "also evaluate every N personalization rounds (0: only after the last)", minimum=0)
+    clients: int = setting(0, "devices sampled per evaluation (0: every one)", minimum=0)
+    base: bool = setting(True, "also evaluate the base alone (no adapter) on the same samples: what "
+                               "personalization bought")
 
-    @property
-    def needs_expert(self) -> bool:
-        """Whether the personalization method weights tokens with the expert's DCE or aligns
-        effects against the expert's generic texts."""
-        return self.train_config(self.method, self.seed).needs_expert
+    def __post_init__(self) -> None:
+        check_settings(self)
 
-    def resolve(self, path: str) -> Path:
-        """A path of the config: relative ones are under the data directory, because the
-        apps run wherever Flower starts them, not where `flwr run` was typed."""
-        resolved = Path(path).expanduser()
-        return resolved if resolved.is_absolute() else data_dir() / resolved
 
-    @property
-    def split_spec(self) -> SplitSpec:
+@dataclass(frozen=True)
+class ExpertSettings:
+    """The expert whose DCE weights the tokens: trained in the run's first phase (federated
+    ContextSFT), or given."""
+
+    rounds: int = setting(1, "rounds of federated ContextSFT for the expert", minimum=0)
+    adapter: str = setting("", "an existing expert adapter directory (skips the expert phase)")
+    history_dropout: float = setting(
+        0.0, "the fraction of the expert phase's ContextSFT steps that read the prompt with the history removed",
+        minimum=0.0, maximum=1.0,
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+TRANSPORT_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class SharingSettings:
+    """Which LoRA parameters are shared (`shared/split.py`) and how they travel."""
+
+    split: str = setting("dual", f"shared / personal split: one of {list(SPLIT_KINDS)}", choices=SPLIT_KINDS)
+    shared_layers: int = setting(0, "with split 'layers': decoder layers shared", minimum=0)
+    transport_dtype: str = setting(
+        "float32", f"dtype the shared parameters travel in: one of {list(TRANSPORT_DTYPES)}", choices=TRANSPORT_DTYPES
+    )
+    pack: bool = setting(
+        True, "send the shared parameters as one flat array (Flower sends each array as its own object with its "
+              "own request: packed, far fewer wire bytes and requests); false: one array per parameter",
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
         try:
-            return SplitSpec(self.split, self.shared_layers)
+            self.spec  # noqa: B018  (the split checks its own layers)
         except ValueError as error:
-            raise ValueError(f"run config split: {error}") from None
+            raise SettingError("shared_layers", f"does not fit split {self.split!r}: {error}") from None
 
     @property
-    def base_spec(self) -> BaseSpec:
-        return BaseSpec(self.model, self.quantization, self.device, self.compute_dtype, self.quantized_cache)
-
-    @property
-    def prompt(self) -> PromptConfig:
-        return PromptConfig(self.history_tokens, self.context_tokens, self.response_tokens,
-                            empty_history=self.empty_history)
-
-    @property
-    def lora(self) -> LoraSettings:
-        return LoraSettings(lora_r=self.lora_r, lora_alpha=self.lora_alpha)
-
-    @property
-    def weight_scheme(self) -> WeightScheme:
-        return WeightScheme(self.dce_reference, self.weighting, self.delta, self.weight_high, self.weight_low,
-                            self.keep_fraction)
-
-    @property
-    def privacy(self) -> PrivacySettings:
-        return PrivacySettings(self.dp, self.dp_clip, self.dp_noise, self.dp_epsilon, self.dp_delta)
-
-    @property
-    def releases(self) -> int:
-        """The aggregated rounds a run plans: its expert phase's (when it trains one) and its
-        personalization's. Differential privacy covers them all."""
-        return (self.expert_rounds if self.needs_expert and not self.expert else 0) + self.rounds
-
-    def train_config(self, method: str, seed: int) -> TrainConfig:
-        """A round's local training with `method` (the personalization method, or the expert
-        phase's context-sft)."""
-        return TrainConfig(method=method, max_steps=self.local_steps, batch_size=self.batch_size,
-                           learning_rate=self.learning_rate, alpha=self.alpha, weight_scheme=self.weight_scheme,
-                           paired_pass=self.paired_pass, lean_memory=self.lean_memory,
-                           fused_loss=self.fused_loss, compile_layers=self.compile_layers,
-                           mce_reference=self.mce_reference,
-                           history_dropout=self.history_dropout if _one_history_pass(method) else 0.0, seed=seed)
+    def spec(self) -> SplitSpec:
+        return SplitSpec(self.split, self.shared_layers)
 
 
-def _key(name: str) -> str:
-    return name.replace("_", "-")
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Flower's SecAgg+ on every training round."""
+
+    enabled: bool = setting(
+        False, "the coordinator only ever sees the sum of the shared updates and of the train metrics, never one "
+               "device's (updates weigh the same; needs federation.clients-per-round >= 2; not with central DP or "
+               "federation.max-update-norm, which need each update)",
+    )
+    shares: float = setting(
+        1.0, "the fraction of a round's devices each device shares its key with (more: survives more dropouts, "
+             "costs more)", above=0.0, maximum=1.0,
+    )
+    threshold: float = setting(
+        0.5, "the fraction of a device's key shares needed to unmask (more: stronger against collusion, fewer "
+             "dropouts survived)", above=0.0, maximum=1.0,
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value)  # a TOML basic string, integer or float alike
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    # TOML integers are fine where a float is expected; nothing else is converted.
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise ValueError(f"run config {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _one_history_pass(method: str) -> bool:
+def one_history_pass(method: str) -> bool:
     """The method reads the history in a single pass (ContextSFT, DCE-only): the ones history
     dropout applies to."""
     return METHODS[method].uses_history and not METHODS[method].aligns_effects

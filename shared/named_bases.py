@@ -29,16 +29,19 @@ class EmbeddedSize:
     # context (induction), which is how history reaches a prediction; web-scale text
     # teaches large models this through its repetitions.
     echo_fraction: float = 0.15
+    build_time: str = ""  # what its one-time build costs, said before it starts
 
 
 SIZES: dict[str, EmbeddedSize] = {
     "tiny": EmbeddedSize(
         vocab_size=4096, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
         intermediate_size=512, steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=40,
+        build_time="10 to 30 minutes on 2 CPU cores",
     ),
     "small": EmbeddedSize(
         vocab_size=8192, hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=2,
         intermediate_size=704, steps=1500, batch_size=16, learning_rate=2e-3, warmup_steps=100,
+        build_time="about 1 to 2 hours on 2 CPU cores",
     ),
 }
 

@@ -83,7 +83,7 @@ def noise_for_epsilon(target_epsilon: float, releases: int, delta: float) -> flo
 def sensitivity(settings: PrivacySettings) -> float:
     """What one release's noise is measured against, in units of `dp_clip`: 1 for central DP
     (one user added or removed), 2 for local DP (any two clipped updates of a device)."""
-    return 2.0 if settings.dp == "local" else 1.0
+    return 2.0 if settings.mode == "local" else 1.0
 
 
 def plan_budget(settings: PrivacySettings, releases: int) -> PrivacyBudget:

@@ -11,7 +11,7 @@ A float must be finite (NaN and infinities are refused everywhere), a whole numb
 expression the whole value must match, described by `pattern_help`. A tuple is checked item by
 item, and may not repeat an item (`--seeds 0 0` would count one seed twice).
 
-Another view of the same setting (a key of Flower's run config, say) is derived with
+Another view of the same setting (a study's budget, say) is derived with
 `like(TrainConfig, "learning_rate")`: the same help and rules, written once.
 """
 
@@ -47,11 +47,13 @@ def setting(
     choices: tuple | list | None = None,
     pattern: str | None = None,
     pattern_help: str = "",
+    in_run_config: bool = True,
 ) -> Any:
-    """A dataclass field with its help text and the values it accepts."""
+    """A dataclass field with its help text and the values it accepts. `in_run_config`: whether
+    a group of Flower's run config (`shared.run_config`) gives it a key."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "above": above,
                 "choices": tuple(choices) if choices is not None else None,
-                "pattern": pattern, "pattern_help": pattern_help}
+                "pattern": pattern, "pattern_help": pattern_help, "in_run_config": in_run_config}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 

@@ -12,7 +12,7 @@ Up (device -> coordinator), by message, and nothing else:
             and `TRAIN_METRICS`: the number of training samples, the losses (means over the
             local steps), the step count and seconds.
   evaluate  `EVALUATE_METRICS`: the number of held-out samples and the personalized model's
-            scores on them (with `evaluate-base`, the base's too): ROUGE-1/L, BLEU, METEOR,
+            scores on them (with `evaluate.base`, the base's too): ROUGE-1/L, BLEU, METEOR,
             NLL and history sensitivity, each a mean over the user's held-out samples.
   failure   a fixed code and category (`client.failures`), never the error's text.
 With secure aggregation on, a train reply is SecAgg+'s instead: the shared parameters and the
@@ -68,7 +68,7 @@ TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "train-loss", "train-l-n", "train-l-p", "train-steps", "train-seconds", "setup-seconds",
     "weights-seconds",
 })
-# The personalized model's scores, and with `evaluate-base` the same of the base alone (no
+# The personalized model's scores, and with `evaluate.base` the same of the base alone (no
 # adapter) on the same samples and prompts, and, for a method that reads the history, of the
 # base without it: what personalization bought, and what the history alone buys.
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, *(f"eval-{s}" for s in SCORE_KEYS),

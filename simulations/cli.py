@@ -22,10 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shared.config import BaseSpec, LoraSettings, PromptConfig, RunConfig, TrainConfig, WeightScheme
+from shared.config import BaseSpec, LoraSettings, PromptConfig, TrainConfig, WeightScheme
 from shared.methods import METHODS
 from shared.named_bases import NAMED_BASES
 from shared.paths import DATA_DIR_ENV, data_dir, refuse_to_replace
+from shared.run_config import RunConfig
 from simulations.datasets import DATASETS, GENERATED, MIN_SAMPLES
 from simulations.options import add_settings, run_command, settings_from, whole_number
 from simulations.study.compare_config import CompareConfig

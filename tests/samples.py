@@ -46,10 +46,11 @@ def tiny_store(path: Path, **kwargs) -> UserStore:
 
 
 def small_run(model_dir: Path, run_dir: Path, **overrides) -> dict:
-    """Flower's run config (kebab-case keys) of a small federated run of the test model."""
+    """Flower's run config (grouped keys) of a small federated run of the test model."""
     return {
-        "model": str(model_dir), "device": "cpu", "clients-per-round": 2, "expert-rounds": 1, "rounds": 2,
-        "local-steps": 2, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
-        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir),
-        "evaluate-every": 0,  # evaluated after the last round only: the rounds these tests count
+        "base.model": str(model_dir), "base.device": "cpu", "expert.rounds": 1,
+        "federation.clients-per-round": 2, "federation.rounds": 2, "federation.local-steps": 2,
+        "federation.run-dir": str(run_dir), "train.batch-size": 4, "lora.r": 2, "lora.alpha": 4,
+        "prompt.history-tokens": 48, "prompt.context-tokens": 24, "prompt.response-tokens": 24,
+        "evaluate.every": 0,  # evaluated after the last round only: the rounds these tests count
     } | overrides

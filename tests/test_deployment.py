@@ -46,7 +46,7 @@ def test_a_superlink_and_two_supernodes_run_securely_aggregated_rounds_across_a_
     expert in its cache."""
     users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
     run_dir = tmp_path / "run"
-    run_config = small_run(model_dir, run_dir, rounds=1, **{"secure-aggregation": True})
+    run_config = small_run(model_dir, run_dir, **{"federation.rounds": 1, "secagg.enabled": True})
     nodes = [{"user-dir": str(path)} for path in users]
     # Each device has its own data directory (its expert cache), as separate machines would.
     device_homes = [tmp_path / f"device-{i}" for i in range(len(users))]
@@ -144,8 +144,9 @@ def test_a_run_asking_for_more_nodes_than_exist_with_a_failing_device_completes(
     run_dir = tmp_path / "run"
     # The failing device fails at once; round-timeout only bounds the slow ones (a ClientApp process
     # loading the base on a busy machine took past 30 s once in nine runs: a flaky, not a finding).
-    run_config = small_run(model_dir, run_dir, method="sft", rounds=1, **{
-        "clients-per-round": 4, "local-steps": 1, "connect-timeout": 5.0, "round-timeout": 120.0})
+    run_config = small_run(model_dir, run_dir, **{"train.method": "sft", "federation.rounds": 1,
+        "federation.clients-per-round": 4, "federation.local-steps": 1, "federation.connect-timeout": 5.0,
+        "federation.round-timeout": 120.0})
     nodes = [{"user-dir": str(users[0])}, {"user-dir": str(users[1])}, {"user-dir": str(tmp_path / CANARY)}]
     homes = [{"NEXTQUILL_HOME": str(tmp_path / f"device-{i}")} for i in range(3)]
     with local_deployment(tmp_path / "flwr", nodes, tmp_path / "certs", node_envs=homes) as deployment:
@@ -209,7 +210,8 @@ def test_no_canary_of_a_users_data_crosses_the_wire_in_any_encoding(model_dir, t
                                "history_ids": [], "preference_spans": []}) + "\n")
     control = word()
     run_dir = tmp_path / f"run-{control}"
-    run_config = small_run(model_dir, run_dir, rounds=1, **{"clients-per-round": 3, "connect-timeout": 30.0})
+    run_config = small_run(model_dir, run_dir, **{"federation.rounds": 1, "federation.clients-per-round": 3,
+                                                  "federation.connect-timeout": 30.0})
     nodes = [{"user-dir": str(path)} for path in [*stores, broken]]
     homes = [{"NEXTQUILL_HOME": str(tmp_path / f"device-{i}")} for i in range(len(nodes))]
     with WireRecorder() as recorder:
@@ -264,8 +266,9 @@ def test_a_killed_supernode_rejoins_with_its_identity_and_an_unregistered_one_is
     operator never registered tries to join and is refused."""
     users = build_synthetic_users(tmp_path / "users", n_users=2, samples_per_user=10)
     run_dir = tmp_path / "run"
-    run_config = small_run(model_dir, run_dir, method="sft", rounds=4, **{
-        "local-steps": 1, "connect-timeout": 60.0, "round-timeout": 90.0, "evaluate-base": False})
+    run_config = small_run(model_dir, run_dir, **{"train.method": "sft", "federation.rounds": 4,
+        "federation.local-steps": 1, "federation.connect-timeout": 60.0, "federation.round-timeout": 90.0,
+        "evaluate.base": False})
     seen: dict[str, object] = {}
 
     def kill_and_restart(deployment) -> bool:

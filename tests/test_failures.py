@@ -9,9 +9,9 @@ import pytest
 from client.client_app import app as client_app
 from client.failures import FAILURE_CODES, failure_category
 from coordinator.federation import run_federation
-from shared.config import RunConfig
 from shared.errors import AdapterLoadError, ModelLoadError
 from shared.expert_package import ExpertDigestError
+from shared.run_config import RunConfig
 from shared.settings import SettingError
 from shared.user_store import DataError
 from simulations.datasets import build_synthetic_users
@@ -22,9 +22,10 @@ CANARY = "canary-5be1c0de"
 
 def _config(model_dir, run_dir, **overrides) -> RunConfig:
     values = {
-        "model": str(model_dir), "device": "cpu", "clients-per-round": 3, "rounds": 1, "method": "sft",
-        "local-steps": 1, "batch-size": 4, "lora-r": 2, "lora-alpha": 4, "history-tokens": 48,
-        "context-tokens": 24, "response-tokens": 24, "run-dir": str(run_dir), "connect-timeout": 0.2,
+        "base.model": str(model_dir), "base.device": "cpu", "train.method": "sft", "train.batch-size": 4,
+        "federation.clients-per-round": 3, "federation.rounds": 1, "federation.local-steps": 1,
+        "federation.run-dir": str(run_dir), "federation.connect-timeout": 0.2, "lora.r": 2, "lora.alpha": 4,
+        "prompt.history-tokens": 48, "prompt.context-tokens": 24, "prompt.response-tokens": 24,
     }
     return RunConfig.from_flower(values | overrides)
 

@@ -78,9 +78,9 @@ def test_the_app_bundle_holds_every_module_its_modules_import(bundle):
 
 def test_the_default_users_builder_ships_in_the_bundle(bundle):
     from client.node_store import users_builder
-    from shared.config import RunConfig
+    from shared.run_config import RunConfig
 
-    name = RunConfig().users_builder
+    name = RunConfig().users.builder
     assert callable(users_builder(name))
     assert f"{name.split(':')[0].replace('.', '/')}.py" in bundle
 
@@ -124,7 +124,7 @@ def test_no_module_imports_itself_back_through_others():
 
 
 @pytest.mark.parametrize("reading", [
-    "import shared.config as c; c.RunConfig.from_flower({'method': 'dce-only'}); c.TrainConfig()",
+    "import shared.run_config as c; c.RunConfig.from_flower({'train.method': 'dce-only'}); c.TrainConfig()",
     "import simulations.cli as cli; cli.build_parser().parse_args(['compare', '--max-steps', '2'])",
 ])
 def test_reading_a_config_or_the_command_line_loads_no_model_code(reading):

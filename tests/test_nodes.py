@@ -62,8 +62,9 @@ def test_too_many_wanted_goes_on_with_those_connected_at_the_deadline(caplog):
 
 def test_fewer_than_needed_end_the_wait_with_a_message_after_the_deadline():
     waiter, clock = _waiter({1: 0.0})
-    with pytest.raises(NotEnoughNodes, match=r"1 SuperNode\(s\) connected after waiting 30 s \(connect-timeout\), "
-                                             r"fewer than the 2 a round needs \(min-replies\)"):
+    with pytest.raises(NotEnoughNodes,
+                       match=r"1 SuperNode\(s\) connected after waiting 30 s \(federation.connect-timeout\), "
+                                             r"fewer than the 2 a round needs \(federation.min-replies\)"):
         waiter.nodes(wanted=3, needed=2)
     assert clock.now == pytest.approx(30.0)
 

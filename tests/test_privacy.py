@@ -18,8 +18,8 @@ from client.privacy import device_privacy
 from coordinator.checkpoint import load_checkpoint
 from coordinator.federation import run_federation
 from coordinator.strategy import SampledFedAvg, ScreenedReplies
-from shared.config import RunConfig
 from shared.privacy import epsilon_of, local_release_epsilon, noise_for_epsilon
+from shared.run_config import RunConfig
 from shared.settings import SettingError
 from simulations.datasets import build_synthetic_users
 from tests.loopback import CoordinatorCrash, LoopbackGrid
@@ -52,10 +52,10 @@ def test_no_noise_gives_no_finite_epsilon():
 
 
 def test_local_dp_with_no_noise_and_no_target_is_refused_naming_the_key():
-    with pytest.raises(SettingError, match="run config dp-noise must be above 0 with local DP"):
-        RunConfig.from_flower({"dp": "local", "dp-noise": 0.0})
-    with pytest.raises(SettingError, match="run config dp must be one of"):
-        RunConfig.from_flower({"dp": "central"})
+    with pytest.raises(SettingError, match="run config dp.noise must be above 0 with local DP"):
+        RunConfig.from_flower({"dp.mode": "local", "dp.noise": 0.0})
+    with pytest.raises(SettingError, match="run config dp.mode must be one of"):
+        RunConfig.from_flower({"dp.mode": "central"})
 
 
 def _train_message(config: dict | None = None) -> Message:
@@ -78,7 +78,7 @@ def _context(**run_config) -> Context:
 
 
 def test_local_dp_clips_the_update_and_adds_noise_of_sigma_times_the_clip_on_the_device():
-    reply = device_privacy(_train_message(), _context(dp="local", **{"dp-clip": 0.5, "dp-noise": 0.8}),
+    reply = device_privacy(_train_message(), _context(**{"dp.mode": "local", "dp.clip": 0.5, "dp.noise": 0.8}),
                            _trains_by(1.0))
     sent_up = reply.content["arrays"]["w"].numpy()
     # An update of norm 63 clipped to norm 0.5: each entry 0.5 / sqrt(4000); then noise of std 0.8 × 0.5.
@@ -90,14 +90,15 @@ def test_local_dp_clips_the_update_and_adds_noise_of_sigma_times_the_clip_on_the
 
 def test_client_side_dp_clips_to_the_norm_the_coordinator_sends():
     message = _train_message({"phase": "personalize", "clipping_norm": 2.0})
-    reply = device_privacy(message, _context(dp="client"), _trains_by(1.0))
+    reply = device_privacy(message, _context(**{"dp.mode": "client"}), _trains_by(1.0))
     assert np.linalg.norm(reply.content["arrays"]["w"].numpy()) == pytest.approx(2.0, rel=1e-5)
-    untouched = device_privacy(message, _context(dp="off"), _trains_by(1.0))
+    untouched = device_privacy(message, _context(**{"dp.mode": "off"}), _trains_by(1.0))
     assert np.linalg.norm(untouched.content["arrays"]["w"].numpy()) == pytest.approx(math.sqrt(4000), rel=1e-5)
 
 
 def test_a_run_config_the_mod_cannot_read_replies_with_a_fixed_category_only():
-    reply = device_privacy(_train_message(), _context(dp="local", **{"dp-noise": float("nan")}), _trains_by(1.0))
+    reply = device_privacy(_train_message(), _context(**{"dp.mode": "local", "dp.noise": float("nan")}),
+                           _trains_by(1.0))
     assert reply.has_error() and reply.error.code == FAILURE_CODES["run-config"]
     assert "nan" not in reply.error.reason
 
@@ -122,7 +123,7 @@ def users(tmp_path):
 
 
 def _config(model_dir, run_dir, **overrides) -> RunConfig:
-    return RunConfig.from_flower(small_run(model_dir, run_dir, **{"local-steps": 1, "evaluate-base": False,
+    return RunConfig.from_flower(small_run(model_dir, run_dir, **{"federation.local-steps": 1, "evaluate.base": False,
                                                                   **overrides}))
 
 
@@ -137,7 +138,7 @@ def _rows(run_dir):
 def test_a_run_with_server_side_dp_spends_its_target_epsilon_and_counts_each_round_once_across_a_restart(
         model_dir, users, tmp_path):
     run_dir = tmp_path / "run"
-    config = _config(model_dir, run_dir, dp="server", **{"dp-epsilon": 8.0, "dp-clip": 0.5})
+    config = _config(model_dir, run_dir, **{"dp.mode": "server", "dp.epsilon": 8.0, "dp.clip": 0.5})
     assert config.releases == 3  # one expert round and two personalization rounds
     with pytest.raises(CoordinatorCrash):
         run_federation(_grid(config, users, crash_after_train_rounds=2), config)
@@ -159,7 +160,8 @@ def test_a_run_with_client_side_or_local_dp_goes_on_after_a_restart_and_reports_
     restart (a checkpoint's keys come back in another order) every reply is still accepted.
     Local DP's noise is measured against 2 × clip: σ = 1 is a multiplier of 0.5."""
     run_dir = tmp_path / "run"
-    config = _config(model_dir, run_dir, dp=mode, method="sft", **{"dp-noise": 1.0})  # no expert: 2 rounds
+    config = _config(model_dir, run_dir, **{"dp.mode": mode, "train.method": "sft",
+                                            "dp.noise": 1.0})  # no expert: 2 rounds
     with pytest.raises(CoordinatorCrash):
         run_federation(_grid(config, users, crash_after_train_rounds=1), config)
     run_federation(_grid(config, users), config)

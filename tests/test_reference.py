@@ -9,9 +9,10 @@ import torch
 
 from client.reference import References, donor_stores, generic_texts, item_inputs
 from client.token_weights import TokenProbs, cached_token_probs, user_weight_scheme
-from shared.config import RunConfig, TrainConfig, WeightScheme
+from shared.config import TrainConfig, WeightScheme
 from shared.losses import token_weights
 from shared.prompts import EMPTY_HISTORY_PLACEHOLDER
+from shared.run_config import RunConfig
 from tests.samples import ONE_STEP
 
 
@@ -102,7 +103,7 @@ def test_the_generic_reference_needs_an_expert_even_for_mce_only(user_device, us
     with pytest.raises(ValueError, match="needs an expert"):
         user_device.train([user_stores[0]], config, None, progress=False)
     with pytest.raises(ValueError, match="needs an expert"):
-        RunConfig(method="mce-only", mce_reference="generic", expert_rounds=0)
+        RunConfig.from_flower({"train.method": "mce-only", "train.mce-reference": "generic", "expert.rounds": 0})
 
 
 def test_mce_only_against_the_generic_history_trains_with_the_expert_texts(user_device, user_stores, experts):
@@ -125,13 +126,14 @@ def test_the_fraction_rule_gives_that_share_of_a_users_tokens_the_high_weight():
 
 
 def test_the_weight_settings_are_run_config_keys():
-    config = RunConfig.from_flower({"delta": 0.2, "weight-high": 1.0, "weight-low": 0.0, "weighting": "fraction",
-                                    "keep-fraction": 0.4, "dce-reference": "removed", "mce-reference": "placeholder"})
+    config = RunConfig.from_flower({"weights.delta": 0.2, "weights.weight-high": 1.0, "weights.weight-low": 0.0,
+                                    "weights.weighting": "fraction", "weights.keep-fraction": 0.4,
+                                    "weights.dce-reference": "removed", "train.mce-reference": "placeholder"})
     scheme = config.train_config("nextquill", 0).weight_scheme
     assert dataclasses.astuple(scheme) == ("removed", "fraction", 0.2, 1.0, 0.0, 0.4)
     assert config.train_config("nextquill", 0).mce_reference == "placeholder"
-    for key, value, problem in (("delta", 1.5, "at most 1"), ("keep-fraction", 0.0, "greater than 0"),
-                                ("dce-reference", "nobody", "one of")):
+    for key, value, problem in (("weights.delta", 1.5, "at most 1"), ("weights.keep-fraction", 0.0, "greater than 0"),
+                                ("weights.dce-reference", "nobody", "one of")):
         with pytest.raises(ValueError, match=f"run config {key}.*{problem}"):
             RunConfig.from_flower({key: value})
 

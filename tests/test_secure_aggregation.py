@@ -11,7 +11,7 @@ from client import federated
 from client.client_app import app as client_app
 from coordinator.checkpoint import load_checkpoint
 from coordinator.federation import run_federation
-from shared.config import RunConfig
+from shared.run_config import RunConfig
 from shared.settings import SettingError
 from shared.wire import SECURE_METRICS, metrics_from_mean, metrics_to_vector
 from simulations.datasets import build_synthetic_users
@@ -37,8 +37,8 @@ def test_the_coordinator_learns_the_mean_of_the_updates_and_no_update_of_its_own
 
     real_handle_train = federated.handle_train
     monkeypatch.setattr(federated, "handle_train", handle_train)
-    config = _config(model_dir, tmp_path / "run", **{"secure-aggregation": True, "clients-per-round": 4,
-                                                     "rounds": 1, "method": "mce-only"})
+    config = _config(model_dir, tmp_path / "run", **{"secagg.enabled": True, "federation.clients-per-round": 4,
+                                                     "federation.rounds": 1, "train.method": "mce-only"})
     grid = LoopbackGrid(client_app, [{"user-dir": str(path)} for path in users], config.to_flower())
     run_federation(grid, config)
 
@@ -81,9 +81,10 @@ def test_metrics_travel_as_a_vector_whose_mean_gives_each_metrics_mean_over_thos
 
 
 @pytest.mark.parametrize("overrides", [
-    {"dp": "server"}, {"dp": "client"}, {"max-update-norm": 5.0}, {"clients-per-round": 1, "min-replies": 1},
-    {"split": "local"},
+    {"dp.mode": "server"}, {"dp.mode": "client"}, {"federation.max-update-norm": 5.0},
+    {"federation.clients-per-round": 1, "federation.min-replies": 1},
+    {"sharing.split": "local"},
 ])
 def test_secure_aggregation_refuses_what_needs_each_update_one_device_or_no_sharing(model_dir, tmp_path, overrides):
-    with pytest.raises(SettingError, match="run config secure-aggregation"):
-        _config(model_dir, tmp_path / "run", **{"secure-aggregation": True, **overrides})
+    with pytest.raises(SettingError, match="run config secagg.enabled"):
+        _config(model_dir, tmp_path / "run", **{"secagg.enabled": True, **overrides})

@@ -40,7 +40,7 @@ def test_values_inside_their_rules_pass():
         (lambda: WeightScheme(delta=1.5), "delta must be at most 1.0, got 1.5"),
         (lambda: WeightScheme(delta=-1.5), "delta must be at least -1.0, got -1.5"),
         (lambda: WeightScheme(weight_high=1.2), "weight_high must be at most 1.0, got 1.2"),
-        (lambda: WeightScheme(weight_low=0.95), "weight-low (ε) = 0.95 must not exceed weight-high (λ) = 0.9"),
+        (lambda: WeightScheme(weight_low=0.95), "weight_low (ε) = 0.95 must not exceed weight-high (λ) = 0.9"),
         (lambda: BaseSpec(device="foo"), "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
     ],
 )

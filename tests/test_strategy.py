@@ -75,7 +75,7 @@ def test_poisoned_or_broken_replies_are_each_excluded_and_logged(caplog):
         5: (ArrayRecord({"lora_A": Array(np.ones((2, 2), np.float32)), "extra": Array(np.ones(1, np.float32))}),
             "1 keys that are not shared parameters, e.g. 'extra'"),
         6: (personal, "not shared parameters, e.g. 'base_model.model.layers.0.q_proj.lora_B.personal.weight'"),
-        7: (_arrays(1e6), "update norm 2e+06 exceeds max-update-norm 10"),
+        7: (_arrays(1e6), "update norm 2e+06 exceeds federation.max-update-norm 10"),
     }
     replies = [_reply(1, _arrays(1.0), {"num-examples": 1})]
     replies += [_reply(node, arrays, {"num-examples": 1}) for node, (arrays, _) in poisoned.items()]

@@ -61,13 +61,13 @@ def test_every_cell_is_saved_with_its_metrics_upload_and_rounds(finished):
     uploads = {m: saved[m]["upload_bytes_per_client_round"] for m in ("local", "fedit-context-sft",
                                                                          "nextquill-fed", "split-layers")}
     assert uploads["local"] == 0 and 0 < uploads["split-layers"] < uploads["fedit-context-sft"]
-    assert saved["nextquill-fed"]["run_config"]["expert"].endswith("fedit-context-sft/shared_adapter")
-    assert saved["nextquill-dropout-expert"]["run_config"]["expert"].endswith("expert-dropout/shared_adapter")
-    assert saved["expert-dropout"]["run_config"]["history-dropout"] == 0.5
+    assert saved["nextquill-fed"]["run_config"]["expert.adapter"].endswith("fedit-context-sft/shared_adapter")
+    assert saved["nextquill-dropout-expert"]["run_config"]["expert.adapter"].endswith("expert-dropout/shared_adapter")
+    assert saved["expert-dropout"]["run_config"]["train.history-dropout"] == 0.5
     assert [r["round"] for r in saved["nextquill-fed"]["per_round"]] == [1, 2]  # evaluated after every round
-    assert saved["base"]["run_config"]["rounds"] == 0
+    assert saved["base"]["run_config"]["federation.rounds"] == 0
     # The untrained prompts differ only in the history: the history-prompt row reads it.
-    assert saved["history-prompt"]["run_config"]["method"] == "context-sft"
+    assert saved["history-prompt"]["run_config"]["train.method"] == "context-sft"
     scores = saved["fedit-context-sft.dce"]
     assert 0.0 <= scores["roc_auc"] <= 1.0 and scores["roc_tpr"][-1] == 1.0
     assert scores["reference"] == "generic" and set(scores["references"]) == {"removed", "placeholder", "generic",
@@ -144,11 +144,11 @@ def test_a_run_asking_for_fewer_cells_keeps_the_cells_asked_before(finished, mon
 def test_every_study_row_is_a_valid_run_config(tmp_path):
     study = StudyConfig(model="tiny")
     for method, row in STUDY_METHODS.items():
-        if row.keys.get("shared-layers") == "half":
+        if row.keys.get("sharing.shared-layers") == "half":
             continue  # needs the model's depth (checked in the study run above)
         config = study_module.run_config(study, "reviewers", 0, method, tmp_path / "expert", tmp_path)
-        assert config.method == row.keys["method"]
-        assert (config.expert != "") == config.needs_expert
+        assert config.train.method == row.keys["train.method"]
+        assert (config.expert.adapter != "") == config.needs_expert
 
 
 def test_a_cell_named_like_dce_is_a_cell_and_scores_are_not(tmp_path):
@@ -188,13 +188,13 @@ def test_a_study_resumed_without_its_run_folders_rebuilds_the_expert_and_keeps_i
 def test_our_headline_rows_are_the_run_configs_defaults(tmp_path):
     # The rows pin NextQuill's own settings so their cells keep their meaning; a default changed
     # without them would leave the headline measuring something the product no longer runs.
-    from shared.config import RunConfig
+    from shared.run_config import RunConfig
 
     defaults = RunConfig().to_flower()
     for method in ("nextquill-fed", "nextquill-fedavg"):
-        pinned = {k: v for k, v in STUDY_METHODS[method].keys.items() if k not in ("method", "split")}
+        pinned = {k: v for k, v in STUDY_METHODS[method].keys.items() if k not in ("train.method", "sharing.split")}
         assert pinned == {k: defaults[k] for k in pinned}
-        assert {"dce-reference", "mce-reference", "weight-low"} <= set(pinned)
+        assert {"weights.dce-reference", "train.mce-reference", "weights.weight-low"} <= set(pinned)
 
 
 def test_each_ablation_and_compute_row_is_paired_with_the_row_it_changes():

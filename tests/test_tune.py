@@ -22,18 +22,20 @@ from simulations.study.tune import (
 
 
 def test_the_grid_is_every_combination_in_the_keys_types():
-    grid = parse_grid(["dce-reference=removed,generic", "weight-low=0.1,0.5"])
-    assert grid == [{"dce-reference": "removed", "weight-low": 0.1}, {"dce-reference": "removed", "weight-low": 0.5},
-                    {"dce-reference": "generic", "weight-low": 0.1}, {"dce-reference": "generic", "weight-low": 0.5}]
+    grid = parse_grid(["weights.dce-reference=removed,generic", "weights.weight-low=0.1,0.5"])
+    assert grid == [{"weights.dce-reference": "removed", "weights.weight-low": 0.1},
+                    {"weights.dce-reference": "removed", "weights.weight-low": 0.5},
+                    {"weights.dce-reference": "generic", "weights.weight-low": 0.1},
+                    {"weights.dce-reference": "generic", "weights.weight-low": 0.5}]
     assert candidate_name(grid[1]) == "dce-reference-removed_weight-low-0.5"
 
 
 @pytest.mark.parametrize(("spec", "message"), [
     (["learning-rate=0.1"], "not one of NextQuill's own settings"),
-    (["weight-low"], "expected key=value"),
-    (["weight-low=x"], "'x' is not a float"),
-    (["delta=inf"], "not a finite number"),
-    (["alpha=0.1", "alpha=0.2"], "names a key twice"),
+    (["weights.weight-low"], "expected key=value"),
+    (["weights.weight-low=x"], "'x' is not a float"),
+    (["weights.delta=inf"], "not a finite number"),
+    (["train.alpha=0.1", "train.alpha=0.2"], "names a key twice"),
 ])
 def test_a_bad_grid_is_refused_by_name(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -78,9 +80,9 @@ def test_the_choice_is_the_best_deployable_candidate_paired_with_the_baseline(tm
     folder = tmp_path / "reviewers" / "seed-0"
     folder.mkdir(parents=True)
     cells = [_cell("feddpa", "feddpa", {}, [0.5, 0.5, 0.5]),
-             _cell("nextquill-fed", "nextquill-fed_weight-low-0.1", {"weight-low": 0.1}, [0.4, 0.45, 0.42]),
-             _cell("nextquill-fed", "nextquill-fed_weight-low-0.5", {"weight-low": 0.5}, [0.55, 0.56, 0.57]),
-             _cell("nextquill-fed", "nextquill-fed_dce-reference-donors", {"dce-reference": "donors"},
+             _cell("nextquill-fed", "nextquill-fed_weight-low-0.1", {"weights.weight-low": 0.1}, [0.4, 0.45, 0.42]),
+             _cell("nextquill-fed", "nextquill-fed_weight-low-0.5", {"weights.weight-low": 0.5}, [0.55, 0.56, 0.57]),
+             _cell("nextquill-fed", "nextquill-fed_dce-reference-donors", {"weights.dce-reference": "donors"},
                    [0.9, 0.9, 0.9])]
     for cell in cells:
         (folder / f"{cell['name']}.json").write_text(json.dumps(cell))
@@ -103,14 +105,14 @@ def test_a_tuning_runs_the_expert_the_baseline_and_each_candidate_on_validation_
     study = StudyConfig(model=str(model_dir), datasets=("reviewers",), seeds=(0,), users=2, rounds=1, local_steps=1,
                         batch_size=2, history_tokens=48, context_tokens=24, response_tokens=24, device="cpu")
     tuning = Tuning(study, "reviewers", 0, held_out=2, out=tmp_path / "tune")
-    report = run_tuning(tuning, parse_grid(["weight-low=0.5"]), progress=False)
+    report = run_tuning(tuning, parse_grid(["weights.weight-low=0.5"]), progress=False)
     saved = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "tune" / "reviewers" / "seed-0").glob("*.json")}
     assert set(saved) == {"fedit-context-sft", "feddpa", "nextquill-fed_weight-low-0.5"}
     candidate = saved["nextquill-fed_weight-low-0.5"]
-    assert candidate["run_config"]["weight-low"] == 0.5
-    assert candidate["run_config"]["expert"].endswith("fedit-context-sft/shared_adapter")
+    assert candidate["run_config"]["weights.weight-low"] == 0.5
+    assert candidate["run_config"]["expert.adapter"].endswith("fedit-context-sft/shared_adapter")
     # Scored on the held-out training samples of the validation copies, never on a test sample.
-    users = candidate["run_config"]["users-dir"]
+    users = candidate["run_config"]["users.dir"]
     evaluated = {o["sample_id"] for o in candidate["outputs"]}
     validation = {s.id for path in sorted(Path(users).iterdir())
                   for s in UserStore.open(path).samples("test")}
@@ -118,5 +120,5 @@ def test_a_tuning_runs_the_expert_the_baseline_and_each_candidate_on_validation_
     assert "(chosen)" in report.read_text()
     # A rerun runs nothing again.
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tune" / "reviewers" / "seed-0").glob("*.json")}
-    run_tuning(tuning, parse_grid(["weight-low=0.5"]), progress=False)
+    run_tuning(tuning, parse_grid(["weights.weight-low=0.5"]), progress=False)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tune" / "reviewers" / "seed-0").glob("*.json")}

@@ -39,8 +39,9 @@ import torch
 
 from client import federated
 from client.device import Device
-from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, RunConfig, TrainConfig
+from shared.config import BaseSpec, GenerationSettings, LoraSettings, PromptConfig, TrainConfig
 from shared.paths import atomic_write_json, refuse_to_replace
+from shared.run_config import RunConfig
 from shared.user_store import UserStore
 from shared.wire import Phase, RoundInstruction
 from simulations.benchmarks.model_shapes import SHAPES, model_dir_for, shaped_model_dir
@@ -55,7 +56,7 @@ def _client_setup(device: Device, store: UserStore, config: RunConfig, shared: d
     """What a client does before its first step: encode its samples, rebuild its adapters."""
     split, train_config = federated.phase_setup(config, RoundInstruction(Phase.PERSONALIZE, 1, "bench"))
     device.examples([store], train_config, None)
-    federated.build_adapters(device, store, split, shared, "bench", config.seed)
+    federated.build_adapters(device, store, split, shared, "bench", config.federation.seed)
 
 
 def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> dict:
@@ -63,7 +64,8 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
     started = time.perf_counter()
     device = federated.resident_device(config)
     first_load = time.perf_counter() - started
-    shared = config.split_spec.shared_state(device.host.new(*config.split_spec.adapters, seed=config.seed))
+    split = config.sharing.spec
+    shared = split.shared_state(device.host.new(*split.adapters, seed=config.federation.seed))
 
     resident = []
     for store in stores:
@@ -74,13 +76,13 @@ def setup_benchmark(config: RunConfig, stores: list[UserStore], out: Path) -> di
     reload = []
     for store in stores:
         started = time.perf_counter()
-        fresh = Device.load(config.base_spec, config.lora, config.prompt)
+        fresh = Device.load(config.base, config.lora, config.prompt)
         _client_setup(fresh, store, config, shared)
         reload.append(time.perf_counter() - started)
         del fresh
 
     result = {
-        "benchmark": "client set-up", "model": config.model, "quantization": config.quantization,
+        "benchmark": "client set-up", "model": config.base.model, "quantization": config.base.quantization,
         "device": str(next(device.host.base.parameters()).device), "machine": platform.machine(),
         "clients": len(stores), "first_base_load_seconds": first_load,
         "resident_seconds_median": statistics.median(resident), "reload_seconds_median": statistics.median(reload),
@@ -128,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flower: SuperLink + Ray simulation; inprocess: the same apps in this process (no Ray)")
     p.add_argument("--device", default="auto", help="where the clients compute: auto, cpu, cuda")
     p.add_argument("--compile-layers", action="store_true",
-                   help="train with the decoder layers compiled (run config compile-layers): each worker compiles "
-                        "once for all its clients")
+                   help="train with the decoder layers compiled (run config train.compile-layers): each worker "
+                        "compiles once for all its clients")
     p.add_argument("--out", default="runs/benchmarks/scale")
     p = sub.add_parser("comm", help="upload bytes per client per round for each split and dtype")
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
@@ -225,7 +227,7 @@ def _run(args) -> int:
     if args.benchmark == "dce":
         from simulations.benchmarks.dce import dce_benchmark
 
-        config = RunConfig(model=args.model, dataset="shakespeare")
+        config = RunConfig.from_flower({"base.model": args.model, "users.dataset": "shakespeare"})
         paths = simulated_user_stores(config, args.users)[: args.users]
         dce_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
         return 0
@@ -250,7 +252,8 @@ def _run(args) -> int:
 
         deployment_benchmark(args.benchmark, args.model, args.clients, args.rounds, Path(args.out))
         return 0
-    config = RunConfig(model=args.model, method="mce-only", dataset="shakespeare")
+    config = RunConfig.from_flower({"base.model": args.model, "train.method": "mce-only",
+                                    "users.dataset": "shakespeare"})
     paths = simulated_user_stores(config, args.clients)[: args.clients]
     setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
     return 0

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from client import federated
 from client.device import Expert
-from client.reference import References
-from client.token_weights import cached_token_probs, compute_token_probs, encode_store_samples
+from client.reference import References, encode_store_samples
+from client.token_weights import cached_token_probs, compute_token_probs
 from client.trainer import train_adapter
 from shared.adapters import save_adapter
-from shared.config import RunConfig, TrainConfig
+from shared.config import TrainConfig
 from shared.paths import atomic_write_json
+from shared.run_config import RunConfig
 from shared.user_store import UserStore
 
 
@@ -45,7 +46,7 @@ def dce_benchmark(config: RunConfig, stores: list[UserStore], out: Path, rounds:
                            References("removed"))
     cache_seconds = time.perf_counter() - started
 
-    train = TrainConfig(method="nextquill", batch_size=config.batch_size, epochs=1.0)
+    train = TrainConfig(method="nextquill", batch_size=config.train.batch_size, epochs=1.0)
     started = time.perf_counter()
     for store in stores:
         examples = device.examples([store], train, expert)
@@ -59,7 +60,7 @@ def dce_benchmark(config: RunConfig, stores: list[UserStore], out: Path, rounds:
                   "share_of_training": (compute_seconds + (r - 1) * cache_seconds) / (r * epoch_seconds)}
                  for r in rounds]
     result = {
-        "benchmark": "DCE precompute", "model": config.model, "users": len(stores), "samples": len(encoded),
+        "benchmark": "DCE precompute", "model": config.base.model, "users": len(stores), "samples": len(encoded),
         "target_tokens": tokens, "expert_pass_seconds": compute_seconds, "seconds_per_1000_tokens": per_k,
         "cache_read_seconds": cache_seconds, "one_epoch_training_seconds": epoch_seconds, "amortized": amortized,
     }

@@ -31,8 +31,8 @@ from simulations.operations.wire_audit import PULL_OBJECT, PUSH_MESSAGES, PUSH_O
 REPO = Path(__file__).parents[2]
 # Each benchmark's modes, baseline first: the run-config keys that make the difference.
 MODES: dict[str, dict[str, dict[str, Any]]] = {
-    "secagg": {"plain FedAvg": {"secure-aggregation": False}, "SecAgg+": {"secure-aggregation": True}},
-    "wire": {"one array per parameter": {"pack-shared": False}, "packed": {"pack-shared": True}},
+    "secagg": {"plain FedAvg": {"secagg.enabled": False}, "SecAgg+": {"secagg.enabled": True}},
+    "wire": {"one array per parameter": {"sharing.pack": False}, "packed": {"sharing.pack": True}},
 }
 COUNTED = ("seconds_per_round", "wire_up_bytes_per_client_round", "wire_up_requests_per_client_round",
            "wire_down_bytes_per_client_round")
@@ -43,9 +43,9 @@ def _run(model_dir: Path, users: list[Path], work: Path, rounds: int, mode: dict
     rounds' seconds."""
     run_dir = work / "run"
     run_config = {
-        "model": str(model_dir), "device": "cpu", "method": "sft", "expert-rounds": 0, "rounds": rounds,
-        "clients-per-round": len(users), "local-steps": 1, "batch-size": 4, "evaluate-base": False,
-        "run-dir": str(run_dir), **mode,
+        "base.model": str(model_dir), "base.device": "cpu", "train.method": "sft", "expert.rounds": 0,
+        "federation.rounds": rounds, "federation.clients-per-round": len(users), "federation.local-steps": 1,
+        "train.batch-size": 4, "evaluate.base": False, "federation.run-dir": str(run_dir), **mode,
     }
     with WireRecorder() as recorder, local_deployment(
             work / "flwr", [{"user-dir": str(p)} for p in users], work / "certs",

@@ -28,9 +28,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from shared.config import RunConfig
 from shared.loading import resolve_device
 from shared.paths import atomic_write_json, atomic_write_png
+from shared.run_config import RunConfig
 from shared.wire import Phase
 from simulations.datasets import build_synthetic_users
 from simulations.operations.deployment import local_simulation, run_app
@@ -108,11 +108,11 @@ def scale_benchmark(users: int, clients_per_round: int, out_dir: Path, model: st
     rounds = math.ceil(users / clients_per_round)
     run_dir = out_dir / "run"
     run_config = {
-        "model": model, "dataset": "synthetic", "users-dir": str(users_dir), "method": "nextquill",
-        "expert-rounds": 1, "rounds": rounds, "clients-per-round": clients_per_round,
-        "local-steps": math.ceil(0.9 * SAMPLES_PER_USER / batch_size), "batch-size": batch_size,
-        "evaluate-clients": min(users, 8), "run-dir": str(run_dir), "device": device,
-        "compile-layers": compile_layers,
+        "base.model": model, "users.dataset": "synthetic", "users.dir": str(users_dir), "train.method": "nextquill",
+        "expert.rounds": 1, "federation.rounds": rounds, "federation.clients-per-round": clients_per_round,
+        "federation.local-steps": math.ceil(0.9 * SAMPLES_PER_USER / batch_size), "train.batch-size": batch_size,
+        "evaluate.clients": min(users, 8), "federation.run-dir": str(run_dir), "base.device": device,
+        "train.compile-layers": compile_layers,
     }
     if runtime == "flower":
         with local_simulation(out_dir / "flwr") as simulation:

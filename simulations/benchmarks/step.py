@@ -49,9 +49,9 @@ from simulations.benchmarks.model_shapes import QWEN_SHAPE, model_dir_for
 log = logging.getLogger(__name__)
 
 # nextquill: two forwards (the default); nextquill-paired: both passes in one forward
-# (`paired-pass`); nextquill-lean: the two-stage backward (`lean-memory`); nextquill-fused: the
-# LM head applied inside the loss, a chunk of tokens at a time (`fused-loss`); *-compiled: the
-# decoder layers through torch.compile (`compile-layers`), asked for by name (compiling takes
+# (`train.paired-pass`); nextquill-lean: the two-stage backward (`train.lean-memory`); nextquill-fused: the
+# LM head applied inside the loss, a chunk of tokens at a time (`train.fused-loss`); *-compiled: the
+# decoder layers through torch.compile (`train.compile-layers`), asked for by name (compiling takes
 # tens of seconds per process).
 METHODS = ("context-sft", "nextquill", "nextquill-paired", "nextquill-lean", "nextquill-fused", "authors")
 COMPILED = ("context-sft-compiled", "nextquill-compiled")

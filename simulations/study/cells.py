@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from shared.run_config import RunConfig
 
 
 def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def run_federated_cell(config: RunConfig, users: int) -> dict[str, Any]:
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": users} for i in range(users)],
                          config.to_flower())
     result = run_federation(grid, config)
-    run_dir = config.resolve(config.run_dir)
+    run_dir = config.resolve(config.federation.run_dir)
     rows = RoundLog(run_dir).rows
     import csv
 
@@ -61,7 +61,7 @@ def simulated_outputs(config: RunConfig, users: int, run_id: str) -> list[dict[s
     from shared.user_store import UserStore, list_user_stores
 
     found = []
-    for index, path in enumerate(list_user_stores(config.resolve(config.users_dir))[:users]):
+    for index, path in enumerate(list_user_stores(config.resolve(config.users.dir))[:users]):
         store = UserStore.open(path)
         record = evaluation_path(store, f"{run_id}-personalize")
         if not record.is_file():
@@ -91,8 +91,8 @@ def run_central_cell(config: RunConfig, users: int, expert: Path) -> dict[str, A
 
     device = federated.resident_device(config)
     stores = [UserStore.open(p) for p in simulated_user_stores(config, users)[:users]]
-    steps = users * config.rounds * config.local_steps
-    train = dataclasses.replace(config.train_config(config.method, config.seed), max_steps=steps)
+    steps = users * config.federation.rounds * config.federation.local_steps
+    train = dataclasses.replace(config.train_config(config.train.method, config.federation.seed), max_steps=steps)
     report = device.train(stores, train, Expert.from_dir(expert), progress=False)
     per_user = []
     for index, store in enumerate(stores):
@@ -119,11 +119,11 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
     from shared.config import REFERENCES
     from shared.user_store import UserStore, list_user_stores
 
-    stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users_dir))[:users]]
+    stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users.dir))[:users]]
     device = federated.resident_device(config)
     by_reference = {}
     for reference in REFERENCES:
-        scheme = dataclasses.replace(config.weight_scheme, dce_reference=reference)
+        scheme = dataclasses.replace(config.weights, dce_reference=reference)
         rows = [row for index, store in enumerate(stores)
                 for row in token_rows(device, store, Expert.from_dir(expert), scheme, donor_stores(stores, index),
                                       split="train")]
@@ -134,7 +134,7 @@ def dce_detection(config: RunConfig, users: int, expert: Path) -> dict[str, Any]
             summary["roc_fpr"], summary["roc_tpr"] = roc_curve([t["dce"] for t in tokens],
                                                                [t["preference"] for t in tokens])
         by_reference[reference] = summary
-    return {**by_reference[config.weight_scheme.dce_reference], "reference": config.weight_scheme.dce_reference,
+    return {**by_reference[config.weights.dce_reference], "reference": config.weights.dce_reference,
             "references": by_reference}
 
 
@@ -150,15 +150,15 @@ def data_profile(config: RunConfig, users: int) -> dict[str, Any]:
     from shared.user_store import UserStore, list_user_stores
     from simulations.datasets.reviewers import non_personal_review, oracle_review
 
-    stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users_dir))[:users]]
+    stores = [UserStore.open(p) for p in list_user_stores(config.resolve(config.users.dir))[:users]]
     tokenizer = federated.resident_device(config).tokenizer
     samples = [(store, s) for store in stores for s in store.samples()]
     lengths = [len(tokenizer(s.y, add_special_tokens=False)["input_ids"]) for _, s in samples]
-    kept = [len(cut_history(tokenizer, [h.text for h in store.history_for(s)], config.history_tokens))
+    kept = [len(cut_history(tokenizer, [h.text for h in store.history_for(s)], config.prompt.history_tokens))
             for store, s in samples if s.split == "test"]
     tests = [(store, s) for store, s in samples if s.split == "test"]
     references = [s.y for _, s in tests]
-    if config.dataset == "reviewers":
+    if config.users.dataset == "reviewers":
         floor = [non_personal_review(s.x) for _, s in tests]
         ceiling = [oracle_review(s.x, store.meta) for store, s in tests]
         names = ("non-personal (shared template)", "oracle (the user's favourite words)")
@@ -167,8 +167,8 @@ def data_profile(config: RunConfig, users: int) -> dict[str, Any]:
         ceiling = [max((h.text for h in store.history_for(s)), key=lambda h, y=s.y: rouge([h], [y])["rouge1"],
                        default="") for store, s in tests]
         names = ("the user's latest message", "oracle (the best single message of the user's history)")
-    return {"targets": len(lengths), "response_tokens": config.response_tokens,
-            "targets_cut_share": sum(n >= config.response_tokens for n in lengths) / len(lengths),
+    return {"targets": len(lengths), "response_tokens": config.prompt.response_tokens,
+            "targets_cut_share": sum(n >= config.prompt.response_tokens for n in lengths) / len(lengths),
             "target_tokens_mean": sum(lengths) / len(lengths),
             "history_items_kept_mean": sum(kept) / max(1, len(kept)),
             "headroom": {names[0]: rouge(floor, references)["rouge1"], names[1]: rouge(ceiling, references)["rouge1"]}}

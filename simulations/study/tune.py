@@ -11,7 +11,7 @@ interval, so the report says whether any setting beats the baseline before the t
 looked at.
 
     python -m simulations.study.tune                        (reviewers, seed 0, the default grid)
-    python -m simulations.study.tune --grid weight-low=0.1,0.5 alpha=0,0.1 --dataset chitchat
+    python -m simulations.study.tune --grid weights.weight-low=0.1,0.5 train.alpha=0,0.1 --dataset chitchat
 
 The budgets, users and base are the study's (`--rounds`, `--users`... as `python -m
 simulations.study` takes them). Each cell is written as it finishes and a rerun skips it; the
@@ -31,10 +31,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from shared.config import RunConfig
 from shared.paths import atomic_write_json, atomic_write_png, atomic_write_text, ensure_folder
+from shared.run_config import RunConfig, run_config_keys, upgrade_keys
 from shared.user_store import CORE_META, UserStore, write_user_store
 from simulations.datasets import GENERATED, dataset_name
 from simulations.options import whole_number
@@ -46,17 +46,16 @@ BASELINE = "feddpa"
 EXPERT = "fedit-context-sft"
 # NextQuill's own settings: what the grid may vary. The budget (steps, learning rate) is the
 # study's and the baseline's; tuning it for one row only would not be a fair comparison.
-GRID_KEYS = ("dce-reference", "mce-reference", "weighting", "delta", "weight-high", "weight-low", "keep-fraction",
-             "alpha")
-DEFAULT_GRID = ("dce-reference=removed,generic", "weight-low=0.1,0.5")
-SIMULATION_ONLY = {"dce-reference": "donors", "mce-reference": "donors"}
+GRID_KEYS = ("weights.dce-reference", "train.mce-reference", "weights.weighting", "weights.delta",
+             "weights.weight-high", "weights.weight-low", "weights.keep-fraction", "train.alpha")
+DEFAULT_GRID = ("weights.dce-reference=removed,generic", "weights.weight-low=0.1,0.5")
+SIMULATION_ONLY = {"weights.dce-reference": "donors", "train.mce-reference": "donors"}
 TABLE_METRICS = ("rouge1", "nll", "history-sensitivity", "style-f1", "content-recall")
 
 
 def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
     """`key=v1,v2 ...` -> every combination, as run config values of the keys' types."""
-    hints = get_type_hints(RunConfig)
-    fields = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(RunConfig)}
+    known = run_config_keys()
     axes = []
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -64,7 +63,7 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
             raise ValueError(f"--grid entry {spec!r}: expected key=value[,value...]")
         if key not in GRID_KEYS:
             raise ValueError(f"--grid key {key!r} is not one of NextQuill's own settings {list(GRID_KEYS)}")
-        kind = hints[fields[key]]
+        kind = known[key][2]
         parsed = []
         for value in values.split(","):
             try:
@@ -80,8 +79,10 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
 
 
 def candidate_name(keys: dict[str, Any]) -> str:
-    return "_".join(f"{key}-{value:g}" if isinstance(value, float) else f"{key}-{value}"
-                    for key, value in keys.items()) or "defaults"
+    """`dce-reference-generic_weight-low-0.5`: each key without its group (the names of the
+    candidates tuned before the keys were grouped)."""
+    return "_".join(f"{name}-{value:g}" if isinstance(value, float) else f"{name}-{value}"
+                    for name, value in ((key.rpartition(".")[2], value) for key, value in keys.items())) or "defaults"
 
 
 def deployable(keys: dict[str, Any]) -> bool:
@@ -145,7 +146,7 @@ class Tuning:
         work = self.work()
         expert = work / "runs" / EXPERT / "shared_adapter"
         values = run_config(self.study, self.dataset, self.seed, row, expert, work).to_flower()
-        values.update({"users-dir": str(work / "users"), "run-dir": str(work / "runs" / name), **keys})
+        values.update({"users.dir": str(work / "users"), "federation.run-dir": str(work / "runs" / name), **keys})
         return RunConfig.from_flower(values)
 
 
@@ -172,7 +173,7 @@ def run_tuning(tuning: Tuning, candidates: list[dict[str, Any]], progress: bool 
         bar.set_postfix_str(name, refresh=True)
         config = configs[name]
         path = tuning.folder / f"{name}.json"
-        expert_lost = row == EXPERT and not (config.resolve(config.run_dir) / "shared_adapter").is_dir()
+        expert_lost = row == EXPERT and not (config.resolve(config.federation.run_dir) / "shared_adapter").is_dir()
         if path.is_file() and not expert_lost:
             continue
         started = time.perf_counter()
@@ -201,7 +202,7 @@ def summarize(out: Path) -> list[dict[str, Any]]:
                          and c["seed"] == cell["seed"] and c["held_out"] == cell["held_out"]), None)
         ours = per_user(cell)
         row = {"dataset": cell["dataset"], "seed": cell["seed"], "candidate": cell["name"].removeprefix(f"{OURS}_"),
-               "keys": cell["keys"], "deployable": deployable(cell["keys"]),
+               "keys": upgrade_keys(cell["keys"]), "deployable": deployable(upgrade_keys(cell["keys"])),
                **{m: _mean([u[m] for u in ours.values() if m in u]) for m in TABLE_METRICS}}
         if baseline is not None:
             theirs = per_user(baseline)
