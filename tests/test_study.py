@@ -261,3 +261,14 @@ def test_repeated_and_huge_study_options_are_refused_naming_the_flag(tmp_path, c
         code = stopped.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_study_and_tuning_write_beside_the_committed_results_by_default():
+    import argparse
+    from pathlib import Path
+
+    from simulations.study.runner import RESULTS, study_from
+
+    assert Path(__file__).parents[1] / "simulations" / "results" == RESULTS
+    assert study_from(argparse.Namespace(quick=False, out=None))[1] == RESULTS / "study-smollm2-135m"
+    assert (RESULTS / "study-smollm2-135m" / "study.json").is_file()  # the committed study

@@ -2,7 +2,7 @@
 Flower apps, data, base and budget; one resumable command and a report.
 
     python -m simulations.study            (or `nextquill study`)
-    python -m simulations.study --quick    (`tiny`, few users, one seed: minutes on 2 cores)
+    python -m simulations.study --quick    (the real base, 4 users, one seed, one short round)
 
 Every (dataset, seed, method) cell is a federated run of the real ServerApp and ClientApp
 with real Flower messages, in this process (`simulations.inprocess`: no SuperLink, no Ray,
@@ -38,6 +38,7 @@ from simulations.study.protocol import EXPERT_CELL, QUICK, STUDY_METHODS, StudyC
 from simulations.study.report import DCE_SUFFIX, PROFILE_SUFFIX, load_cells, machine
 
 log = logging.getLogger("nextquill.study")
+RESULTS = Path(__file__).parents[1] / "results"  # simulations/results: where the committed studies live
 
 
 def cells(study: StudyConfig) -> list[tuple[str, int, str]]:
@@ -185,7 +186,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="python -m simulations.study", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help=f"the quick size ({', '.join(f'{k}={v}' for k, v in QUICK.items())}): minutes on 2 cores")
+                        help=f"the quick size ({', '.join(f'{k}={v}' for k, v in QUICK.items())}): the real base, "
+                             "which needs no training (converted from its wheel once, about a minute), and one short "
+                             "round")
     parser.add_argument("--out", help="the study folder: cells and report (default: simulations/results/"
                                       "study-<model> in this checkout, or study-quick with --quick)")
     add_settings(parser, StudyConfig())
@@ -206,7 +209,7 @@ def study_from(args: argparse.Namespace) -> tuple[StudyConfig, Path]:
         raise error.renamed("--datasets") from None
     if args.quick:
         study = dataclasses.replace(study, **QUICK)
-    default = Path(__file__).parent / "results" / ("study-quick" if args.quick else f"study-{study.model}")
+    default = RESULTS / ("study-quick" if args.quick else f"study-{study.model}")
     return study, Path(args.out) if args.out else default
 
 
