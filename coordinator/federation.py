@@ -115,7 +115,7 @@ class FederatedRun:
 
     def _first_checkpoint(self) -> Checkpoint:
         config = self.config
-        if config.needs_expert and not config.expert.adapter:
+        if config.expert_phase:
             return Checkpoint(Phase.EXPERT, 0, uuid.uuid4().hex[:12])
         digest = adapter_digest(config.resolve(config.expert.adapter)) if config.needs_expert else None
         return Checkpoint(Phase.PERSONALIZE, 0, uuid.uuid4().hex[:12], digest)

@@ -37,6 +37,7 @@ WEIGHTINGS = ("threshold", "continuous", "fraction")
 # The counterfactual history h_ref (DESIGN.md, "The three quantities"): what the user's history
 # is replaced by when an effect of the history is measured. `client/reference.py` builds it.
 REFERENCES = ("removed", "placeholder", "generic", "donors")
+TRANSPORT_DTYPES = ("float32", "float16")
 EMPTY_HISTORIES = ("removed", "none")
 DP_MODES = ("off", "server", "client", "local")
 
@@ -154,7 +155,8 @@ class TrainConfig:
     batch_size: int = setting(4, "samples per step", minimum=1)
     learning_rate: float = setting(3e-4, "AdamW learning rate of the LoRA", above=0.0)
     alpha: float = setting(0.1, "NextQuill's α: the weight of the causal preference alignment loss L_p", minimum=0.0)
-    weight_scheme: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> token weights ω")  # weights.*
+    weight_scheme: WeightScheme = setting(default_factory=WeightScheme, help="DCE -> token weights ω",
+                                          in_run_config=False)  # its keys are the weights group's
     paired_pass: bool = setting(
         False, "NextQuill's with- and no-history passes as one forward (block-diagonal mask) instead of two; same "
                "gradients",
@@ -329,9 +331,6 @@ class ExpertSettings:
 
     def __post_init__(self) -> None:
         check_settings(self)
-
-
-TRANSPORT_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ groups are written once, here. A run directory written before the keys were grou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ def key_of(group: str, name: str) -> str:
     return f"{group}.{kebab.removeprefix(group + '-')}"
 
 
+@functools.cache  # read on every message a device handles
 def run_config_keys() -> dict[str, tuple[str, str, Any]]:
     """Every run-config key -> (its group, the field's name, the field's type)."""
     known = {}
@@ -204,10 +206,9 @@ def run_config_keys() -> dict[str, tuple[str, str, Any]]:
 
 
 def _run_config_fields(settings: type) -> list[dataclasses.Field]:
-    """The fields of a group that have a key: not those marked out (`in_run_config=False`), nor
-    a nested group (the train group's weight scheme is the weights group)."""
-    return [spec for spec in dataclasses.fields(settings)
-            if spec.metadata.get("in_run_config", True) and spec.name != "weight_scheme"]
+    """The fields of a group that have a key: all but those marked `in_run_config=False` (the
+    train group's weight scheme among them: its keys are the weights group's)."""
+    return [spec for spec in dataclasses.fields(settings) if spec.metadata.get("in_run_config", True)]
 
 
 def _group(name: str, fields: dict[str, Any]) -> Any:
