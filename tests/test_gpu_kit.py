@@ -4,12 +4,15 @@ that still install."""
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from simulations.operations.gpu_kit import IMAGE_PROVIDES, SLIM, _slim, kit_parts
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_two_parts_are_disjoint_and_hold_what_each_call_needs():
@@ -48,13 +51,43 @@ def test_a_slimmed_wheel_drops_the_matched_files_from_its_record_and_installs(tm
     assert (target / "bitsandbytes" / "libbitsandbytes_cuda130.so").read_bytes() == b"13"
 
 
-def test_every_benchmark_command_line_of_the_gpu_session_parses(tmp_path):
-    # A dry run: the stages' command lines go through the benchmarks' own parser, nothing runs.
-    repo = Path(__file__).resolve().parents[1]
+def _documented_calls() -> list[tuple[int, int, list[str]]]:
+    """The session's calls as the script's header writes them: (timeout, CALL_SECONDS, stages)."""
+    text = (REPO / "simulations/operations/gpu_session.sh").read_text()
+    calls = re.findall(r"timeout (\d+):\n#\s+CALL_SECONDS=(\d+) bash simulations/operations/gpu_session.sh ([a-z ]+)",
+                       text)
+    return [(int(timeout), int(seconds), stages.split()) for timeout, seconds, stages in calls]
+
+
+def test_the_session_is_two_calls_that_fit_fifteen_minutes_with_the_machines_start():
+    calls = _documented_calls()
+    assert len(calls) == 2 and all(stages[0] == "install" for _, _, stages in calls)
+    assert all(seconds + 20 <= timeout <= 600 for timeout, seconds, _ in calls)  # each stops before its call is cut
+    start = 180  # a machine's start, counted in the 15 minutes
+    assert start + sum(timeout for timeout, _, _ in calls) <= 15 * 60
+    assert [stage for _, _, stages in calls for stage in stages if stage != "install"] == \
+        ["check", "step", "scale", "study"]
+
+
+def test_a_dry_run_of_both_calls_parses_every_command_line_they_would_run(tmp_path):
+    # Nothing runs: the stages' command lines go through the benchmarks' and the study's own parsers.
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "RESULTS": str(tmp_path / "results"), "NEXTQUILL_HOME": str(tmp_path / "home")}
-    done = subprocess.run(["bash", "simulations/operations/gpu_session.sh", "install", "check", "step", "edge",
-                           "reload", "compile", "scale"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "dry run: 9 benchmark command lines parse" in done.stdout
+    lines = 0
+    for _, seconds, stages in _documented_calls():
+        done = subprocess.run(["bash", "simulations/operations/gpu_session.sh", *stages], cwd=REPO,
+                              env={**env, "CALL_SECONDS": str(seconds)}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines += int(re.search(r"dry run: (\d+) command lines parse", done.stdout).group(1))
+        assert all((tmp_path / "out" / f"{stage}.log").is_file() for stage in stages)
+    assert lines == 5  # step: 3 benchmarks; scale: 1; study: 1
+
+
+def test_a_stage_whose_time_is_spent_stops_saying_so_and_keeps_its_log(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"),
+           "NEXTQUILL_HOME": str(tmp_path / "home"), "CALL_SECONDS": "10"}
+    done = subprocess.run(["bash", "simulations/operations/gpu_session.sh", "step", "nonsense"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2  # the unknown stage's code; the spent stage's is 1
+    assert "skipped (the stage's time is spent)" in (tmp_path / "out" / "step.log").read_text()
+    assert (tmp_path / "out" / "step.tar.gz").is_file() and "unknown stage nonsense" in done.stdout

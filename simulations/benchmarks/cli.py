@@ -22,6 +22,9 @@ compares ratios measured in the same run.
   reload  a deployed device's set-up per message (a fresh ClientApp process: imports and the
           4-bit base), quantizing on load against reading the quantized copy
           (simulations/benchmarks/reload.py)
+  ray-cluster  the main job's federation on a Ray cluster of several nodes on 127.0.0.1 against
+          the same run on one machine: the metrics of every round compared, and the ClientApp
+          actors each node ran (simulations/benchmarks/ray_cluster.py)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -176,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mib", type=float, default=4096, help="the device's memory budget (a 4 GB Jetson: 4096)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer files for a shape model (which has none)")
     p.add_argument("--out", default="runs/benchmarks/edge.json")
+    p = sub.add_parser("ray-cluster", help="the main job's federation on a loopback Ray cluster against one machine")
+    p.add_argument("--run-config", default="",
+                   help="changes to the main job's run config (pyproject.toml), as `flwr run --run-config` takes "
+                        "them: \"federation.rounds=1 base.model='tiny'\"; every user trains in every round")
+    p.add_argument("--supernodes", type=whole_number(1), default=4, help="simulated devices (users)")
+    p.add_argument("--nodes", type=whole_number(1), default=2, help="Ray nodes: a head and nodes - 1 workers")
+    p.add_argument("--cpus-per-node", type=whole_number(1), default=1,
+                   help="CPUs each node offers Ray; a ClientApp actor takes one")
+    p.add_argument("--out", default="runs/benchmarks/ray-cluster")
     for p in sub.choices.values():
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier result at --out (scale: a folder that is not a scale run)")
@@ -183,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     # SIGTERM (a `kill`, a job scheduler) unwinds like an exception, so that the SuperLink,
     # SuperExec and Ray processes a benchmark started are stopped by its cleanup, not orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -247,6 +262,8 @@ def _run(args) -> int:
         edge_benchmark(args.model, model_dir, settings_from(args, BaseSpec()), prompt, settings, Path(args.out),
                        args.budget_mib, args.steps, args.reviews)
         return 0
+    if args.benchmark == "ray-cluster":
+        return _ray_cluster(args)
     if args.benchmark in ("secagg", "wire"):
         from simulations.benchmarks.deployment import deployment_benchmark
 
@@ -257,6 +274,29 @@ def _run(args) -> int:
     paths = simulated_user_stores(config, args.clients)[: args.clients]
     setup_benchmark(config, [UserStore.open(p) for p in paths], Path(args.out))
     return 0
+
+
+def _ray_cluster(args) -> int:
+    """The Ray-cluster benchmark, in a network namespace of its own (a fresh one, entered by
+    running this command again there: see simulations/operations/ray_cluster.py)."""
+    from flwr.common.config import parse_config_args
+
+    from simulations.benchmarks.ray_cluster import ray_cluster_benchmark
+    from simulations.operations import ray_cluster
+
+    overrides = parse_config_args([args.run_config]) if args.run_config.strip() else {}
+    RunConfig.from_flower(overrides)  # unknown keys and wrong values end here, before any process starts
+    if ray_cluster.in_private_loopback():
+        ray_cluster_benchmark(overrides, args.supernodes, Path(args.out), nodes=args.nodes,
+                              cpus_per_node=args.cpus_per_node)
+        return 0
+    reason = ray_cluster.private_loopback_unavailable()
+    if reason is not None:
+        print(f"benchmarks ray-cluster: error: a loopback Ray cluster runs in a network namespace of its own, and "
+              f"none can be made here: {reason}", file=sys.stderr)
+        return 2
+    return subprocess.call(ray_cluster.private_loopback_command([sys.executable, "-m", "simulations.benchmarks",
+                                                                 *args.argv]))
 
 
 if __name__ == "__main__":

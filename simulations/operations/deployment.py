@@ -237,14 +237,16 @@ def local_deployment(
 @contextlib.contextmanager
 def local_simulation(
     flwr_home: Path, *, connection: str = "nextquill-simulation", startup_timeout: float = 120.0,
-    stop_timeout: float = 15.0,
+    stop_timeout: float = 15.0, ray_address: str | None = None,
 ) -> Iterator[LocalDeployment]:
     """A SuperLink of our own in simulation mode on a free loopback port (plain HTTP, the way
     `flwr run .` starts its local one, but with runtime dependency installation off and every
-    process it starts, Ray's included, stopped on exit)."""
+    process it starts, Ray's included, stopped on exit). Its simulations start a Ray of their
+    own on this machine, or join the running Ray cluster at `ray_address` (ray_cluster.py)."""
     flwr_home = Path(flwr_home).absolute()
     marker = uuid.uuid4().hex
-    env = _flower_env(flwr_home, marker)
+    env = {key: value for key, value in _flower_env(flwr_home, marker).items() if key != "RAY_ADDRESS"}
+    env |= {"RAY_ADDRESS": ray_address} if ray_address else {}
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     logs = {"superlink": flwr_home / "logs" / "superlink.log"}
@@ -323,8 +325,6 @@ def run_app(
             f"run {run_id} ended {row['status']}: {row['status-details']}{_log_tails(deployment, log)}"
         )
     return AppRun(run_id=run_id, status=row["status"], output=output, log=log)
-
-
 
 
 def _flower_env(flwr_home: Path, marker: str) -> dict[str, str]:

