@@ -5,8 +5,10 @@ runs ClientApps on both nodes and every round's metrics match the same run on on
 nothing listens beyond the loopback, and every process started is gone afterwards."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -59,8 +61,9 @@ def test_the_federation_on_a_two_node_ray_cluster_runs_clients_on_both_and_match
 
 
 def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times(tmp_path):
+    # A round's training row and its periodic evaluation row share (phase, round): both are compared.
     rows = [{"phase": "personalize", "round": 1, "accepted": 2, "seconds": 3.0, "train-loss": 1.5},
-            {"phase": "evaluate", "round": 1, "accepted": 2, "seconds": 9.0, "eval-nll": float("nan")}]
+            {"phase": "personalize", "round": 1, "accepted": 2, "seconds": 9.0, "eval-nll": float("nan")}]
     other = [dict(rows[0], seconds=7.0, **{"train-loss": 1.25}), dict(rows[1], seconds=1.0)]
     for name, content in (("a", rows), ("b", other)):
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in content))
@@ -68,7 +71,7 @@ def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times
     assert differences["train-loss"] == {"max_abs_difference": 0.25, "at": "personalize 1"}
     assert differences["eval-nll"]["max_abs_difference"] == 0.0  # NaN in both: the same
     assert differences["accepted"]["max_abs_difference"] == 0.0 and "seconds" not in differences
-    (tmp_path / "c").write_text(json.dumps(rows[0]))
+    (tmp_path / "c").write_text(json.dumps(rows[0]))  # the evaluation row missing
     with pytest.raises(RuntimeError, match="other rounds"):
         compare_rounds(tmp_path / "a", tmp_path / "c")
 
@@ -79,3 +82,45 @@ def test_the_benchmark_refuses_a_wrong_run_config_key_before_starting_anything(t
                           text=True, timeout=300, check=False)
     assert done.returncode == 2 and "federation.roundz" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "b").exists() and not in_private_loopback()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_stops_the_cluster_and_every_process_it_started(model_dir, tmp_path):
+    reason = private_loopback_unavailable()
+    if reason is not None:
+        pytest.skip(f"no private network namespace on this machine: {reason}")
+    config = small_run(model_dir, tmp_path / "unused", **{"users.dataset": "synthetic", "federation.rounds": 1})
+    del config["federation.run-dir"]
+    overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+    out = tmp_path / "bench"
+    before = _ray_processes()
+    bench = subprocess.Popen([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config", overrides,
+                              "--supernodes", "2", "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    worker_log = out / "cluster" / "logs" / "ray-worker-1.log"
+    deadline = time.monotonic() + 600
+    while not (worker_log.is_file() and "Ray runtime started" in worker_log.read_text()):
+        assert bench.poll() is None and time.monotonic() < deadline, "the cluster never came up"
+        time.sleep(0.5)
+    bench.send_signal(signal.SIGTERM)
+    _, stderr = bench.communicate(timeout=180)
+    assert bench.returncode != 0 and "Traceback" not in stderr
+    assert not _ray_processes() - before
+    assert not (out / "ray-cluster.json").exists()  # nothing reported for a run that did not finish
+
+
+def test_a_finished_run_is_kept_on_a_rerun_with_the_same_settings_and_refused_with_others(tmp_path):
+    from simulations.benchmarks.ray_cluster import _finished, _record, is_ray_cluster_folder
+
+    asked = {"run_config": {"federation.rounds": 1}, "supernodes": 4, "cpus": 2}
+    folder = tmp_path / "one-machine"
+    assert _finished(folder, asked) is None and not is_ray_cluster_folder(tmp_path)
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "config.json").write_text("{}")
+    assert is_ray_cluster_folder(tmp_path)
+    _record(folder, {**asked, "seconds": 12.0})
+    assert _finished(folder, asked) is None  # interrupted: no summary yet, so the rerun resumes it
+    (folder / "run" / "summary.json").write_text("{}")
+    assert _finished(folder, asked)["seconds"] == 12.0
+    with pytest.raises(ValueError, match="other settings.*supernodes"):
+        _finished(folder, {**asked, "supernodes": 8})

@@ -208,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from simulations.benchmarks import scale, step
+    from simulations.benchmarks.ray_cluster import is_ray_cluster_folder
 
-    # A scale run resumes in its own folder: refuse only a folder that is not one.
-    if not (args.benchmark == "scale" and scale.is_scale_folder(Path(args.out))):
+    # A scale or ray-cluster run resumes in its own folder: refuse only a folder that is not one.
+    if not (args.benchmark == "scale" and scale.is_scale_folder(Path(args.out))) and \
+            not (args.benchmark == "ray-cluster" and is_ray_cluster_folder(Path(args.out))):
         refuse_to_replace(Path(args.out), args.overwrite)
     if args.benchmark == "step":
         shape = step.with_overrides(
@@ -295,8 +297,15 @@ def _ray_cluster(args) -> int:
         print(f"benchmarks ray-cluster: error: a loopback Ray cluster runs in a network namespace of its own, and "
               f"none can be made here: {reason}", file=sys.stderr)
         return 2
-    return subprocess.call(ray_cluster.private_loopback_command([sys.executable, "-m", "simulations.benchmarks",
-                                                                 *args.argv]))
+    # `unshare` without a new pid namespace execs its command: the child is the benchmark itself.
+    child = subprocess.Popen(ray_cluster.private_loopback_command([sys.executable, "-m", "simulations.benchmarks",
+                                                                   *args.argv]))
+    try:
+        return child.wait()
+    except BaseException:  # SIGTERM or Ctrl-C here: the benchmark stops what it started, then ends
+        child.terminate()
+        child.wait(timeout=120)
+        raise
 
 
 if __name__ == "__main__":

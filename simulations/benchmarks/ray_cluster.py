@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 # Per-round fields that measure time or place, not the federation's outcome.
 _NOT_COMPARED = ("seconds",)
+RUNS = ("one-machine", "cluster")
+_INFO = "run-info.json"  # beside a finished run: its time and, on the cluster, where its clients ran
 
 
 class ActorPlacement(threading.Thread):
@@ -54,7 +56,9 @@ class ActorPlacement(threading.Thread):
 def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int, out: Path, *, nodes: int = 2,
                           cpus_per_node: int = 1, timeout: float = 3 * 3600) -> dict:
     """The federation of `run_config` with `supernodes` simulated devices, on one machine and
-    on a loopback Ray cluster of `nodes` nodes; writes `<out>/ray-cluster.json` and a table."""
+    on a loopback Ray cluster of `nodes` nodes; writes `<out>/ray-cluster.json` and a table. A
+    rerun into the same `out` keeps a finished run and resumes an interrupted one (from its
+    coordinator checkpoint)."""
     if not in_private_loopback():
         raise DeploymentError("run this benchmark through `nextquill benchmarks ray-cluster`, which starts it in a "
                               "network namespace of its own (simulations/operations/ray_cluster.py)")
@@ -62,36 +66,40 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
     cpus = nodes * cpus_per_node
     config = {**run_config, "federation.clients-per-round": supernodes, "federation.min-replies": supernodes}
     simulation = {"num-supernodes": supernodes, "client-resources-num-cpus": 1}
-    runs = {}
-    started = time.perf_counter()
-    log.info("one machine: the federation of %d users (Flower's log: %s)", supernodes, out / "one-machine" / "flwr")
-    with local_simulation(out / "one-machine" / "flwr") as deployment:
-        config["federation.run-dir"] = str(out / "one-machine" / "run")
-        run_app(deployment, REPO, config, timeout, federation_config={**simulation, "init-args-num-cpus": cpus})
-    runs["one-machine"] = {"seconds": time.perf_counter() - started}
-    log.info("one machine: done in %.0f s; now the cluster of %d nodes", runs["one-machine"]["seconds"], nodes)
-    started = time.perf_counter()
-    with local_ray_cluster(out / "cluster" / "logs", nodes=nodes, cpus_per_node=cpus_per_node) as cluster:
-        listening = {node.name: sorted(node.listening()) for node in cluster.nodes}
-        log.info("cluster at %s: the same federation (Flower's log: %s)", cluster.address, out / "cluster" / "flwr")
-        with local_simulation(out / "cluster" / "flwr", ray_address=cluster.address) as deployment:
-            config["federation.run-dir"] = str(out / "cluster" / "run")
-            placement = ActorPlacement(cluster)
-            placement.start()
-            try:
-                run_app(deployment, REPO, config, timeout, federation_config=simulation)
-            finally:
-                placement.stop()
-    runs["cluster"] = {"seconds": time.perf_counter() - started, "ray_address": cluster.address,
-                       "actors_per_node": {name: len(pids) for name, pids in placement.actors.items()},
-                       "listening": listening}
+    asked = {"run_config": dict(config), "supernodes": supernodes, "cpus": cpus}
+    runs = {name: _finished(out / name, asked) for name in RUNS}
+    if runs["one-machine"] is None:
+        log.info("one machine: the federation of %d users (Flower's log: %s)", supernodes, out / "one-machine" / "flwr")
+        started = time.perf_counter()
+        with local_simulation(out / "one-machine" / "flwr") as deployment:
+            config["federation.run-dir"] = str(out / "one-machine" / "run")
+            run_app(deployment, REPO, config, timeout, federation_config={**simulation, "init-args-num-cpus": cpus})
+        runs["one-machine"] = _record(out / "one-machine", {**asked, "seconds": time.perf_counter() - started})
+    if runs["cluster"] is None:
+        started = time.perf_counter()
+        with local_ray_cluster(out / "cluster" / "logs", nodes=nodes, cpus_per_node=cpus_per_node) as cluster:
+            listening = {node.name: sorted(node.listening()) for node in cluster.nodes}
+            log.info("cluster at %s: the same federation (Flower's log: %s)", cluster.address,
+                     out / "cluster" / "flwr")
+            with local_simulation(out / "cluster" / "flwr", ray_address=cluster.address) as deployment:
+                config["federation.run-dir"] = str(out / "cluster" / "run")
+                placement = ActorPlacement(cluster)
+                placement.start()
+                try:
+                    run_app(deployment, REPO, config, timeout, federation_config=simulation)
+                finally:
+                    placement.stop()
+        runs["cluster"] = _record(out / "cluster", {
+            **asked, "seconds": time.perf_counter() - started, "ray_address": cluster.address,
+            "actors_per_node": {name: len(pids) for name, pids in placement.actors.items()}, "listening": listening})
+    config.pop("federation.run-dir", None)
     differences = compare_rounds(out / "one-machine" / "run" / "rounds.jsonl", out / "cluster" / "run" / "rounds.jsonl")
     result = {
         "benchmark": "Flower simulation on a Ray cluster", "run_config": dict(config), "supernodes": supernodes,
         "nodes": nodes, "cpus_per_node": cpus_per_node, "runs": runs, "differences": differences,
         "largest_difference": max((d["max_abs_difference"] for d in differences.values()), default=0.0),
         "every_node_ran_clients": all(runs["cluster"]["actors_per_node"].values()),
-        "summaries": {name: _summary(out / name / "run") for name in ("one-machine", "cluster")},
+        "summaries": {name: _summary(out / name / "run") for name in RUNS},
     }
     atomic_write_json(out / "ray-cluster.json", result)
     atomic_write_text(out / "ray-cluster.md", report(result))
@@ -99,17 +107,43 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
     return result
 
 
+def is_ray_cluster_folder(out: Path) -> bool:
+    """Whether `out` holds this benchmark's own runs (a rerun resumes them)."""
+    return any((Path(out) / name / "run" / "config.json").is_file() for name in RUNS)
+
+
+def _finished(folder: Path, asked: dict) -> dict | None:
+    """What a finished run recorded, or None when it has not finished (a rerun resumes it).
+    Raises when it was made with other settings."""
+    info = folder / _INFO
+    if not (info.is_file() and (folder / "run" / "summary.json").is_file()):
+        return None
+    recorded = json.loads(info.read_text())
+    different = sorted(key for key in asked if recorded.get(key) != asked[key])
+    if different:
+        raise ValueError(f"{folder} holds a run made with other settings ({', '.join(different)}); choose another "
+                         "--out")
+    log.info("%s: finished earlier, kept (%s)", folder.name, folder)
+    return recorded
+
+
+def _record(folder: Path, info: dict) -> dict:
+    atomic_write_json(folder / _INFO, info)
+    return info
+
+
 def compare_rounds(first: Path, second: Path) -> dict[str, dict]:
     """Per metric of rounds.jsonl (counts and bytes included, times excluded): the largest
     absolute difference between the two runs over every (phase, round). Raises when the two
     runs do not have the same rounds or the same metrics."""
-    rows = [{(r["phase"], r["round"]): r for r in map(json.loads, path.read_text().splitlines())}
-            for path in (first, second)]
-    if rows[0].keys() != rows[1].keys():
-        raise DeploymentError(f"the runs went through other rounds: {sorted(rows[0])} against {sorted(rows[1])}")
+    # In file order: a round can have two rows (its training and its periodic evaluation).
+    rows = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in (first, second)]
+    rounds = [[(r["phase"], r["round"]) for r in run] for run in rows]
+    if rounds[0] != rounds[1]:
+        raise DeploymentError(f"the runs went through other rounds: {rounds[0]} against {rounds[1]}")
     differences: dict[str, dict] = {}
-    for key, row in rows[0].items():
-        other = rows[1][key]
+    for row, other in zip(*rows, strict=True):
+        key = (row["phase"], row["round"])
         if set(row) != set(other):
             raise DeploymentError(f"{key}: the runs reported other metrics ({sorted(set(row) ^ set(other))})")
         for metric, value in row.items():
