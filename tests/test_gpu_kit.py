@@ -62,9 +62,11 @@ def _documented_calls() -> list[tuple[int, int, list[str]]]:
 def test_the_session_is_two_calls_that_fit_fifteen_minutes_with_the_machines_start():
     calls = _documented_calls()
     assert len(calls) == 2 and all(stages[0] == "install" for _, _, stages in calls)
-    assert all(seconds + 20 <= timeout <= 600 for timeout, seconds, _ in calls)  # each stops before its call is cut
-    start = 180  # a machine's start, counted in the 15 minutes
-    assert start + sum(timeout for timeout, _, _ in calls) <= 15 * 60
+    # Each call's stages (their cleanup included) end by CALL_SECONDS; the rest of the timeout is for
+    # installing nothing more than the tarballs, and a margin.
+    assert all(seconds + 45 <= timeout <= 600 for timeout, seconds, _ in calls)
+    start, slack = 180, 60  # a machine's start and the gap between the calls, counted in the 15 minutes
+    assert start + sum(timeout for timeout, _, _ in calls) + slack <= 15 * 60
     assert [stage for _, _, stages in calls for stage in stages if stage != "install"] == \
         ["check", "step", "scale", "study"]
 
@@ -88,6 +90,6 @@ def test_a_stage_whose_time_is_spent_stops_saying_so_and_keeps_its_log(tmp_path)
            "NEXTQUILL_HOME": str(tmp_path / "home"), "CALL_SECONDS": "10"}
     done = subprocess.run(["bash", "simulations/operations/gpu_session.sh", "step", "nonsense"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2  # the unknown stage's code; the spent stage's is 1
+    assert done.returncode == 2 and "=== step exit 1" in done.stdout  # the unknown stage's code outranks 1
     assert "skipped (the stage's time is spent)" in (tmp_path / "out" / "step.log").read_text()
     assert (tmp_path / "out" / "step.tar.gz").is_file() and "unknown stage nonsense" in done.stdout

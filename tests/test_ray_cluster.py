@@ -2,7 +2,8 @@
 its own on 127.0.0.1 (in a network namespace of its own, where the loopback is the only
 interface), and our SuperLink's simulation attached to it through RAY_ADDRESS. The federation
 runs ClientApps on both nodes and every round's metrics match the same run on one machine;
-nothing listens beyond the loopback, and every process started is gone afterwards."""
+nothing listens beyond the loopback, and every process started is gone afterwards, also when
+the command is stopped mid-run."""
 
 import json
 import signal
@@ -15,15 +16,30 @@ import psutil
 import pytest
 
 from simulations.benchmarks.ray_cluster import compare_rounds
-from simulations.operations.ray_cluster import in_private_loopback, private_loopback_unavailable
+from simulations.operations.ray_cluster import private_loopback_unavailable
 from tests.samples import small_run
 
 REPO = Path(__file__).parents[1]
-_RAY_PROGRAMS = ("gcs_server", "raylet")
+# What a run starts: Ray's servers and actors, Flower's SuperLink, SuperExec and simulation.
+_STARTED = ("gcs_server", "raylet", "ClientAppActor", "flower-superlink", "flower-superexec", "flwr-simulation")
 
 
-def _ray_processes() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in _RAY_PROGRAMS}
+def _started_by(out: Path, before: set[int]) -> list[str]:
+    """Live processes that were not there `before` and belong to a run into `out`: by their
+    program, or by naming `out` in their command line or environment."""
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "environ", "status"], ad_value=None):
+        if proc.info["pid"] in before or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        words = [proc.info["name"] or "", *(proc.info["cmdline"] or []), *(proc.info["environ"] or {}).values()]
+        if any(program in word for word in words for program in (*_STARTED, str(out))):
+            found.append(f"{proc.info['pid']} {' '.join(proc.info['cmdline'] or [])[:120]}")
+    return found
+
+
+def _actors() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name", "cmdline"], ad_value=None)
+            if "ClientAppActor" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])}
 
 
 def _toml_value(value) -> str:
@@ -42,7 +58,7 @@ def test_the_federation_on_a_two_node_ray_cluster_runs_clients_on_both_and_match
     del config["federation.run-dir"]  # the benchmark gives each run its own
     overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
     out = tmp_path / "bench"
-    before = _ray_processes()
+    before = set(psutil.pids())
     done = subprocess.run([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config", overrides,
                            "--supernodes", "4", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=900, check=False)
@@ -57,7 +73,7 @@ def test_the_federation_on_a_two_node_ray_cluster_runs_clients_on_both_and_match
     assert {(r["phase"], r["accepted"]) for r in rows} >= {("personalize", 4), ("evaluate", 4)}
     assert set(result["differences"]) >= {"train-loss", "eval-nll", "eval-rouge1", "upload_bytes_per_client"}
     assert result["largest_difference"] <= 1e-4, result["differences"]
-    assert not _ray_processes() - before  # both nodes stopped, by process group
+    assert not _started_by(out, before)  # both nodes, the SuperLinks and all they started: stopped
 
 
 def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times(tmp_path):
@@ -72,7 +88,7 @@ def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times
     assert differences["eval-nll"]["max_abs_difference"] == 0.0  # NaN in both: the same
     assert differences["accepted"]["max_abs_difference"] == 0.0 and "seconds" not in differences
     (tmp_path / "c").write_text(json.dumps(rows[0]))  # the evaluation row missing
-    with pytest.raises(RuntimeError, match="other rounds"):
+    with pytest.raises(ValueError, match="other rounds"):
         compare_rounds(tmp_path / "a", tmp_path / "c")
 
 
@@ -81,7 +97,7 @@ def test_the_benchmark_refuses_a_wrong_run_config_key_before_starting_anything(t
                            "federation.roundz=2", "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 2 and "federation.roundz" in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "b").exists() and not in_private_loopback()
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
@@ -93,7 +109,7 @@ def test_sigterm_mid_run_stops_the_cluster_and_every_process_it_started(model_di
     del config["federation.run-dir"]
     overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
     out = tmp_path / "bench"
-    before = _ray_processes()
+    before = set(psutil.pids())
     bench = subprocess.Popen([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config", overrides,
                               "--supernodes", "2", "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -102,10 +118,14 @@ def test_sigterm_mid_run_stops_the_cluster_and_every_process_it_started(model_di
     while not (worker_log.is_file() and "Ray runtime started" in worker_log.read_text()):
         assert bench.poll() is None and time.monotonic() < deadline, "the cluster never came up"
         time.sleep(0.5)
-    bench.send_signal(signal.SIGTERM)
-    _, stderr = bench.communicate(timeout=180)
-    assert bench.returncode != 0 and "Traceback" not in stderr
-    assert not _ray_processes() - before
+    earlier_actors = _actors()  # the one-machine run's are gone or going; wait for the cluster's own
+    while not _actors() - earlier_actors:
+        assert bench.poll() is None and time.monotonic() < deadline, "no ClientApp ran on the cluster"
+        time.sleep(0.5)
+    bench.send_signal(signal.SIGTERM)  # mid-run: the cluster, the SuperLink and the actors are all up
+    _, stderr = bench.communicate(timeout=240)
+    assert bench.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert not _started_by(out, before)
     assert not (out / "ray-cluster.json").exists()  # nothing reported for a run that did not finish
 
 

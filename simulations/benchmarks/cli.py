@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -281,12 +282,10 @@ def _run(args) -> int:
 def _ray_cluster(args) -> int:
     """The Ray-cluster benchmark, in a network namespace of its own (a fresh one, entered by
     running this command again there: see simulations/operations/ray_cluster.py)."""
-    from flwr.common.config import parse_config_args
-
     from simulations.benchmarks.ray_cluster import ray_cluster_benchmark
     from simulations.operations import ray_cluster
 
-    overrides = parse_config_args([args.run_config]) if args.run_config.strip() else {}
+    overrides = _run_config_overrides(args.run_config)
     RunConfig.from_flower(overrides)  # unknown keys and wrong values end here, before any process starts
     if ray_cluster.in_private_loopback():
         ray_cluster_benchmark(overrides, args.supernodes, Path(args.out), nodes=args.nodes,
@@ -294,19 +293,37 @@ def _ray_cluster(args) -> int:
         return 0
     reason = ray_cluster.private_loopback_unavailable()
     if reason is not None:
-        print(f"benchmarks ray-cluster: error: a loopback Ray cluster runs in a network namespace of its own, and "
-              f"none can be made here: {reason}", file=sys.stderr)
-        return 2
-    # `unshare` without a new pid namespace execs its command: the child is the benchmark itself.
+        raise OSError(f"a loopback Ray cluster runs in a network namespace of its own, and none can be made here: "
+                      f"{reason}")
+    # `unshare` without a new pid namespace execs its command: the child is the benchmark itself,
+    # in a session of its own so that a Ctrl-C reaches it once, forwarded from here as SIGTERM.
     child = subprocess.Popen(ray_cluster.private_loopback_command([sys.executable, "-m", "simulations.benchmarks",
-                                                                   *args.argv]))
+                                                                   *args.argv]), start_new_session=True)
     try:
-        return child.wait()
+        code = child.wait()
     except BaseException:  # SIGTERM or Ctrl-C here: the benchmark stops what it started, then ends
         child.terminate()
-        child.wait(timeout=120)
+        try:
+            child.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
         raise
+    return 128 - code if code < 0 else code  # a child ended by a signal: the shell's 128 + n
 
+
+def _run_config_overrides(text: str) -> dict:
+    """`flwr run --run-config`'s syntax ("key=value key='text'"), each pair checked: a word that is
+    not a pair, or a value that is not TOML, is refused naming it."""
+    from flwr.common.config import parse_config_args
+
+    loose = re.sub(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""", " ", text).split()  # what Flower's pattern leaves
+    if loose:
+        raise ValueError(f"--run-config: {loose[0]!r} is not key=value")
+    try:
+        return parse_config_args([text]) if text.strip() else {}
+    except Exception as error:  # click's exception for a value that is not TOML (a string needs quotes)
+        raise ValueError(f"--run-config {text!r}: {error}; a text value needs quotes: key='text'") from None
 
 if __name__ == "__main__":
     raise SystemExit(main())

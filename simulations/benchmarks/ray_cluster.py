@@ -35,18 +35,21 @@ _INFO = "run-info.json"  # beside a finished run: its time and, on the cluster, 
 
 
 class ActorPlacement(threading.Thread):
-    """Samples, every `period` seconds, which Flower ClientApp actors run on each node."""
+    """Samples, every `period` seconds, which Flower ClientApp actors run on each node, and
+    where each node's processes listen (the actors' own servers included)."""
 
     def __init__(self, cluster: RayCluster, period: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.cluster, self.period = cluster, period
         self.actors: dict[str, set[int]] = {node.name: set() for node in cluster.nodes}
+        self.listening: dict[str, set[str]] = {node.name: node.listening() for node in cluster.nodes}
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.period):
             for node in self.cluster.nodes:
                 self.actors[node.name] |= node.client_actors()
+                self.listening[node.name] |= node.listening()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -60,13 +63,13 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
     rerun into the same `out` keeps a finished run and resumes an interrupted one (from its
     coordinator checkpoint)."""
     if not in_private_loopback():
-        raise DeploymentError("run this benchmark through `nextquill benchmarks ray-cluster`, which starts it in a "
-                              "network namespace of its own (simulations/operations/ray_cluster.py)")
+        raise DeploymentError("run this benchmark through `python -m simulations.benchmarks ray-cluster`, which "
+                              "starts it in a network namespace of its own (simulations/operations/ray_cluster.py)")
     out = Path(out).absolute()
     cpus = nodes * cpus_per_node
     config = {**run_config, "federation.clients-per-round": supernodes, "federation.min-replies": supernodes}
     simulation = {"num-supernodes": supernodes, "client-resources-num-cpus": 1}
-    asked = {"run_config": dict(config), "supernodes": supernodes, "cpus": cpus}
+    asked = {"run_config": dict(config), "supernodes": supernodes, "nodes": nodes, "cpus": cpus}
     runs = {name: _finished(out / name, asked) for name in RUNS}
     if runs["one-machine"] is None:
         log.info("one machine: the federation of %d users (Flower's log: %s)", supernodes, out / "one-machine" / "flwr")
@@ -78,7 +81,6 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
     if runs["cluster"] is None:
         started = time.perf_counter()
         with local_ray_cluster(out / "cluster" / "logs", nodes=nodes, cpus_per_node=cpus_per_node) as cluster:
-            listening = {node.name: sorted(node.listening()) for node in cluster.nodes}
             log.info("cluster at %s: the same federation (Flower's log: %s)", cluster.address,
                      out / "cluster" / "flwr")
             with local_simulation(out / "cluster" / "flwr", ray_address=cluster.address) as deployment:
@@ -91,7 +93,8 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
                     placement.stop()
         runs["cluster"] = _record(out / "cluster", {
             **asked, "seconds": time.perf_counter() - started, "ray_address": cluster.address,
-            "actors_per_node": {name: len(pids) for name, pids in placement.actors.items()}, "listening": listening})
+            "actors_per_node": {name: len(pids) for name, pids in placement.actors.items()},
+            "listening": {name: sorted(addresses) for name, addresses in placement.listening.items()}})
     config.pop("federation.run-dir", None)
     differences = compare_rounds(out / "one-machine" / "run" / "rounds.jsonl", out / "cluster" / "run" / "rounds.jsonl")
     result = {
@@ -140,12 +143,13 @@ def compare_rounds(first: Path, second: Path) -> dict[str, dict]:
     rows = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in (first, second)]
     rounds = [[(r["phase"], r["round"]) for r in run] for run in rows]
     if rounds[0] != rounds[1]:
-        raise DeploymentError(f"the runs went through other rounds: {rounds[0]} against {rounds[1]}")
+        raise ValueError(f"{first} and {second} went through other rounds ({len(rounds[0])} rows against "
+                         f"{len(rounds[1])}): the runs do not compare")
     differences: dict[str, dict] = {}
     for row, other in zip(*rows, strict=True):
         key = (row["phase"], row["round"])
         if set(row) != set(other):
-            raise DeploymentError(f"{key}: the runs reported other metrics ({sorted(set(row) ^ set(other))})")
+            raise ValueError(f"{key}: the runs reported other metrics ({sorted(set(row) ^ set(other))})")
         for metric, value in row.items():
             if metric in ("phase", "round") or metric.endswith(_NOT_COMPARED) or isinstance(value, str):
                 continue

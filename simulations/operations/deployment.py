@@ -245,8 +245,8 @@ def local_simulation(
     own on this machine, or join the running Ray cluster at `ray_address` (ray_cluster.py)."""
     flwr_home = Path(flwr_home).absolute()
     marker = uuid.uuid4().hex
-    env = {key: value for key, value in _flower_env(flwr_home, marker).items() if key != "RAY_ADDRESS"}
-    env |= {"RAY_ADDRESS": ray_address} if ray_address else {}
+    # "local": a Ray of its own even where a `ray start` cluster runs here (ray.init() would join it)
+    env = {**_flower_env(flwr_home, marker), "RAY_ADDRESS": ray_address or "local"}
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
     logs = {"superlink": flwr_home / "logs" / "superlink.log"}

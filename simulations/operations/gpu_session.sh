@@ -5,9 +5,9 @@
 # python -m simulations.operations.gpu_kit pack. Then:
 #
 #   call 1, carry [".gpu/compute"], timeout 240:
-#       CALL_SECONDS=210 bash simulations/operations/gpu_session.sh install check step
-#   call 2, carry [".gpu/federation"], timeout 450:
-#       CALL_SECONDS=420 bash simulations/operations/gpu_session.sh install scale study
+#       CALL_SECONDS=180 bash simulations/operations/gpu_session.sh install check step
+#   call 2, carry [".gpu/federation"], timeout 420:
+#       CALL_SECONDS=360 bash simulations/operations/gpu_session.sh install scale study
 #
 # The stages, in order of value where the kit allows (scale needs both parts, so it opens call 2):
 #   scale  (a) users per GPU-hour in a real Flower simulation on smollm2-135m's shape, one local
@@ -28,9 +28,10 @@ KIT=${KIT:-.gpu}                      # the kit folder, relative to the reposito
 PYTHON=${PYTHON:-python3}             # the image's Python (the one that holds CUDA torch)
 DEVICE=${DEVICE:-cuda}
 CALL_SECONDS=${CALL_SECONDS:-560}     # every stage is stopped by then (what it wrote so far is kept)
-STAGE_SECONDS_scale=${STAGE_SECONDS_scale:-300}
+STAGE_SECONDS_scale=${STAGE_SECONDS_scale:-280}
 STAGE_SECONDS_study=${STAGE_SECONDS_study:-300}
-STAGE_SECONDS_step=${STAGE_SECONDS_step:-150}
+STAGE_SECONDS_step=${STAGE_SECONDS_step:-140}
+KILL_AFTER=${KILL_AFTER:-40}          # a stopped command's cleanup (SuperLink, Ray) gets this long before SIGKILL
 SCALE_USERS=${SCALE_USERS:-160}
 SCALE_PER_ROUND=${SCALE_PER_ROUND:-32}
 SCALE_CONCURRENCY=${SCALE_CONCURRENCY:-"8 16 4"}   # the likeliest best first: a stopped sweep keeps those done
@@ -42,15 +43,16 @@ export PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZ
 RESULTS=${RESULTS:-runs/gpu-session/results}   # where the benchmarks write (kept between calls)
 TOKENIZER="$NEXTQUILL_HOME/kit/tokenizer"
 mkdir -p "$OUT" "$RESULTS" "$NEXTQUILL_HOME"
+OUT=$(cd "$OUT" && pwd) RESULTS=$(cd "$RESULTS" && pwd)  # absolute: the tarballs are written from inside RESULTS
 
 CALL_DEADLINE=$((SECONDS + CALL_SECONDS))
 STAGE_DEADLINE=$CALL_DEADLINE
 DRY_LINES=$(mktemp)
 
-timed() {  # a command, stopped at the stage's deadline (or the call's)
-    local left=$((STAGE_DEADLINE - SECONDS))
+timed() {  # a command, stopped at the stage's deadline (or the call's), its cleanup included
+    local left=$((STAGE_DEADLINE - SECONDS - KILL_AFTER))
     if [ "$left" -lt 30 ]; then echo "skipped (the stage's time is spent): $*"; return 1; fi
-    timeout --kill-after=15 "$left" "$@"
+    timeout --kill-after="$KILL_AFTER" "$left" "$@"
 }
 
 bench() {  # python -m simulations.benchmarks ...
@@ -136,13 +138,15 @@ stage_study() {  # (b) the headline rows at size, on the real base
 }
 
 stage_step() {  # (c) the levers on smollm2-135m's shape: eager (the study's step, then a 2k-token history), compiled
+    local code=0
     bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --methods context-sft nextquill \
-        nextquill-paired nextquill-fused --out "$RESULTS/step_smollm2.json"
+        nextquill-paired nextquill-fused --out "$RESULTS/step_smollm2.json" || code=1
     bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --batch-size 1 --history-tokens 2048 \
         --context-tokens 64 --response-tokens 128 --methods context-sft nextquill nextquill-paired nextquill-fused \
-        --out "$RESULTS/step_smollm2_2k.json"
+        --out "$RESULTS/step_smollm2_2k.json" || code=1
     bench step --model smollm2-135m-shape --device "$DEVICE" --steps 5 --methods context-sft-compiled \
-        nextquill-compiled --out "$RESULTS/step_smollm2_compiled.json"
+        nextquill-compiled --out "$RESULTS/step_smollm2_compiled.json" || code=1
+    return $code
 }
 
 stage_compile() {  # compiled decoder layers against eager, Qwen2.5-0.5B's shape
@@ -151,15 +155,19 @@ stage_compile() {  # compiled decoder layers against eager, Qwen2.5-0.5B's shape
 }
 
 stage_edge() {  # a client round's peak memory against a 4 GB device
+    local code=0
     bench edge --model qwen2.5-0.5b-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 1 4 8 \
-        --out "$RESULTS/edge_qwen.json"
+        --out "$RESULTS/edge_qwen.json" || code=1
     bench edge --model smollm2-135m-shape --tokenizer "$TOKENIZER" --device "$DEVICE" --batch-sizes 8 \
-        --variants plain fused --out "$RESULTS/edge_smollm2.json"
+        --variants plain fused --out "$RESULTS/edge_smollm2.json" || code=1
+    return $code
 }
 
 stage_reload() {
-    bench reload --model smollm2-135m-shape --device "$DEVICE" --out "$RESULTS/reload_smollm2.json"
-    bench reload --model qwen2.5-0.5b-shape --device "$DEVICE" --out "$RESULTS/reload_qwen.json"
+    local code=0
+    bench reload --model smollm2-135m-shape --device "$DEVICE" --out "$RESULTS/reload_smollm2.json" || code=1
+    bench reload --model qwen2.5-0.5b-shape --device "$DEVICE" --out "$RESULTS/reload_qwen.json" || code=1
+    return $code
 }
 
 STAGES="install check scale study step compile edge reload"
@@ -167,7 +175,7 @@ status=0
 for stage in "$@"; do
     case " $STAGES " in
         *" $stage "*) ;;
-        *) echo "unknown stage $stage ($STAGES)"; status=2; continue ;;
+        *) echo "unknown stage $stage ($STAGES)"; status=2; continue ;;  # 2 outranks a stage's failure
     esac
     budget_name="STAGE_SECONDS_$stage"
     budget=${!budget_name:-$CALL_SECONDS}
@@ -177,7 +185,7 @@ for stage in "$@"; do
     "stage_$stage" 2>&1 | tee "$OUT/$stage.log"
     code=${PIPESTATUS[0]}
     echo "=== $stage exit $code"
-    [ "$code" -eq 0 ] || status=1
+    if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=1; fi
     # the figures (and profiles) the stage wrote: JSON, text, tables, plots; not the users or the runs
     (cd "$RESULTS" && find . -type f -newer "$started" \( -name '*.json' -o -name '*.txt' -o -name '*.png' \
         -o -name '*.md' -o -name '*.csv' \) -not -path '*/users/*' -not -path '*/flwr/*' -not -path '*/run/*' \

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -52,9 +53,15 @@ _ACTOR = "ClientAppActor"  # Flower's Ray actor that runs ClientApps: its proces
 
 
 def in_private_loopback() -> bool:
-    """Whether this process's only network interface is the loopback, up."""
+    """Whether this process's loopback is up and every other network interface down (a new
+    network namespace may hold tunnel devices, down, where the host loads their modules)."""
     stats = psutil.net_if_stats()
-    return set(stats) == {"lo"} and stats["lo"].isup
+    return "lo" in stats and stats["lo"].isup and not any(s.isup for name, s in stats.items() if name != "lo")
+
+
+def _fresh_namespace() -> bool:
+    """Whether no interface is up: a network namespace just made, whose loopback is still down."""
+    return not any(stats.isup for stats in psutil.net_if_stats().values())
 
 
 def private_loopback_unavailable() -> str | None:
@@ -138,7 +145,7 @@ def local_ray_cluster(log_dir: Path, *, nodes: int = 2, cpus_per_node: int = 1, 
     if not in_private_loopback():
         raise DeploymentError("a loopback Ray cluster needs a network namespace whose only interface is the loopback "
                               "(else Ray binds every interface): run the command through "
-                              "`python -m simulations.operations.ray_cluster -- <command>`")
+                              "`python -m simulations.operations.ray_cluster -- <command>` under `unshare`")
     log_dir = Path(log_dir).absolute()
     marker = uuid.uuid4().hex
     env = {**os.environ, MARKER_ENV: marker, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -188,12 +195,28 @@ def main(argv: list[str]) -> int:
         print("usage: unshare --user --map-root-user --net --uts -- python -m simulations.operations.ray_cluster "
               "-- <command> [args...]", file=sys.stderr)
         return 2
-    if set(psutil.net_if_stats()) != {"lo"}:
-        print("refused: this process is not in a network namespace of its own (it sees "
-              f"{', '.join(sorted(psutil.net_if_stats()))}); start it through `unshare --net`", file=sys.stderr)
+    if not _fresh_namespace():
+        up = sorted(name for name, stats in psutil.net_if_stats().items() if stats.isup)
+        print(f"refused: this process is not in a network namespace of its own (interfaces up: {', '.join(up)}); "
+              "start it through `unshare --net`", file=sys.stderr)
         return 2
     _bring_up_loopback()
+    _end_with_parent()
     os.execvp(argv[0], argv)
+
+
+def _end_with_parent() -> None:
+    """SIGTERM to this process when the one that started it dies (a SIGKILL there included), so
+    that the command in the namespace, and the cluster it stops on SIGTERM, never outlive it.
+    Linux's PR_SET_PDEATHSIG; kept across exec."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1:  # the parent died before the call: nobody is left to wait for us
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":
