@@ -92,11 +92,14 @@ def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times
         compare_rounds(tmp_path / "a", tmp_path / "c")
 
 
-def test_the_benchmark_refuses_a_wrong_run_config_key_before_starting_anything(tmp_path):
+@pytest.mark.parametrize(("run_config", "named"), [("federation.roundz=2", "federation.roundz"),
+                                                   ("base.model=tiny", "key='text'"),
+                                                   ("federation.rounds", "is not key=value")])
+def test_the_benchmark_refuses_a_wrong_run_config_before_starting_anything(tmp_path, run_config, named):
     done = subprocess.run([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config",
-                           "federation.roundz=2", "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
+                           run_config, "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=False)
-    assert done.returncode == 2 and "federation.roundz" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "b").exists()
 
 
