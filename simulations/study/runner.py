@@ -114,10 +114,16 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         profile = cell_path(out, dataset, seed, "data").with_name(f"data{PROFILE_SUFFIX}")
         if not profile.is_file():
             atomic_write_json(profile, data_profile(config, study.users))
-        # Scored apart from the cell, so a study folder whose scores predate a new one gets it
-        # when its <row>.dce.json is removed and the study rerun.
+    # The experts' DCE scores after every cell (scoring four counterfactuals takes about as long
+    # as a cell): a sitting cut short keeps the rows the headline pairs. Scored apart from the
+    # cell, so a study folder whose scores predate a new one gets it when its <row>.dce.json is
+    # removed and the study rerun.
+    for dataset, seed, method in tqdm([cell for cell in todo if cell[2] in experts], desc="DCE scores", unit="expert",
+                                      disable=not progress):
         scores = dce_path(out, dataset, seed, method)
-        if method in experts and not scores.is_file():
+        if not scores.is_file():
+            expert = work / "runs" / dataset_name(dataset) / f"seed-{seed}" / STUDY_METHODS[method].expert
+            config = run_config(study, dataset, seed, method, expert / "shared_adapter", work)
             detection = dce_detection(config, study.users, config.resolve(config.federation.run_dir) / "shared_adapter")
             atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(asked))
