@@ -6,6 +6,7 @@ nothing listens beyond the loopback, and every process started is gone afterward
 the command is stopped mid-run."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulations.benchmarks.ray_cluster import compare_rounds
+from simulations.benchmarks.cli import _run_config_overrides
+from simulations.benchmarks.ray_cluster import RUNS, _record, compare_rounds
 from simulations.operations.ray_cluster import private_loopback_unavailable
 from tests.samples import small_run
 
@@ -92,15 +94,22 @@ def test_comparing_runs_names_the_metric_and_round_that_differ_and_ignores_times
         compare_rounds(tmp_path / "a", tmp_path / "c")
 
 
-@pytest.mark.parametrize(("run_config", "named"), [("federation.roundz=2", "federation.roundz"),
-                                                   ("base.model=tiny", "key='text'"),
-                                                   ("federation.rounds", "is not key=value")])
-def test_the_benchmark_refuses_a_wrong_run_config_before_starting_anything(tmp_path, run_config, named):
+def test_the_benchmark_refuses_a_wrong_run_config_key_before_starting_anything(tmp_path):
     done = subprocess.run([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config",
-                           run_config, "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
+                           "federation.roundz=2", "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=False)
-    assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "federation.roundz" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("run_config", "named"), [("base.model=tiny", "key='text'"),
+                                                   ("federation.rounds", "is not key=value"),
+                                                   ("federation.rounds=1 two", "'two' is not key=value")])
+def test_a_malformed_run_config_is_refused_naming_what_is_wrong(run_config, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        _run_config_overrides(run_config)
+    assert _run_config_overrides("federation.rounds=1 base.model='a b'") == {"federation.rounds": 1,
+                                                                              "base.model": "a b"}
 
 
 @pytest.mark.slow
@@ -112,6 +121,14 @@ def test_sigterm_mid_run_stops_the_cluster_and_every_process_it_started(model_di
     del config["federation.run-dir"]
     overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
     out = tmp_path / "bench"
+    # A finished one-machine run with these settings is kept (a rerun resumes), so the command goes
+    # straight to the cluster.
+    kept = out / RUNS[0]
+    (kept / "run").mkdir(parents=True)
+    (kept / "run" / "config.json").write_text("{}")
+    (kept / "run" / "summary.json").write_text("{}")
+    _record(kept, {"run_config": {**config, "federation.clients-per-round": 2, "federation.min-replies": 2},
+                   "supernodes": 2, "nodes": 2, "cpus": 2, "seconds": 0.0})
     before = set(psutil.pids())
     bench = subprocess.Popen([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config", overrides,
                               "--supernodes", "2", "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
@@ -121,8 +138,8 @@ def test_sigterm_mid_run_stops_the_cluster_and_every_process_it_started(model_di
     while not (worker_log.is_file() and "Ray runtime started" in worker_log.read_text()):
         assert bench.poll() is None and time.monotonic() < deadline, "the cluster never came up"
         time.sleep(0.5)
-    earlier_actors = _actors()  # the one-machine run's are gone or going; wait for the cluster's own
-    while not _actors() - earlier_actors:
+    earlier_actors = _actors()
+    while not _actors() - earlier_actors:  # a ClientApp on the cluster
         assert bench.poll() is None and time.monotonic() < deadline, "no ClientApp ran on the cluster"
         time.sleep(0.5)
     bench.send_signal(signal.SIGTERM)  # mid-run: the cluster, the SuperLink and the actors are all up
