@@ -50,6 +50,11 @@ def _toml_value(value) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
+def _as_run_config_option(config: dict) -> str:
+    """`config` as `--run-config` takes it, without the run directory (the benchmark gives each run its own)."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items() if key != "federation.run-dir")
+
+
 @pytest.mark.slow
 def test_the_federation_on_a_two_node_ray_cluster_runs_clients_on_both_and_matches_one_machine(model_dir, tmp_path):
     reason = private_loopback_unavailable()
@@ -57,8 +62,7 @@ def test_the_federation_on_a_two_node_ray_cluster_runs_clients_on_both_and_match
         pytest.skip(f"no private network namespace on this machine: {reason}")
     config = small_run(model_dir, tmp_path / "unused", **{"users.dataset": "synthetic", "evaluate.every": 1,
                                                           "evaluate.base": False})
-    del config["federation.run-dir"]  # the benchmark gives each run its own
-    overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+    overrides = _as_run_config_option(config)
     out = tmp_path / "bench"
     before = set(psutil.pids())
     done = subprocess.run([sys.executable, "-m", "simulations.benchmarks", "ray-cluster", "--run-config", overrides,
@@ -118,8 +122,8 @@ def test_sigterm_mid_run_stops_the_cluster_and_every_process_it_started(model_di
     if reason is not None:
         pytest.skip(f"no private network namespace on this machine: {reason}")
     config = small_run(model_dir, tmp_path / "unused", **{"users.dataset": "synthetic", "federation.rounds": 1})
+    overrides = _as_run_config_option(config)
     del config["federation.run-dir"]
-    overrides = " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
     out = tmp_path / "bench"
     # A finished one-machine run with these settings is kept (a rerun resumes), so the command goes
     # straight to the cluster.

@@ -69,14 +69,14 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
     cpus = nodes * cpus_per_node
     config = {**run_config, "federation.clients-per-round": supernodes, "federation.min-replies": supernodes}
     simulation = {"num-supernodes": supernodes, "client-resources-num-cpus": 1}
-    asked = {"run_config": dict(config), "supernodes": supernodes, "nodes": nodes, "cpus": cpus}
+    asked = {"run_config": config, "supernodes": supernodes, "nodes": nodes, "cpus": cpus}
     runs = {name: _finished(out / name, asked) for name in RUNS}
     if runs["one-machine"] is None:
         log.info("one machine: the federation of %d users (Flower's log: %s)", supernodes, out / "one-machine" / "flwr")
         started = time.perf_counter()
         with local_simulation(out / "one-machine" / "flwr") as deployment:
-            config["federation.run-dir"] = str(out / "one-machine" / "run")
-            run_app(deployment, REPO, config, timeout, federation_config={**simulation, "init-args-num-cpus": cpus})
+            run_app(deployment, REPO, {**config, "federation.run-dir": str(out / "one-machine" / "run")}, timeout,
+                    federation_config={**simulation, "init-args-num-cpus": cpus})
         runs["one-machine"] = _record(out / "one-machine", {**asked, "seconds": time.perf_counter() - started})
     if runs["cluster"] is None:
         started = time.perf_counter()
@@ -84,29 +84,29 @@ def ray_cluster_benchmark(run_config: Mapping[str, ConfigValue], supernodes: int
             log.info("cluster at %s: the same federation (Flower's log: %s)", cluster.address,
                      out / "cluster" / "flwr")
             with local_simulation(out / "cluster" / "flwr", ray_address=cluster.address) as deployment:
-                config["federation.run-dir"] = str(out / "cluster" / "run")
                 placement = ActorPlacement(cluster)
                 placement.start()
                 try:
-                    run_app(deployment, REPO, config, timeout, federation_config=simulation)
+                    run_app(deployment, REPO, {**config, "federation.run-dir": str(out / "cluster" / "run")}, timeout,
+                            federation_config=simulation)
                 finally:
                     placement.stop()
         runs["cluster"] = _record(out / "cluster", {
             **asked, "seconds": time.perf_counter() - started, "ray_address": cluster.address,
             "actors_per_node": {name: len(pids) for name, pids in placement.actors.items()},
             "listening": {name: sorted(addresses) for name, addresses in placement.listening.items()}})
-    config.pop("federation.run-dir", None)
     differences = compare_rounds(out / "one-machine" / "run" / "rounds.jsonl", out / "cluster" / "run" / "rounds.jsonl")
     result = {
-        "benchmark": "Flower simulation on a Ray cluster", "run_config": dict(config), "supernodes": supernodes,
+        "benchmark": "Flower simulation on a Ray cluster", "run_config": config, "supernodes": supernodes,
         "nodes": nodes, "cpus_per_node": cpus_per_node, "runs": runs, "differences": differences,
         "largest_difference": max((d["max_abs_difference"] for d in differences.values()), default=0.0),
         "every_node_ran_clients": all(runs["cluster"]["actors_per_node"].values()),
         "summaries": {name: _summary(out / name / "run") for name in RUNS},
     }
+    table = report(result)
     atomic_write_json(out / "ray-cluster.json", result)
-    atomic_write_text(out / "ray-cluster.md", report(result))
-    print(report(result))
+    atomic_write_text(out / "ray-cluster.md", table)
+    print(table)
     return result
 
 

@@ -14,7 +14,7 @@ runs a command in a new one.
 
 Flower 1.41's simulation (`RayBackend.init_ray`) calls `ray.init()` without an address, which
 joins the cluster named by `RAY_ADDRESS` in its environment: the environment of the SuperLink
-that starts it (`local_simulation(..., extra_env=cluster.env)`).
+that starts it (`local_simulation(..., ray_address=cluster.address)`).
 """
 
 from __future__ import annotations
@@ -126,12 +126,6 @@ class RayNode:
 class RayCluster:
     address: str  # the head's GCS, host:port: what RAY_ADDRESS names
     nodes: tuple[RayNode, ...]
-    cpus_per_node: int
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What a SuperLink's environment needs so that its simulations run on this cluster."""
-        return {"RAY_ADDRESS": self.address}
 
 
 @contextlib.contextmanager
@@ -169,7 +163,7 @@ def local_ray_cluster(log_dir: Path, *, nodes: int = 2, cpus_per_node: int = 1, 
             node = RayNode(name, start_process([*common, *options], env=env, cwd=None, log=log), log)
             started.append(node)
             _wait_started(node, deadline)
-        yield RayCluster(address=address, nodes=tuple(started), cpus_per_node=cpus_per_node)
+        yield RayCluster(address=address, nodes=tuple(started))
     finally:
         stop_processes([node.process for node in started], marker, stop_timeout)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -94,8 +94,7 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
     for dataset, seed, method in bar:
         bar.set_postfix_str(f"{dataset_name(dataset)} seed {seed} {method}", refresh=True)
         path = cell_path(out, dataset, seed, method)
-        runs = work / "runs" / dataset_name(dataset) / f"seed-{seed}"
-        expert = runs / STUDY_METHODS[method].expert / "shared_adapter"
+        expert = _expert_adapter(work, dataset, seed, method)
         config = run_config(study, dataset, seed, method, expert, work)
         if not path.is_file():
             if STUDY_METHODS[method].needs_expert:
@@ -115,18 +114,22 @@ def run_study(study: StudyConfig, out: Path, progress: bool = True) -> Path:
         if not profile.is_file():
             atomic_write_json(profile, data_profile(config, study.users))
     # The experts' DCE scores after every cell (scoring four counterfactuals takes about as long
-    # as a cell): a sitting cut short keeps the rows the headline pairs. Scored apart from the
-    # cell, so a study folder whose scores predate a new one gets it when its <row>.dce.json is
-    # removed and the study rerun.
+    # as a cell), so a sitting cut short keeps the rows that the headline pairs. Scored apart from
+    # the cell, so a study folder whose scores predate a new one gets it when its <row>.dce.json
+    # is removed and the study rerun.
     for dataset, seed, method in tqdm([cell for cell in todo if cell[2] in experts], desc="DCE scores", unit="expert",
                                       disable=not progress):
         scores = dce_path(out, dataset, seed, method)
         if not scores.is_file():
-            expert = work / "runs" / dataset_name(dataset) / f"seed-{seed}" / STUDY_METHODS[method].expert
-            config = run_config(study, dataset, seed, method, expert / "shared_adapter", work)
+            config = run_config(study, dataset, seed, method, _expert_adapter(work, dataset, seed, method), work)
             detection = dce_detection(config, study.users, config.resolve(config.federation.run_dir) / "shared_adapter")
             atomic_write_json(scores, {"expert": method, **detection})
     return write_report(out, study, STUDY_METHODS, planned=len(asked))
+
+
+def _expert_adapter(work: Path, dataset: str, seed: int, method: str) -> Path:
+    """Where the expert of a cell lies: the global adapter of the row that `method` names."""
+    return work / "runs" / dataset_name(dataset) / f"seed-{seed}" / STUDY_METHODS[method].expert / "shared_adapter"
 
 
 def check_datasets(datasets: tuple[str, ...]) -> None:
